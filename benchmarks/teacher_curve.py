@@ -1,0 +1,69 @@
+"""Teacher quality against training minutes: train `pretrain_teacher` keeping every checkpoint, then
+sample every checkpoint's EMA weights and score the videos with the SPRITES.md checker.
+
+    python benchmarks/teacher_curve.py configs/tiny.yaml --every 250 [--n 96] [key=value ...]
+
+Prints one line per checkpoint (minutes of training, valid frames, lawful transitions, mode
+coverage) and writes `<run.dir>/pretrain_teacher/curve.json` and `curve.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.checker import score  # noqa: E402
+from pipeline.checkpoint import read_safetensors  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import class_table  # noqa: E402
+from pipeline.media import save_curves  # noqa: E402
+from pipeline.sprites import balanced_labels  # noqa: E402
+from stages import pretrain_teacher  # noqa: E402
+from stages.common import sample_videos  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args, extra = ap.parse_known_args()
+    args.overrides += extra
+    cfg = load_config(args.config, [*args.overrides, f"pretrain_teacher.checkpoint_every={args.every}",
+                                    "pretrain_teacher.keep_checkpoints=1000"])
+    if not args.skip_train:
+        pretrain_teacher.run(cfg)
+    stage = Path(cfg.run.dir) / "pretrain_teacher"
+    tc = cfg.pretrain_teacher
+    model = build_transformer(cfg.model)
+    labels = balanced_labels(args.n)
+    rows = []
+    for ckpt in sorted((stage / "checkpoints").glob("step_*")):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        model.load_state_dict(read_safetensors(ckpt / "ema.safetensors"))
+        videos = sample_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size, tc.attention,
+                               cfg.data.frames_per_chunk, tc.sampler, seed=cfg.run.seed + 7,
+                               prediction=cfg.model.prediction)
+        s = score(videos, labels)
+        row = {"step": meta["step"], "minutes": meta["extra"]["elapsed_s"] / 60, **{
+            k: s[k] for k in ("valid_frames", "lawful_transitions", "mode_coverage", "valid_videos")}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (stage / "curve.json").write_text(json.dumps(rows, indent=1))
+    save_curves(stage / "curve.png", [r["minutes"] for r in rows],
+                {k: [r[k] for r in rows] for k in ("valid_frames", "lawful_transitions", "mode_coverage")},
+                "teacher training minutes", "fraction", "teacher quality (checker)")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

@@ -1,0 +1,1 @@
+"""Causal video diffusion distillation pipeline."""

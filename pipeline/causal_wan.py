@@ -1,0 +1,249 @@
+"""A causal, KV-cached video transformer on top of diffusers' `WanTransformer3DModel`.
+
+`CausalWanTransformer` is a subclass with the *same* constructor and state-dict keys, so a diffusers
+Wan2.1 checkpoint loads unchanged (`CausalWanTransformer.from_pretrained(...)`) and a trained model
+saves back to the diffusers format (`save_pretrained`). What it adds:
+
+- per-frame timesteps `[B, F]`: the adaLN modulation is computed once per frame and broadcast over the
+  frame's tokens (diffusers' own 2-D timestep path builds a `[B, seq_len, 6, D]` tensor per token,
+  which is large at real scale);
+- attention mode `bidirectional` or `block_causal`: in block-causal mode a token of chunk `c`
+  (chunk = `frames_per_chunk` consecutive latent frames) sees every token of chunks `<= c`;
+- streaming with a `KVCache`: the keys/values of finished chunks are kept per block and read by the
+  next chunk, whose RoPE positions start at its first frame (diffusers' RoPE always starts at 0).
+
+Mask and cache live in a custom attention processor because the stock block calls self-attention with
+`attention_mask=None`; the block loop is re-stated here (a few lines) so the processor can be given the
+mask and the cache, and so modulation can stay per frame.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+ATTENTION_MODES = ("bidirectional", "block_causal")
+
+
+@dataclass
+class KVCache:
+    """Keys/values of finished frames, one entry per transformer block.
+
+    Attributes:
+        keys, values: per block, `[B, L_cached, heads, head_dim]` (after q/k-norm and RoPE).
+        num_frames: latent frames held (the RoPE offset of the next chunk).
+    """
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    num_frames: int = 0
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Same real-valued rotation as diffusers' WanAttnProcessor (interleaved pairs).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class CausalWanAttnProcessor(WanAttnProcessor):
+    """Self-attention processor with an attention mask and an optional KV cache.
+
+    Called as `attn(x, None, mask, rotary_emb, cache=..., block_index=..., write_cache=...)`.
+    With a cache, the queries of the current chunk attend to `[cached keys, own keys]`; with
+    `write_cache=True` the chunk's keys/values are appended after use (the chunk is then "finished").
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 cache: KVCache | None = None, block_index: int = 0, write_cache: bool = False):
+        if encoder_hidden_states is not None:  # cross-attention goes through the stock processor
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary(query, *rotary_emb)
+            key = _apply_rotary(key, *rotary_emb)
+        if cache is not None:
+            if block_index < len(cache.keys):
+                past_k, past_v = cache.keys[block_index], cache.values[block_index]
+                full_k, full_v = torch.cat([past_k, key], dim=1), torch.cat([past_v, value], dim=1)
+            else:
+                full_k, full_v = key, value
+            if write_cache:
+                if block_index < len(cache.keys):
+                    cache.keys[block_index], cache.values[block_index] = full_k.detach(), full_v.detach()
+                else:
+                    cache.keys.append(full_k.detach())
+                    cache.values.append(full_v.detach())
+            key, value = full_k, full_v
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def block_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+    """Boolean attention mask: query token may attend key token iff chunk(key) <= chunk(query).
+
+    Args:
+        q_frames: `[Lq]` absolute latent-frame index of each query token.
+        k_frames: `[Lk]` absolute latent-frame index of each key token.
+        frames_per_chunk: latent frames per chunk.
+    Returns:
+        `[Lq, Lk]` bool, True where attention is allowed.
+    """
+    return (k_frames[None, :] // frames_per_chunk) <= (q_frames[:, None] // frames_per_chunk)
+
+
+class CausalWanTransformer(WanTransformer3DModel):
+    """`WanTransformer3DModel` with per-frame timesteps, block-causal attention and a KV cache.
+
+    Constructor arguments and weights are exactly those of `WanTransformer3DModel`.
+    """
+
+    # Same signature as the parent (diffusers matches config.json keys against it in from_pretrained).
+    @functools.wraps(WanTransformer3DModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.blocks:
+            block.attn1.set_processor(CausalWanAttnProcessor())
+
+    def _rope(self, num_frames: int, height: int, width: int, frame_offset: int, device):
+        """RoPE (cos, sin) `[1, F*h*w, 1, head_dim]` for latent frames `frame_offset .. +num_frames`."""
+        p_t, p_h, p_w = self.config.patch_size
+        total = (frame_offset + num_frames) * p_t
+        # diffusers' rope reads only the shape of its input; a meta tensor costs nothing.
+        shape_only = torch.empty((1, 1, total, height, width), device="meta")
+        cos, sin = self.rope(shape_only)
+        tokens_per_frame = (height // p_h) * (width // p_w)
+        start = frame_offset * tokens_per_frame
+        return cos[:, start:].to(device), sin[:, start:].to(device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention: str = "block_causal",
+        frames_per_chunk: int = 1,
+        kv_cache: KVCache | None = None,
+        write_cache: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow `ε - x0` for every latent frame.
+
+        Args:
+            hidden_states: `[B, C, F, H, W]` noisy latents (F latent frames of this call).
+            timestep: `[B]` (one level for all frames) or `[B, F]` (per frame), in Wan units
+                `1000·σ`.
+            encoder_hidden_states: `[B, L, text_dim]` prompt embeddings.
+            attention: "bidirectional" or "block_causal".
+            frames_per_chunk: latent frames per causal chunk (block-causal mode).
+            kv_cache: finished frames to attend to; this call's frames start at `len(kv_cache)`.
+            write_cache: append this call's keys/values to `kv_cache` (the call's frames become context).
+        Returns:
+            `[B, C_out, F, H, W]` flow prediction.
+        """
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be [B, C, F, H, W], got shape {tuple(hidden_states.shape)}")
+        b, _, f, h, w = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        ppf, pph, ppw = f // p_t, h // p_h, w // p_w
+        tokens_per_frame = pph * ppw
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(b, ppf)
+        if timestep.shape != (b, ppf):
+            raise ValueError(f"timestep must be [B] or [B, F]=[{b}, {ppf}], got {tuple(timestep.shape)}")
+        offset = kv_cache.num_frames if kv_cache is not None else 0
+
+        rotary_emb = self._rope(ppf, h, w, offset, hidden_states.device)
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
+
+        # Per-frame modulation: temb [B, F, D], timestep_proj [B, F, 6, D].
+        temb, timestep_proj, context, _ = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=ppf)
+        timestep_proj = timestep_proj.unflatten(2, (6, -1))
+
+        mask = None
+        if attention == "block_causal":
+            q_frames = torch.arange(offset, offset + ppf, device=x.device).repeat_interleave(tokens_per_frame)
+            k_frames = torch.arange(0, offset + ppf, device=x.device).repeat_interleave(tokens_per_frame)
+            if kv_cache is None:
+                k_frames = q_frames
+            mask = block_causal_mask(q_frames, k_frames, frames_per_chunk)
+            if bool(mask.all()):
+                mask = None  # one chunk over a full cache: plain attention, faster
+
+        for i, block in enumerate(self.blocks):
+            attn_kwargs = dict(cache=kv_cache, block_index=i, write_cache=write_cache)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(
+                    _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+            else:
+                x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+        if kv_cache is not None and write_cache:
+            kv_cache.num_frames += ppf
+
+        # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        x = x.unflatten(1, (ppf, tokens_per_frame))
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x.flatten(1, 2))
+
+        x = x.reshape(b, ppf, pph, ppw, p_t, p_h, p_w, -1)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return out
+
+
+def _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, num_frames):
+    """One `WanTransformerBlock` with per-frame modulation `timestep_proj [B, F, 6, D]`.
+
+    Mirrors diffusers' block (adaLN self-attention, cross-attention, adaLN feed-forward) with the
+    modulation broadcast per frame instead of per token, and the mask/cache passed to self-attention.
+    """
+    mod = (block.scale_shift_table.unsqueeze(0) + timestep_proj.float()).unsqueeze(3)  # [B, F, 6, 1, D]
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)  # each [B, F, 1, D]
+
+    def per_frame(t):  # [B, L, D] -> [B, F, T, D]
+        return t.unflatten(1, (num_frames, -1))
+
+    norm_x = (per_frame(block.norm1(x.float())) * (1 + scale_msa) + shift_msa).flatten(1, 2).type_as(x)
+    attn_out = block.attn1(norm_x, None, mask, rotary_emb, **attn_kwargs)
+    x = (per_frame(x.float()) + per_frame(attn_out) * gate_msa).flatten(1, 2).type_as(x)
+
+    norm_x = block.norm2(x.float()).type_as(x)
+    x = x + block.attn2(norm_x, context, None, None)
+
+    norm_x = (per_frame(block.norm3(x.float())) * (1 + c_scale) + c_shift).flatten(1, 2).type_as(x)
+    ff = block.ffn(norm_x)
+    x = (per_frame(x.float()) + per_frame(ff.float()) * c_gate).flatten(1, 2).type_as(x)
+    return x
+
+
+def build_transformer(model_cfg) -> CausalWanTransformer:
+    """A randomly initialised `CausalWanTransformer` from `config.ModelConfig`, or the diffusers
+    folder `model_cfg.pretrained`."""
+    if model_cfg.pretrained:
+        return CausalWanTransformer.from_pretrained(model_cfg.pretrained)
+    return CausalWanTransformer(
+        patch_size=tuple(model_cfg.patch_size), num_attention_heads=model_cfg.num_attention_heads,
+        attention_head_dim=model_cfg.attention_head_dim, in_channels=model_cfg.in_channels,
+        out_channels=model_cfg.out_channels, text_dim=model_cfg.text_dim, freq_dim=model_cfg.freq_dim,
+        ffn_dim=model_cfg.ffn_dim, num_layers=model_cfg.num_layers, cross_attn_norm=model_cfg.cross_attn_norm,
+        rope_max_seq_len=model_cfg.rope_max_seq_len)

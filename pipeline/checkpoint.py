@@ -1,0 +1,126 @@
+"""Checkpoints without pickles: weights, EMA, optimizer and RNG state as safetensors, plus JSON.
+
+A training checkpoint is a folder `step_XXXXXXX/` written under a temporary name and renamed into
+place, so a crash mid-write never leaves a half checkpoint that looks complete:
+
+    model.safetensors      raw weights (state-dict keys of the model)
+    ema.safetensors        EMA weights, same keys
+    optimizer.safetensors  optimizer tensors, flattened `state.<param index>.<name>`; its
+                           param_groups and scalars go to meta.json
+    meta.json              step, optimizer scalars, EMA counters, data-stream and RNG states
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unreadable checkpoint, reported as one line."""
+
+
+def read_safetensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning any failure into a one-line `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return _contiguous(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module, ema, optimizer,
+                             extra: dict, rng: dict[str, torch.Tensor], keep: int = 2) -> Path:
+    """Write `root/step_{step:07d}/` atomically and keep only the newest `keep` checkpoints.
+
+    Args:
+        model: the unwrapped model (its `state_dict()` keys are saved).
+        ema: a diffusers `EMAModel` over `model.parameters()`.
+        extra: JSON-able state (data stream, scheduler step, ...).
+        rng: named generator states (uint8 tensors from `Generator.get_state()`).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    names = [n for n, _ in model.named_parameters()]
+    save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(_contiguous(dict(zip(names, ema.shadow_params))), str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
+    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    meta = {"step": step, "optimizer": opt_meta, "ema": ema_meta, "extra": extra}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete `step_*` folder under root, or None."""
+    found = sorted(p for p in Path(root).glob("step_*") if (p / "meta.json").is_file())
+    return found[-1] if found else None
+
+
+def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, optimizer) -> tuple[int, dict, dict]:
+    """Restore model, EMA and optimizer in place from a `step_*` folder.
+
+    Returns:
+        (step, extra, rng) as saved.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: meta.json unreadable ({e})") from None
+    weights = read_safetensors(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    ema_weights = read_safetensors(path / "ema.safetensors")
+    names = [n for n, _ in model.named_parameters()]
+    ema.load_state_dict({**meta["ema"], "shadow_params": [ema_weights[n] for n in names]})
+    optimizer_from_flat(optimizer, read_safetensors(path / "optimizer.safetensors"), meta["optimizer"])
+    return meta["step"], meta["extra"], read_safetensors(path / "rng.safetensors")

@@ -1,0 +1,196 @@
+"""Typed configuration: defaults < YAML file < dotlist overrides, validated against dataclasses.
+
+Every key has a type and a default here; OmegaConf's structured configs reject unknown keys and
+wrong types, and `load_config` turns those into one-line errors that name the key (and, for a
+misspelt key, the closest valid one).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+STAGES = ("pretrain_teacher", "init_student", "distill", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+    seed: int = 0
+    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher"])
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16
+
+
+@dataclass
+class DataConfig:
+    kind: str = "sprites"  # sprites | latents
+    size: int = 16  # sprites frame size S (16 or 32)
+    frames: int = 12  # training clip length (latent frames)
+    frames_per_chunk: int = 3  # the causal unit
+    path: Optional[str] = None  # latents: folder of safetensors shards
+    num_classes: int = 6
+    cond_tokens: int = 4  # prompt-embedding sequence length of the class stand-in
+    cond_seed: int = 1234  # seed of the fixed class-embedding table
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of diffusers' WanTransformer3DModel (Wan2.1-1.3B: 12 heads × 128, 30 layers)."""
+
+    patch_size: List[int] = field(default_factory=lambda: [1, 4, 4])
+    num_attention_heads: int = 4
+    attention_head_dim: int = 24
+    in_channels: int = 3
+    out_channels: int = 3
+    text_dim: int = 32
+    freq_dim: int = 64
+    ffn_dim: int = 384
+    num_layers: int = 4
+    cross_attn_norm: bool = True
+    rope_max_seq_len: int = 1024
+    pretrained: Optional[str] = None  # a diffusers folder to start from
+    prediction: str = "flow"  # what the network outputs: flow (ε - x0, Wan's) | x0
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "autoregressive"  # autoregressive | synchronous
+    steps: int = 32
+    guidance: float = 2.0
+    shift: float = 1.0
+    context_sigma: float = 0.0
+    clip_x0: float = 0.0  # clamp predicted x0 to ±clip_x0 while sampling (0 = off)
+
+
+@dataclass
+class TeacherConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    label_dropout: float = 0.1
+    attention: str = "block_causal"  # block_causal | bidirectional
+    trajectory: str = "df"  # df | tf | bid
+    per_chunk: bool = False  # df: one level per chunk
+    tf_prob: float = 0.0  # df: fraction of teacher-forcing states
+    bid_prob: float = 0.0  # df: fraction of synchronous states
+    sigma_kind: str = "logit_normal"
+    sigma_mean: float = 0.0
+    sigma_std: float = 1.0
+    sigma_shift: float = 1.0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    preview_n: int = 12
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain_teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+def _all_keys(node, prefix="") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if OmegaConf.is_dict(v):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _one_line(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        close = difflib.get_close_matches(str(key), _all_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        expected = getattr(err, "ref_type", None) or ""
+        return ConfigError(f"{source}: wrong type for config key '{key}': {msg} {expected}".rstrip())
+    return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge defaults < YAML file < `key=value` overrides and validate.
+
+    Raises:
+        ConfigError: missing file, unknown key (naming the closest valid key), wrong type, bad value.
+    """
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry multi-line messages
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as e:
+            raise _one_line(e, schema, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _one_line(e, schema, f"override '{item}'") from None
+    conf: Config = OmegaConf.to_object(cfg)
+    validate(conf)
+    return conf
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that types alone cannot express."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    if str(cfg.run.mixed_precision) in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
+        cfg.run.mixed_precision = "no"
+    need(cfg.run.mixed_precision in ("auto", "no", "bf16"),
+         f"run.mixed_precision: expected auto, no or bf16, got '{cfg.run.mixed_precision}'")
+    for s in cfg.run.stages:
+        need(s in STAGES, f"run.stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
+    need(cfg.data.kind in ("sprites", "latents"), f"data.kind: expected sprites or latents, got '{cfg.data.kind}'")
+    if cfg.data.kind == "sprites":
+        need(cfg.data.size in (16, 32), f"data.size: sprites frames are 16 or 32 pixels, got {cfg.data.size}")
+    need(cfg.data.frames % cfg.data.frames_per_chunk == 0,
+         f"data.frames ({cfg.data.frames}) must be a multiple of data.frames_per_chunk ({cfg.data.frames_per_chunk})")
+    need(cfg.model.prediction in ("flow", "x0"), f"model.prediction: expected flow or x0, got '{cfg.model.prediction}'")
+    need(len(cfg.model.patch_size) == 3, f"model.patch_size: expected 3 ints, got {cfg.model.patch_size}")
+    need(cfg.model.patch_size[0] == 1, "model.patch_size: the temporal patch must be 1 (per-frame causality)")
+    t = cfg.pretrain_teacher
+    need(t.attention in ("block_causal", "bidirectional"),
+         f"pretrain_teacher.attention: expected block_causal or bidirectional, got '{t.attention}'")
+    need(t.trajectory in ("df", "tf", "bid"), f"pretrain_teacher.trajectory: expected df, tf or bid, got '{t.trajectory}'")
+    need(t.sampler.kind in ("autoregressive", "synchronous"),
+         f"pretrain_teacher.sampler.kind: expected autoregressive or synchronous, got '{t.sampler.kind}'")
+    need(t.steps > 0 and t.batch_size > 0, "pretrain_teacher.steps and batch_size must be positive")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,65 @@
+"""Previews: video grids as GIF/MP4 and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """Tile videos `[N, F, 3, S, S]` in [-1, 1] into frames `[F, H, W, 3]` uint8 (nearest upscaling)."""
+    n, f, _, s, _ = videos.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    img = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = img.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
+    cell = s * scale + pad
+    grid = torch.full((f, 3, rows * cell + pad, cols * cell + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, :, pad + r * cell: pad + r * cell + s * scale, pad + c * cell: pad + c * cell + s * scale] = img[i]
+    return grid.permute(0, 2, 3, 1).numpy()
+
+
+def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 6, **kw) -> Path:
+    """Write a GIF or MP4 (by suffix) preview of videos `[N, F, 3, S, S]`."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    frames = video_grid(videos, **kw)
+    if path.suffix == ".gif":
+        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(path, frames, fps=fps, codec="libx264", plugin="pyav" if _has_av() else None)
+    return path
+
+
+def _has_av() -> bool:
+    try:
+        import av  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def save_curves(path: str | Path, x, curves: dict[str, list], xlabel: str, ylabel: str, title: str = "") -> Path:
+    """Line plot of named curves against x, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in curves.items():
+        ax.plot(x[: len(ys)], ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

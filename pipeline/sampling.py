@@ -1,0 +1,157 @@
+"""Samplers: many-step Euler ODE with classifier-free guidance, synchronous or chunk-wise autoregressive.
+
+Guidance combines the two flow predictions as `v = v_uncond + w·(v_cond - v_uncond)` (w = 1: no
+guidance, the conditional flow alone). An Euler step from level σ_i to σ_{i+1} is
+`x ← x + (σ_{i+1} - σ_i)·v` (σ decreases, so this moves against the flow `ε - x0`).
+
+- `sample_synchronous`: all frames share one level and are denoised together (the BiD diagonal).
+- `sample_autoregressive`: chunk after chunk; each chunk is denoised from pure noise while attending
+  to the KV cache of finished chunks, then re-encoded at the context noise level `context_sigma`
+  (0 = clean context, Teacher-Forcing corner) and appended to the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .causal_wan import CausalWanTransformer, KVCache
+from .flow import add_noise, flow_from_x0, sampling_sigmas, timestep_from_sigma, x0_from_flow
+
+SIGMA_MIN = 1e-3  # flows from x0 predictions divide by σ
+
+
+@dataclass
+class Denoiser:
+    """A transformer with its attention pattern: maps (x_σ, σ per frame, prompt) → flow `ε - x0`.
+
+    Args:
+        model: the backbone.
+        attention: "bidirectional" or "block_causal".
+        frames_per_chunk: latent frames per causal chunk.
+        prediction: what the network outputs: "flow" (`ε - x0`, Wan's own) or "x0" (the clean
+            latents; converted here to the flow `(x_σ - x̂0)/σ` so every caller sees flows).
+        clip_x0: clamp x̂0 to [-clip_x0, clip_x0] (known data range; 0 = off).
+    """
+
+    model: CausalWanTransformer
+    attention: str = "block_causal"
+    frames_per_chunk: int = 1
+    prediction: str = "flow"
+    clip_x0: float = 0.0
+
+    def raw(self, x, sigma, context, kv_cache=None, write_cache=False) -> torch.Tensor:
+        """The network's own output (flow or x0, by `prediction`)."""
+        return self.model(x, timestep_from_sigma(sigma), context, attention=self.attention,
+                          frames_per_chunk=self.frames_per_chunk, kv_cache=kv_cache, write_cache=write_cache)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                 kv_cache: KVCache | None = None, write_cache: bool = False) -> torch.Tensor:
+        """x `[B, C, F, H, W]`, σ `[B, F]` or `[B]`, context `[B, L, D]` → flow `[B, C, F, H, W]`."""
+        out = self.raw(x, sigma, context, kv_cache, write_cache)
+        if self.prediction == "flow" and not self.clip_x0:
+            return out
+        x0 = out if self.prediction == "x0" else x0_from_flow(x, out, sigma)
+        if self.clip_x0:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        if sigma.ndim == 1:
+            sigma = sigma[:, None].expand(x.shape[0], x.shape[2])
+        return flow_from_x0(x, x0, sigma.clamp_min(SIGMA_MIN))
+
+
+def guided_flow(denoiser: Denoiser, x, sigma, cond, uncond, guidance: float, kv_cache=None, write_cache=False):
+    """Classifier-free guided flow `v_u + w·(v_c - v_u)`; one batched call of size 2B.
+
+    With guidance, `kv_cache` holds 2B rows (conditional first, then unconditional).
+    """
+    if guidance == 1.0 or uncond is None:
+        return denoiser(x, sigma, cond, kv_cache, write_cache)
+    out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]), kv_cache, write_cache)
+    v_cond, v_uncond = out.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None):
+    b, f = x.shape[0], x.shape[2]
+    for i in range(len(sigmas) - 1):
+        sigma = torch.full((b, f), float(sigmas[i]), device=x.device)
+        v = guided_flow(denoiser, x, sigma, cond, uncond, guidance, kv_cache)
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
+    return x
+
+
+@torch.no_grad()
+def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                       steps: int = 32, guidance: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Denoise all frames together with a shared level.
+
+    Args:
+        noise: `[B, C, F, H, W]` starting noise.
+        cond, uncond: `[B, L, D]` prompt embeddings (uncond: the null prompt, for guidance).
+    Returns:
+        `[B, C, F, H, W]` samples.
+    """
+    return _euler(denoiser, noise, cond, uncond, guidance, sampling_sigmas(steps, shift))
+
+
+@torch.no_grad()
+def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
+                          uncond: torch.Tensor | None, steps: int = 32, guidance: float = 1.0,
+                          shift: float = 1.0, context_sigma: float = 0.0,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Chunk-wise autoregressive sampling with a KV cache.
+
+    Args:
+        noise: `[B, C, F, H, W]` starting noise; F a multiple of `denoiser.frames_per_chunk`.
+        steps: Euler steps per chunk.
+        context_sigma: noise level at which finished chunks are written to the cache.
+        generator: draws the context re-noising (only used when context_sigma > 0).
+    Returns:
+        `[B, C, F, H, W]` samples.
+    """
+    fpc = denoiser.frames_per_chunk
+    b, f = noise.shape[0], noise.shape[2]
+    if f % fpc:
+        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    sigmas = sampling_sigmas(steps, shift)
+    cache = KVCache()
+    chunks = []
+    for start in range(0, f, fpc):
+        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache)
+        chunks.append(x)
+        if start + fpc < f:  # the last chunk is never context
+            ctx_sigma = torch.full((b, fpc), float(context_sigma), device=x.device)
+            ctx = x if context_sigma == 0 else add_noise(
+                x, torch.randn(x.shape, generator=generator, device=x.device), ctx_sigma)
+            guided_flow(denoiser, ctx, ctx_sigma, cond, uncond, guidance, cache, write_cache=True)
+    return torch.cat(chunks, dim=2)
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, kind: str = "autoregressive",
+             steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
+             seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Sample `len(cond)` videos in batches with seeded noise.
+
+    Args:
+        cond, uncond: `[N, L, D]` prompt embeddings.
+        latent_shape: `(C, F, H, W)` of one video.
+        kind: "autoregressive" or "synchronous".
+    Returns:
+        `[N, C, F, H, W]` latents (for sprites: pixels in the model layout).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(denoiser.model.parameters()).device
+    noise = torch.randn((len(cond), *latent_shape), generator=gen)
+    out = []
+    for i in range(0, len(cond), batch_size):
+        sl = slice(i, i + batch_size)
+        n, c, u = noise[sl].to(device), cond[sl].to(device), uncond[sl].to(device)
+        if kind == "synchronous":
+            out.append(sample_synchronous(denoiser, n, c, u, steps, guidance, shift).cpu())
+        elif kind == "autoregressive":
+            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen).cpu())
+        else:
+            raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
+    return torch.cat(out)

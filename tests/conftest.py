@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny configs and tiny transformers that run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.causal_wan import CausalWanTransformer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+# A model of ~10k parameters on 16x16 sprites (16 tokens per frame with 4x4 patches), 6 frames.
+TINY_OVERRIDES = [
+    "run.device=cpu",
+    "run.mixed_precision=no",
+    "model.num_layers=2",
+    "model.attention_head_dim=8",
+    "model.num_attention_heads=2",
+    "model.ffn_dim=32",
+    "model.text_dim=16",
+    "model.freq_dim=32",
+    "data.frames=6",
+    "data.frames_per_chunk=3",
+    "data.cond_tokens=2",
+    "pretrain_teacher.batch_size=4",
+    "pretrain_teacher.steps=4",
+    "pretrain_teacher.warmup_steps=2",
+    "pretrain_teacher.checkpoint_every=2",
+    "pretrain_teacher.log_every=1",
+    "pretrain_teacher.preview_n=6",
+    "pretrain_teacher.sampler.steps=2",
+]
+
+TINY_MODEL_KW = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3,
+                     out_channels=3, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2)
+
+
+def tiny_cfg(tmp_path, *extra, config_file=None):
+    """A validated tiny `Config` whose run dir lies in `tmp_path`; `extra` are further key=value overrides."""
+    return load_config(config_file, [*TINY_OVERRIDES, f"run.dir={Path(tmp_path) / 'run'}", *extra])
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Factory: `make_cfg(*overrides, sub="run")` → a tiny config writing under `tmp_path/sub`."""
+    def make(*extra, sub: str = "run"):
+        return load_config(None, [*TINY_OVERRIDES, f"run.dir={Path(tmp_path) / sub}", *extra])
+    return make
+
+
+def make_tiny_model(seed: int = 0, perturb: float = 0.2, **kw) -> CausalWanTransformer:
+    """A tiny `CausalWanTransformer` in eval mode; every parameter perturbed so that no norm weight is
+    exactly 1 and no bias exactly 0 (equivalence tests then exercise every weight)."""
+    torch.manual_seed(seed)
+    model = CausalWanTransformer(**{**TINY_MODEL_KW, **kw})
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 100)
+        for p in model.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def trained_stage(tmp_path_factory):
+    """A finished tiny `pretrain_teacher` stage (4 steps), shared by the stage and CLI tests."""
+    from stages import pretrain_teacher
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_cfg(root)
+    stage = pretrain_teacher.run(cfg)
+    return cfg, stage.path
