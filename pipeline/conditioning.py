@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .sprites import NULL_CLASS
 
 
 def make_class_table(num_classes: int, tokens: int, text_dim: int, seed: int) -> torch.Tensor:

@@ -70,6 +70,7 @@ class SamplerConfig:
     shift: float = 1.0
     context_sigma: float = 0.0
     clip_x0: float = 0.0  # clamp predicted x0 to ±clip_x0 while sampling (0 = off)
+    lag: int = 0  # autoregressive: frame j of a chunk starts j*lag Euler iterations late (0 = synchronous)
 
 
 @dataclass
@@ -126,8 +127,7 @@ def _one_line(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
         return ConfigError(f"{source}: unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
-        expected = getattr(err, "ref_type", None) or ""
-        return ConfigError(f"{source}: wrong type for config key '{key}': {msg} {expected}".rstrip())
+        return ConfigError(f"{source}: wrong type for config key '{key}': {msg}")
     return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
 
 

@@ -72,12 +72,26 @@ def guided_flow(denoiser: Denoiser, x, sigma, cond, uncond, guidance: float, kv_
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None):
+def staggered_levels(sigmas: torch.Tensor, frames: int, lag: int = 0) -> torch.Tensor:
+    """Per-frame noise levels of every Euler iteration, `[I + 1, frames]`.
+
+    Frame j follows the schedule `sigmas` delayed by `j·lag` iterations (Diffusion-Forcing style:
+    a frame commits a little after the one before it, which it can attend to at lower noise).
+    `lag = 0` is the synchronous schedule. `I = steps + (frames - 1)·lag` model calls.
+    """
+    steps = len(sigmas) - 1
+    it = torch.arange(steps + (frames - 1) * lag + 1)[:, None] - lag * torch.arange(frames)[None, :]
+    return sigmas[it.clamp(0, steps)]
+
+
+def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None, lag: int = 0):
+    """Euler steps `x ← x + (σ_{i+1} - σ_i)·v` with per-frame levels (see `staggered_levels`)."""
     b, f = x.shape[0], x.shape[2]
-    for i in range(len(sigmas) - 1):
-        sigma = torch.full((b, f), float(sigmas[i]), device=x.device)
+    levels = staggered_levels(sigmas, f, lag).to(x.device)
+    for i in range(len(levels) - 1):
+        sigma = levels[i][None].expand(b, f)
         v = guided_flow(denoiser, x, sigma, cond, uncond, guidance, kv_cache)
-        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
+        x = x + (levels[i + 1] - levels[i])[None, None, :, None, None] * v
     return x
 
 
@@ -99,7 +113,7 @@ def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tens
 def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
                           uncond: torch.Tensor | None, steps: int = 32, guidance: float = 1.0,
                           shift: float = 1.0, context_sigma: float = 0.0,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None, lag: int = 0) -> torch.Tensor:
     """Chunk-wise autoregressive sampling with a KV cache.
 
     Args:
@@ -107,6 +121,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         steps: Euler steps per chunk.
         context_sigma: noise level at which finished chunks are written to the cache.
         generator: draws the context re-noising (only used when context_sigma > 0).
+        lag: within a chunk, frame j starts `j·lag` Euler iterations after frame 0 (0 = synchronous).
     Returns:
         `[B, C, F, H, W]` samples.
     """
@@ -118,7 +133,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
     cache = KVCache()
     chunks = []
     for start in range(0, f, fpc):
-        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache)
+        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag)
         chunks.append(x)
         if start + fpc < f:  # the last chunk is never context
             ctx_sigma = torch.full((b, fpc), float(context_sigma), device=x.device)
@@ -131,7 +146,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
 @torch.no_grad()
 def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, kind: str = "autoregressive",
              steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
-             seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+             seed: int = 0, batch_size: int = 64, lag: int = 0) -> torch.Tensor:
     """Sample `len(cond)` videos in batches with seeded noise.
 
     Args:
@@ -151,7 +166,7 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
         if kind == "synchronous":
             out.append(sample_synchronous(denoiser, n, c, u, steps, guidance, shift).cpu())
         elif kind == "autoregressive":
-            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen).cpu())
+            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen, lag).cpu())
         else:
             raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
     return torch.cat(out)

@@ -18,6 +18,14 @@ from pipeline.sampling import Denoiser, generate
 from pipeline.sprites import NULL_CLASS, balanced_labels
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# Errors that are the user's to fix: reported as one line and a non-zero exit, never a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, NonFiniteLoss)
+
+
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1) -> Accelerator:
     """An `Accelerator` logging TensorBoard scalars under `<stage>/logs`; bf16 where supported."""
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
@@ -36,7 +44,7 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int,
     cond = table[labels]
     uncond = table[torch.full_like(labels, NULL_CLASS)]
     lat = generate(denoiser, cond, uncond, (channels, frames, size, size), sampler.kind, sampler.steps,
-                   sampler.guidance, sampler.shift, sampler.context_sigma, seed)
+                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, lag=sampler.lag)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 
@@ -61,7 +69,7 @@ def stage_main(stage: str, run, argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, force=args.force)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

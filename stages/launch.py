@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from pipeline.causal_wan import build_transformer
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.run_dir import StageDir
+from stages.common import USER_ERRORS
 
 # Stages implemented so far; the others arrive with their issues.
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher"}
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
         for s in stages:
             importlib.import_module(AVAILABLE[s]).run(cfg, force=args.force)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

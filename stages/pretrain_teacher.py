@@ -8,7 +8,6 @@ with per-frame levels σ `[B, F]` and weights w drawn from the configured trajec
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -28,13 +27,9 @@ from pipeline.flow import add_noise, flow_target
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
-from stages.common import make_accelerator, preview, stage_main
+from stages.common import NonFiniteLoss, make_accelerator, preview, stage_main
 
 STAGE = "pretrain_teacher"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def flow_matching_loss(denoiser: Denoiser, x0, context, sigma, weight, noise):
@@ -50,8 +45,11 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     tc = cfg.pretrain_teacher
     stage = StageDir(cfg.run.dir, STAGE)
     if stage.done and not force:
-        print(f"[{STAGE}] done already: {stage.path} (use --force to rerun)")
-        return stage
+        done_steps = stage.manifest().get("metrics", {}).get("steps", 0)
+        if done_steps >= tc.steps:
+            print(f"[{STAGE}] done already: {stage.path} (use --force to rerun)")
+            return stage
+        print(f"[{STAGE}] done at {done_steps} steps; continuing to {tc.steps}")
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=tc.grad_accum)
     stage.begin(to_yaml(cfg), inputs={"pretrained": cfg.model.pretrained} if cfg.model.pretrained else None)
     torch.manual_seed(cfg.run.seed)
@@ -86,6 +84,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
 
     bar = tqdm(total=tc.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process)
     t0, seen = time.time(), 0
+    loss = None  # stays None when resuming a checkpoint of the final step (crash after it)
     elapsed0 = extra["elapsed_s"] if last is not None and not force else 0.0
     while step < tc.steps:
         model.train()
@@ -119,7 +118,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             if accelerator.is_main_process:
                 save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, optimizer,
-                                         extra={"data": source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0},
+                                         extra={"data": source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
+                                                "loss": loss.item()},
                                          rng={"train": gen.get_state()}, keep=tc.keep_checkpoints)
     bar.close()
 
@@ -137,7 +137,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         ema.restore(raw.parameters())
         outputs.update(transformer=str(stage.path / "transformer"), transformer_ema=str(stage.path / "transformer_ema"))
     accelerator.end_training()
-    stage.finish(outputs, {"final_loss": loss.item(), "steps": step})
+    final_loss = loss.item() if loss is not None else extra.get("loss")
+    stage.finish(outputs, {"final_loss": final_loss, "steps": step})
     return stage
 
 

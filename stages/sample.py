@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 from pipeline.causal_wan import CausalWanTransformer
 from pipeline.checkpoint import CheckpointError, read_safetensors
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, load_config
 from pipeline.data import class_table
 from pipeline.media import save_video_grid
 from pipeline.sprites import balanced_labels
-from stages.common import sample_videos
+from stages.common import USER_ERRORS, sample_videos
 
 
 def load_source(source: str, raw: bool = False):
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         labels = balanced_labels(args.n)
         videos = sample_videos(model, table, labels, frames, cfg.data.size, cfg.pretrain_teacher.attention,
                                cfg.data.frames_per_chunk, sampler, args.seed, cfg.model.prediction)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)

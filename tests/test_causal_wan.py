@@ -5,7 +5,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from pipeline.causal_wan import CausalWanTransformer, KVCache, block_causal_mask
-from tests.conftest import TINY_MODEL_KW, make_tiny_model
+from tests.conftest import TINY_MODEL_KW
 
 B, C, F, H, W = 2, 3, 6, 4, 6  # patch (1, 2, 2): 2x3 = 6 tokens per frame
 TOL = 1e-5
@@ -171,9 +171,8 @@ def test_cache_offset_grows_only_on_write(tiny_model):
 
 @torch.no_grad()
 def test_cache_offset_sets_rope_positions(tiny_model):
-    """A chunk streamed after a cache uses RoPE positions from its first frame: feeding the same chunk at
-    offset 0 (no cache) in bidirectional mode over all frames would differ; the streamed result equals
-    the block-causal full pass (checked above), and the offset is what makes that hold."""
+    """A chunk streamed after a cache gets RoPE positions starting at `kv_cache.num_frames`: the same cached
+    keys with the queries placed at offset 0 give a different result."""
     x, t, ctx = inputs(8)
     cache = KVCache()
     tiny_model(x[:, :, :3], t[:, :3], ctx, frames_per_chunk=3, kv_cache=cache, write_cache=True)
