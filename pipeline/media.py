@@ -31,17 +31,11 @@ def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 6, **kw) 
     frames = video_grid(videos, **kw)
     if path.suffix == ".gif":
         iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    else:
-        iio.imwrite(path, frames, fps=fps, codec="libx264", plugin="pyav" if _has_av() else None)
+    else:  # mp4 through imageio-ffmpeg (libx264 needs even sizes: padded)
+        import imageio.v2 as iio2
+
+        iio2.mimwrite(path, list(frames), fps=fps, macro_block_size=2)
     return path
-
-
-def _has_av() -> bool:
-    try:
-        import av  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def save_curves(path: str | Path, x, curves: dict[str, list], xlabel: str, ylabel: str, title: str = "") -> Path:

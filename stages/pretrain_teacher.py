@@ -3,13 +3,15 @@
     loss = Σ_f w_f · mean((v_θ(x_σ, σ, prompt) - (ε - x0))²)_f / Σ_f w_f,   x_σ = (1-σ)x0 + σε
 
 with per-frame levels σ `[B, F]` and weights w drawn from the configured trajectory distribution
-(`pipeline/trajectories.py`: df, tf or bid). Run: `python -m stages.pretrain_teacher --config CONFIG [k=v ...]`.
+(`pipeline/trajectories.py`: df, tf or bid). With `model.prediction=x0` the same L2 is taken on x0
+(`(x̂0 - x0)²`, the flow loss reweighted by σ² per frame). Run: `python -m stages.pretrain_teacher --config CONFIG [k=v ...]`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -72,8 +74,10 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         step, extra, rng = load_training_checkpoint(last, model, ema, optimizer)
         source.load_state_dict(extra["data"])
         gen.set_state(rng["train"])
-        for _ in range(step):
-            scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule, not stepping out of order
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
         accelerator.print(f"[{STAGE}] resuming from {last.name} (step {step})")
 
     model, optimizer = accelerator.prepare(model, optimizer)
