@@ -130,6 +130,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     outputs = {}
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
+        # Recorded in config.json so a bare diffusers folder still says what the network outputs.
+        raw.register_to_config(prediction=cfg.model.prediction)
         raw.save_pretrained(stage.path / "transformer")
         ema.store(raw.parameters())
         ema.copy_to(raw.parameters())

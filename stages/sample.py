@@ -9,6 +9,7 @@ classes) to FILE, and a GIF preview grid next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,8 @@ def load_source(source: str, raw: bool = False):
         return model, table, cfg
     if (path / "config.json").is_file():  # a diffusers model folder
         model = CausalWanTransformer.from_pretrained(path)
-        cfg = load_config(None, [f"model.text_dim={model.config.text_dim}"])
+        prediction = json.loads((path / "config.json").read_text()).get("prediction", "flow")  # Wan's: flow
+        cfg = load_config(None, [f"model.text_dim={model.config.text_dim}", f"model.prediction={prediction}"])
         return model, class_table(cfg), cfg
     raise CheckpointError(f"{path}: not a stage folder (manifest.json) or a diffusers model folder (config.json); "
                           "other checkpoint kinds load through ./launch.sh convert")

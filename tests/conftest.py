@@ -81,6 +81,6 @@ def trained_stage(tmp_path_factory):
     from stages import pretrain_teacher
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_cfg(root)
+    cfg = tiny_cfg(root, "model.prediction=x0")  # the default tiny.yaml teacher predicts x0
     stage = pretrain_teacher.run(cfg)
     return cfg, stage.path

@@ -128,3 +128,12 @@ def test_sample_other_failures_keep_existing_output(trained_stage, tmp_path, cap
     assert sample.main([str(stage_path), "--out", str(tmp_path / "x.pt"), "--n", "6"]) != 0
     assert ".safetensors" in capsys.readouterr().err
     assert out.read_bytes() == b"precious" and gif.read_bytes() == b"gif"
+
+
+def test_diffusers_folder_records_prediction(trained_stage):
+    """A bare diffusers folder written by the stage says what the network outputs (x0 or flow)."""
+    cfg, stage_path = trained_stage
+    for name in ("transformer", "transformer_ema"):
+        assert json.loads((stage_path / name / "config.json").read_text())["prediction"] == cfg.model.prediction
+        _, _, folder_cfg = sample.load_source(str(stage_path / name))
+        assert folder_cfg.model.prediction == cfg.model.prediction
