@@ -9,6 +9,7 @@ with per-frame levels σ `[B, F]` and weights w drawn from the configured trajec
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import warnings
@@ -69,6 +70,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
 
     step = 0
     ckpt_root = stage.path / "checkpoints"
+    if force:  # a rerun from scratch: stale checkpoints must not be resumed from later
+        shutil.rmtree(ckpt_root, ignore_errors=True)
     last = latest_checkpoint(ckpt_root)
     if last is not None and not force:
         step, extra, rng = load_training_checkpoint(last, model, ema, optimizer)
