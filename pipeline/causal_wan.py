@@ -32,19 +32,45 @@ ATTENTION_MODES = ("bidirectional", "block_causal")
 
 @dataclass
 class KVCache:
-    """Keys/values of finished frames, one entry per transformer block.
+    """Keys/values of finished frames, one entry per transformer block, optionally a rolling window.
+
+    Keys are kept *before* RoPE: positions are re-indexed inside the cache at every call (cached
+    frames take positions `0 .. num_frames-1`, the new chunk follows), so a stream of any length never
+    leaves the RoPE table and a bounded window means a bounded cost per chunk. Without eviction the
+    positions equal the absolute frame indices, i.e. exactly a block-causal forward over all frames.
 
     Attributes:
-        keys, values: per block, `[B, L_cached, heads, head_dim]` (after q/k-norm and RoPE).
+        keys, values: per block, `[B, L_cached, heads, head_dim]` (keys after q/k-norm, before RoPE).
         num_frames: latent frames held (the RoPE offset of the next chunk).
+        max_frames: window size in latent frames (`local_attn_frames`); None = keep everything.
+        sink_frames: the first frames of the video, always kept when the window rolls.
+        seen_frames: frames ever written (absolute position of the next chunk).
     """
 
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
     num_frames: int = 0
+    max_frames: int | None = None
+    sink_frames: int = 0
+    seen_frames: int = 0
+
+    def __post_init__(self):
+        if self.max_frames is not None and not 0 <= self.sink_frames < self.max_frames:
+            raise ValueError(f"sink_frames ({self.sink_frames}) must be < max_frames ({self.max_frames})")
 
     def __len__(self) -> int:
         return self.num_frames
+
+    def evict(self, new_frames: int, tokens_per_frame: int, block_index: int) -> None:
+        """Drop the oldest non-sink frames of one block's entry so it holds at most `max_frames`."""
+        held = self.num_frames + new_frames
+        if self.max_frames is None or held <= self.max_frames:
+            return
+        sink = self.sink_frames * tokens_per_frame
+        recent = (self.max_frames - self.sink_frames) * tokens_per_frame
+        for store in (self.keys, self.values):
+            t = store[block_index]
+            store[block_index] = torch.cat([t[:, :sink], t[:, t.shape[1] - recent:]], dim=1)
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,7 +92,8 @@ class CausalWanAttnProcessor(WanAttnProcessor):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
-                 cache: KVCache | None = None, block_index: int = 0, write_cache: bool = False):
+                 cache: KVCache | None = None, block_index: int = 0, write_cache: bool = False,
+                 tokens_per_frame: int = 1):
         if encoder_hidden_states is not None:  # cross-attention goes through the stock processor
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -74,22 +101,22 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
-            key = _apply_rotary(key, *rotary_emb)
         if cache is not None:
             if block_index < len(cache.keys):
-                past_k, past_v = cache.keys[block_index], cache.values[block_index]
-                full_k, full_v = torch.cat([past_k, key], dim=1), torch.cat([past_v, value], dim=1)
-            else:
-                full_k, full_v = key, value
+                key = torch.cat([cache.keys[block_index], key], dim=1)
+                value = torch.cat([cache.values[block_index], value], dim=1)
             if write_cache:
                 if block_index < len(cache.keys):
-                    cache.keys[block_index], cache.values[block_index] = full_k.detach(), full_v.detach()
+                    cache.keys[block_index], cache.values[block_index] = key.detach(), value.detach()
                 else:
-                    cache.keys.append(full_k.detach())
-                    cache.values.append(full_v.detach())
-            key, value = full_k, full_v
+                    cache.keys.append(key.detach())
+                    cache.values.append(value.detach())
+                cache.evict(query.shape[1] // tokens_per_frame, tokens_per_frame, block_index)
+        if rotary_emb is not None:  # (cos, sin) over all key positions; the queries are the last ones
+            cos, sin = rotary_emb
+            lq = query.shape[1]
+            query = _apply_rotary(query, cos[:, -lq:], sin[:, -lq:])
+            key = _apply_rotary(key, cos, sin)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend)
         out = out.flatten(2, 3).type_as(query)
@@ -122,16 +149,12 @@ class CausalWanTransformer(WanTransformer3DModel):
         for block in self.blocks:
             block.attn1.set_processor(CausalWanAttnProcessor())
 
-    def _rope(self, num_frames: int, height: int, width: int, frame_offset: int, device):
-        """RoPE (cos, sin) `[1, F*h*w, 1, head_dim]` for latent frames `frame_offset .. +num_frames`."""
-        p_t, p_h, p_w = self.config.patch_size
-        total = (frame_offset + num_frames) * p_t
+    def _rope(self, num_frames: int, height: int, width: int, device):
+        """RoPE (cos, sin) `[1, F*h*w, 1, head_dim]` for latent frames `0 .. num_frames-1`."""
         # diffusers' rope reads only the shape of its input; a meta tensor costs nothing.
-        shape_only = torch.empty((1, 1, total, height, width), device="meta")
+        shape_only = torch.empty((1, 1, num_frames * self.config.patch_size[0], height, width), device="meta")
         cos, sin = self.rope(shape_only)
-        tokens_per_frame = (height // p_h) * (width // p_w)
-        start = frame_offset * tokens_per_frame
-        return cos[:, start:].to(device), sin[:, start:].to(device)
+        return cos.to(device), sin.to(device)
 
     def forward(
         self,
@@ -171,7 +194,10 @@ class CausalWanTransformer(WanTransformer3DModel):
             raise ValueError(f"timestep must be [B] or [B, F]=[{b}, {ppf}], got {tuple(timestep.shape)}")
         offset = kv_cache.num_frames if kv_cache is not None else 0
 
-        rotary_emb = self._rope(ppf, h, w, offset, hidden_states.device)
+        if offset + ppf > self.config.rope_max_seq_len:
+            raise ValueError(f"{offset + ppf} latent frames in attention exceed rope_max_seq_len "
+                             f"({self.config.rope_max_seq_len}); stream with a rolling KVCache(max_frames=...)")
+        rotary_emb = self._rope(offset + ppf, h, w, hidden_states.device)  # keys: cached + this call
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
 
         # Per-frame modulation: temb [B, F, D], timestep_proj [B, F, 6, D].
@@ -190,14 +216,16 @@ class CausalWanTransformer(WanTransformer3DModel):
                 mask = None  # one chunk over a full cache: plain attention, faster
 
         for i, block in enumerate(self.blocks):
-            attn_kwargs = dict(cache=kv_cache, block_index=i, write_cache=write_cache)
+            attn_kwargs = dict(cache=kv_cache, block_index=i, write_cache=write_cache,
+                               tokens_per_frame=tokens_per_frame)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(
                     _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
             else:
                 x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
         if kv_cache is not None and write_cache:
-            kv_cache.num_frames += ppf
+            kv_cache.seen_frames += ppf
+            kv_cache.num_frames = min(kv_cache.num_frames + ppf, kv_cache.max_frames or 1 << 62)
 
         # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)

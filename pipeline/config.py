@@ -71,6 +71,8 @@ class SamplerConfig:
     context_sigma: float = 0.0
     clip_x0: float = 0.0  # clamp predicted x0 to ±clip_x0 while sampling (0 = off)
     lag: int = 0  # autoregressive: frame j of a chunk starts j*lag Euler iterations late (0 = synchronous)
+    max_context_frames: Optional[int] = None  # rolling KV window in latent frames (None = all finished frames)
+    sink_frames: int = 0  # first frames kept when the window rolls
 
 
 @dataclass

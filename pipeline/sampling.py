@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .causal_wan import CausalWanTransformer, KVCache
-from .flow import add_noise, flow_from_x0, sampling_sigmas, timestep_from_sigma, x0_from_flow
+from .flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
+                   x0_from_flow)
 
 SIGMA_MIN = 1e-3  # flows from x0 predictions divide by σ
 
@@ -113,7 +114,8 @@ def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tens
 def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
                           uncond: torch.Tensor | None, steps: int = 32, guidance: float = 1.0,
                           shift: float = 1.0, context_sigma: float = 0.0,
-                          generator: torch.Generator | None = None, lag: int = 0) -> torch.Tensor:
+                          generator: torch.Generator | None = None, lag: int = 0,
+                          max_context_frames: int | None = None, sink_frames: int = 0) -> torch.Tensor:
     """Chunk-wise autoregressive sampling with a KV cache.
 
     Args:
@@ -122,6 +124,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         context_sigma: noise level at which finished chunks are written to the cache.
         generator: draws the context re-noising (only used when context_sigma > 0).
         lag: within a chunk, frame j starts `j·lag` Euler iterations after frame 0 (0 = synchronous).
+        max_context_frames, sink_frames: a rolling KV window (None = attend to every finished frame).
     Returns:
         `[B, C, F, H, W]` samples.
     """
@@ -130,7 +133,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
     if f % fpc:
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
     sigmas = sampling_sigmas(steps, shift)
-    cache = KVCache()
+    cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
     chunks = []
     for start in range(0, f, fpc):
         x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag)
@@ -146,7 +149,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
 @torch.no_grad()
 def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, kind: str = "autoregressive",
              steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
-             seed: int = 0, batch_size: int = 64, lag: int = 0) -> torch.Tensor:
+             seed: int = 0, batch_size: int = 64, lag: int = 0, max_context_frames: int | None = None,
+             sink_frames: int = 0) -> torch.Tensor:
     """Sample `len(cond)` videos in batches with seeded noise.
 
     Args:
@@ -166,7 +170,59 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
         if kind == "synchronous":
             out.append(sample_synchronous(denoiser, n, c, u, steps, guidance, shift).cpu())
         elif kind == "autoregressive":
-            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen, lag).cpu())
+            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen, lag,
+                                             max_context_frames, sink_frames).cpu())
         else:
             raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
     return torch.cat(out)
+
+
+def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -> torch.Tensor:
+    """A student's few-step schedule, warped by the flow shift as Self-Forcing does.
+
+    Each step `t` (in Wan's 0..1000 units) maps to `σ = shift_sigma(t / 1000, shift)`; with shift 5,
+    `[1000, 750, 500, 250]` becomes timesteps `[1000, 937.5, 833.3, 625.0]`. (A scheduler's
+    `set_timesteps(4)` spaces steps differently.) Returns σ `[len(denoising_steps)]`.
+    """
+    t = torch.tensor([float(s) for s in denoising_steps], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    return shift_sigma(t, shift).float()
+
+
+@torch.no_grad()
+def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+                    context_sigma: float = 0.0, generator: torch.Generator | None = None,
+                    max_context_frames: int | None = None, sink_frames: int = 0) -> torch.Tensor:
+    """Few-step chunk-wise sampling (CausVid / Self-Forcing inference), no guidance.
+
+    Per chunk: start from noise at `sigmas[0]`; at each step predict x0, then re-noise it to the next
+    level with fresh noise (`x ← (1-σ')·x̂0 + σ'·ε'`); the last x̂0 is the chunk. The finished chunk is
+    run once more at `context_sigma` to write its keys/values into the cache, which may be a rolling
+    window of `max_context_frames` with the first `sink_frames` kept.
+
+    Args:
+        noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
+        cond: `[B, L, D]` prompt embeddings.
+        sigmas: `[K]` decreasing noise levels (see `few_step_sigmas`).
+    Returns:
+        `[B, C, F, H, W]` samples.
+    """
+    fpc = denoiser.frames_per_chunk
+    b, f = noise.shape[0], noise.shape[2]
+    if f % fpc:
+        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
+    chunks = []
+    for start in range(0, f, fpc):
+        x = noise[:, :, start:start + fpc]
+        for k in range(len(sigmas)):
+            sigma = torch.full((b, fpc), float(sigmas[k]), device=x.device)
+            x0 = x0_from_flow(x, denoiser(x, sigma, cond, cache), sigma)
+            if k + 1 < len(sigmas):
+                nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
+                x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
+        chunks.append(x0)
+        ctx_sigma = torch.full((b, fpc), float(context_sigma), device=x.device)
+        ctx = x0 if context_sigma == 0 else add_noise(
+            x0, torch.randn(x0.shape, generator=generator).to(x.device), ctx_sigma)
+        denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
+    return torch.cat(chunks, dim=2)

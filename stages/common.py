@@ -44,7 +44,8 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int,
     cond = table[labels]
     uncond = table[torch.full_like(labels, NULL_CLASS)]
     lat = generate(denoiser, cond, uncond, (channels, frames, size, size), sampler.kind, sampler.steps,
-                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, lag=sampler.lag)
+                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, lag=sampler.lag,
+                   max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 
