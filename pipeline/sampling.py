@@ -96,6 +96,14 @@ def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None, lag: int 
     return x
 
 
+def _as_context(x: torch.Tensor, context_sigma: float, generator: torch.Generator | None):
+    """A finished chunk `[B, C, fpc, H, W]` as cache context: re-noised to `context_sigma` (0 = clean)."""
+    sigma = torch.full((x.shape[0], x.shape[2]), float(context_sigma), device=x.device)
+    if context_sigma == 0:
+        return x, sigma
+    return add_noise(x, torch.randn(x.shape, generator=generator).to(x.device), sigma), sigma
+
+
 @torch.no_grad()
 def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                        steps: int = 32, guidance: float = 1.0, shift: float = 1.0) -> torch.Tensor:
@@ -129,7 +137,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         `[B, C, F, H, W]` samples.
     """
     fpc = denoiser.frames_per_chunk
-    b, f = noise.shape[0], noise.shape[2]
+    f = noise.shape[2]
     if f % fpc:
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
     sigmas = sampling_sigmas(steps, shift)
@@ -139,9 +147,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag)
         chunks.append(x)
         if start + fpc < f:  # the last chunk is never context
-            ctx_sigma = torch.full((b, fpc), float(context_sigma), device=x.device)
-            ctx = x if context_sigma == 0 else add_noise(
-                x, torch.randn(x.shape, generator=generator, device=x.device), ctx_sigma)
+            ctx, ctx_sigma = _as_context(x, context_sigma, generator)
             guided_flow(denoiser, ctx, ctx_sigma, cond, uncond, guidance, cache, write_cache=True)
     return torch.cat(chunks, dim=2)
 
@@ -221,8 +227,7 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
                 x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
         chunks.append(x0)
-        ctx_sigma = torch.full((b, fpc), float(context_sigma), device=x.device)
-        ctx = x0 if context_sigma == 0 else add_noise(
-            x0, torch.randn(x0.shape, generator=generator).to(x.device), ctx_sigma)
-        denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
+        if start + fpc < f:  # the last chunk is never context
+            ctx, ctx_sigma = _as_context(x0, context_sigma, generator)
+            denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
     return torch.cat(chunks, dim=2)
