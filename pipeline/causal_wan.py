@@ -43,6 +43,7 @@ class KVCache:
         keys, values: per block, `[B, L_cached, heads, head_dim]` (keys after q/k-norm, before RoPE).
         num_frames: latent frames held (the RoPE offset of the next chunk).
         max_frames: window size in latent frames (`local_attn_frames`); None = keep everything.
+            With block-causal attention it and `sink_frames` must be multiples of frames_per_chunk.
         sink_frames: the first frames of the video, always kept when the window rolls.
         seen_frames: frames ever written (absolute position of the next chunk).
     """
@@ -127,8 +128,8 @@ def block_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, frames_per
     """Boolean attention mask: query token may attend key token iff chunk(key) <= chunk(query).
 
     Args:
-        q_frames: `[Lq]` absolute latent-frame index of each query token.
-        k_frames: `[Lk]` absolute latent-frame index of each key token.
+        q_frames: `[Lq]` latent-frame index of each query token (position inside the attention window).
+        k_frames: `[Lk]` latent-frame index of each key token.
         frames_per_chunk: latent frames per chunk.
     Returns:
         `[Lq, Lk]` bool, True where attention is allowed.
@@ -166,7 +167,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         kv_cache: KVCache | None = None,
         write_cache: bool = False,
     ) -> torch.Tensor:
-        """Predict the flow `ε - x0` for every latent frame.
+        """The network's prediction for every latent frame: the flow `ε - x0` for Wan checkpoints (our
+        `Denoiser` also supports x0-predicting networks, see `sampling.Denoiser.prediction`).
 
         Args:
             hidden_states: `[B, C, F, H, W]` noisy latents (F latent frames of this call).
@@ -193,6 +195,10 @@ class CausalWanTransformer(WanTransformer3DModel):
         if timestep.shape != (b, ppf):
             raise ValueError(f"timestep must be [B] or [B, F]=[{b}, {ppf}], got {tuple(timestep.shape)}")
         offset = kv_cache.num_frames if kv_cache is not None else 0
+        if kv_cache is not None and kv_cache.max_frames is not None and attention == "block_causal" and (
+                kv_cache.max_frames % frames_per_chunk or kv_cache.sink_frames % frames_per_chunk):
+            raise ValueError(f"a rolling window must hold whole chunks: max_frames ({kv_cache.max_frames}) and "
+                             f"sink_frames ({kv_cache.sink_frames}) must be multiples of {frames_per_chunk}")
 
         if offset + ppf > self.config.rope_max_seq_len:
             raise ValueError(f"{offset + ppf} latent frames in attention exceed rope_max_seq_len "

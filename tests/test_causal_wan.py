@@ -217,3 +217,10 @@ def test_window_streams_past_rope_table():
         model(x, t, ctx, frames_per_chunk=2)
     with pytest.raises(ValueError, match="sink_frames"):
         KVCache(max_frames=2, sink_frames=2)
+
+
+def test_window_must_hold_whole_chunks(tiny_model):
+    x, t, ctx = inputs(0, frames=4)
+    with pytest.raises(ValueError, match="whole chunks"):
+        tiny_model(x[:, :, :2], t[:, :2], ctx, frames_per_chunk=2, kv_cache=KVCache(max_frames=5, sink_frames=0),
+                   write_cache=True)
