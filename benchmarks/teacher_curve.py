@@ -26,7 +26,7 @@ from pipeline.data import class_table  # noqa: E402
 from pipeline.media import save_curves  # noqa: E402
 from pipeline.sprites import balanced_labels  # noqa: E402
 from stages import pretrain_teacher  # noqa: E402
-from stages.common import sample_videos  # noqa: E402
+from stages.common import parse_with_overrides, sample_videos  # noqa: E402
 
 
 def main():
@@ -36,8 +36,7 @@ def main():
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("overrides", nargs="*")
-    args, extra = ap.parse_known_args()
-    args.overrides += extra
+    args = parse_with_overrides(ap)
     cfg = load_config(args.config, [*args.overrides, f"pretrain_teacher.checkpoint_every={args.every}",
                                     "pretrain_teacher.keep_checkpoints=1000"])
     if not args.skip_train:

@@ -56,17 +56,23 @@ def preview(cfg: Config, model, path: Path, attention: str, sampler, n: int = 12
     return save_video_grid(videos, path)
 
 
+def parse_with_overrides(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse flags anywhere on the line; every leftover `key=value` joins `args.overrides`."""
+    args, rest = ap.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-")]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides += rest
+    return args
+
+
 def stage_main(stage: str, run, argv=None) -> int:
     """`python -m stages.<stage> --config CONFIG [--force] [key=value ...]`."""
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--config", required=True)
     ap.add_argument("--force", action="store_true", help="rerun even if the stage is done")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args, rest = ap.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides += rest
+    args = parse_with_overrides(ap, argv)
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, force=args.force)

@@ -18,7 +18,7 @@ import torch
 from pipeline.causal_wan import build_transformer
 from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.run_dir import StageDir
-from stages.common import USER_ERRORS
+from stages.common import USER_ERRORS, parse_with_overrides
 
 # Stages implemented so far; the others arrive with their issues.
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher"}
@@ -33,12 +33,7 @@ def parse(argv):
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("overrides", nargs="*")
-    args, rest = ap.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides += rest
-    return args
+    return parse_with_overrides(ap, argv)
 
 
 def model_summary(cfg: Config) -> dict:

@@ -73,7 +73,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if force:  # a rerun from scratch: stale checkpoints must not be resumed from later
         shutil.rmtree(ckpt_root, ignore_errors=True)
     last = latest_checkpoint(ckpt_root)
-    if last is not None and not force:
+    if last is not None:
         step, extra, rng = load_training_checkpoint(last, model, ema, optimizer)
         source.load_state_dict(extra["data"])
         gen.set_state(rng["train"])
@@ -92,7 +92,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     bar = tqdm(total=tc.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process)
     t0, seen = time.time(), 0
     loss = None  # stays None when resuming a checkpoint of the final step (crash after it)
-    elapsed0 = extra["elapsed_s"] if last is not None and not force else 0.0
+    elapsed0 = extra["elapsed_s"] if last is not None else 0.0
     while step < tc.steps:
         model.train()
         for _ in range(tc.grad_accum):
