@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/tiny"
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher"])
+    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher", "init_student"])
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16
 
@@ -104,11 +104,47 @@ class TeacherConfig:
 
 
 @dataclass
+class StudentConfig:
+    """The few-step causal student's sampler (shared by init_student, distill, evaluate and sample)."""
+
+    denoising_steps: List[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    shift: float = 5.0  # warps denoising_steps as Self-Forcing does (5: [1000, 937.5, 833.3, 625])
+    context_sigma: float = 0.0  # level at which finished chunks are written to the KV cache
+    clip_x0: float = 0.0  # clamp x̂0 to ±clip_x0 while sampling (0 = off)
+    max_context_frames: Optional[int] = None  # rolling KV window in latent frames (None = all)
+    sink_frames: int = 0  # first frames kept when the window rolls
+
+
+@dataclass
+class InitStudentConfig:
+    """CausVid's initialisation: teacher weights, then regression onto the teacher's ODE pairs."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    teacher: Optional[str] = None  # a teacher stage or diffusers folder (default: <run.dir>/pretrain_teacher)
+    ode_pairs: int = 1024  # teacher ODE trajectories to sample
+    ode_shard_size: int = 64  # pairs per safetensors shard (a crash loses at most one shard)
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    preview_n: int = 12
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     pretrain_teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    init_student: InitStudentConfig = field(default_factory=InitStudentConfig)
 
 
 def _all_keys(node, prefix="") -> list[str]:
@@ -192,6 +228,21 @@ def validate(cfg: Config) -> None:
     need(t.sampler.kind in ("autoregressive", "synchronous"),
          f"pretrain_teacher.sampler.kind: expected autoregressive or synchronous, got '{t.sampler.kind}'")
     need(t.steps > 0 and t.batch_size > 0, "pretrain_teacher.steps and batch_size must be positive")
+    st = cfg.student
+    need(len(st.denoising_steps) > 0 and all(0 < a <= 1000 for a in st.denoising_steps)
+         and all(a > b for a, b in zip(st.denoising_steps, st.denoising_steps[1:])),
+         f"student.denoising_steps: expected decreasing timesteps in (0, 1000], got {st.denoising_steps}")
+    need(st.shift > 0, f"student.shift must be positive, got {st.shift}")
+    i = cfg.init_student
+    need(i.steps > 0 and i.batch_size > 0, "init_student.steps and batch_size must be positive")
+    need(i.ode_pairs > 0 and i.ode_shard_size > 0, "init_student.ode_pairs and ode_shard_size must be positive")
+    for name, window, sinks in (("pretrain_teacher.sampler", t.sampler.max_context_frames, t.sampler.sink_frames),
+                                ("student", st.max_context_frames, st.sink_frames)):
+        if window is not None:
+            fpc = cfg.data.frames_per_chunk
+            need(window % fpc == 0 and sinks % fpc == 0 and window > sinks,
+                 f"{name}.max_context_frames ({window}) and sink_frames ({sinks}) must be multiples of "
+                 f"data.frames_per_chunk ({fpc}), the window larger than the sinks")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,6 +13,7 @@ guidance, the conditional flow alone). An Euler step from level σ_i to σ_{i+1}
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,15 +48,19 @@ class Denoiser:
         return self.model(x, timestep_from_sigma(sigma), context, attention=self.attention,
                           frames_per_chunk=self.frames_per_chunk, kv_cache=kv_cache, write_cache=write_cache)
 
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                   kv_cache: KVCache | None = None, write_cache: bool = False) -> torch.Tensor:
+        """The clean-latent prediction `x̂0 [B, C, F, H, W]` (clamped by `clip_x0`); shapes as `__call__`."""
+        out = self.raw(x, sigma, context, kv_cache, write_cache)
+        x0 = out if self.prediction == "x0" else x0_from_flow(x, out, sigma)
+        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  kv_cache: KVCache | None = None, write_cache: bool = False) -> torch.Tensor:
         """x `[B, C, F, H, W]`, σ `[B, F]` or `[B]`, context `[B, L, D]` → flow `[B, C, F, H, W]`."""
-        out = self.raw(x, sigma, context, kv_cache, write_cache)
         if self.prediction == "flow" and not self.clip_x0:
-            return out
-        x0 = out if self.prediction == "x0" else x0_from_flow(x, out, sigma)
-        if self.clip_x0:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            return self.raw(x, sigma, context, kv_cache, write_cache)
+        x0 = self.predict_x0(x, sigma, context, kv_cache, write_cache)
         if sigma.ndim == 1:
             sigma = sigma[:, None].expand(x.shape[0], x.shape[2])
         return flow_from_x0(x, x0, sigma.clamp_min(SIGMA_MIN))
@@ -85,15 +90,26 @@ def staggered_levels(sigmas: torch.Tensor, frames: int, lag: int = 0) -> torch.T
     return sigmas[it.clamp(0, steps)]
 
 
-def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None, lag: int = 0):
-    """Euler steps `x ← x + (σ_{i+1} - σ_i)·v` with per-frame levels (see `staggered_levels`)."""
+def _euler(denoiser, x, cond, uncond, guidance, sigmas, kv_cache=None, lag: int = 0, keep: tuple[int, ...] = ()):
+    """Euler steps `x ← x + (σ_{i+1} - σ_i)·v` with per-frame levels (see `staggered_levels`).
+
+    `keep`: indices into `sigmas`; with it, also returns the states every frame had when it stood at
+    those levels, `[len(keep), B, C, F, H, W]` (with a lag, frame j gets there `j·lag` iterations late).
+    """
     b, f = x.shape[0], x.shape[2]
     levels = staggered_levels(sigmas, f, lag).to(x.device)
-    for i in range(len(levels) - 1):
+    states = x.new_zeros(len(keep), *x.shape) if keep else None
+    for i in range(len(levels)):
+        for slot, m in enumerate(keep):
+            for j in range(f):
+                if i - j * lag == m:  # later, frame j's level stays put: this state is final
+                    states[slot, :, :, j] = x[:, :, j]
+        if i == len(levels) - 1:
+            break
         sigma = levels[i][None].expand(b, f)
         v = guided_flow(denoiser, x, sigma, cond, uncond, guidance, kv_cache)
         x = x + (levels[i + 1] - levels[i])[None, None, :, None, None] * v
-    return x
+    return (x, states) if keep else x
 
 
 def _as_context(x: torch.Tensor, context_sigma: float, generator: torch.Generator | None):
@@ -104,18 +120,35 @@ def _as_context(x: torch.Tensor, context_sigma: float, generator: torch.Generato
     return add_noise(x, torch.randn(x.shape, generator=generator).to(x.device), sigma), sigma
 
 
+def schedule_through(sigmas: torch.Tensor, stops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Insert the levels `stops` into a decreasing schedule so an Euler path lands exactly on them.
+
+    Returns the merged schedule `[S']` and the index of every stop in it (used to record a teacher's
+    ODE states at a student's levels; the clean end σ=0 is always the last entry).
+    """
+    merged = torch.cat([sigmas.double(), stops.double()]).unique().flip(0)  # unique sorts ascending
+    merged = merged[torch.cat([torch.tensor([True]), merged[:-1] - merged[1:] > 1e-6])]  # drop near-duplicates
+    idx = tuple(int((merged - s).abs().argmin()) for s in stops.double())
+    return merged.float(), idx
+
+
 @torch.no_grad()
 def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                       steps: int = 32, guidance: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+                       steps: int = 32, guidance: float = 1.0, shift: float = 1.0,
+                       keep_sigmas: torch.Tensor | None = None):
     """Denoise all frames together with a shared level.
 
     Args:
         noise: `[B, C, F, H, W]` starting noise.
         cond, uncond: `[B, L, D]` prompt embeddings (uncond: the null prompt, for guidance).
+        keep_sigmas: as in `sample_autoregressive`.
     Returns:
-        `[B, C, F, H, W]` samples.
+        `[B, C, F, H, W]` samples (with `keep_sigmas`, also the states `[K, B, C, F, H, W]`).
     """
-    return _euler(denoiser, noise, cond, uncond, guidance, sampling_sigmas(steps, shift))
+    sigmas, keep = sampling_sigmas(steps, shift), ()
+    if keep_sigmas is not None:
+        sigmas, keep = schedule_through(sigmas, keep_sigmas)
+    return _euler(denoiser, noise, cond, uncond, guidance, sigmas, keep=keep)
 
 
 @torch.no_grad()
@@ -123,7 +156,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
                           uncond: torch.Tensor | None, steps: int = 32, guidance: float = 1.0,
                           shift: float = 1.0, context_sigma: float = 0.0,
                           generator: torch.Generator | None = None, lag: int = 0,
-                          max_context_frames: int | None = None, sink_frames: int = 0) -> torch.Tensor:
+                          max_context_frames: int | None = None, sink_frames: int = 0,
+                          keep_sigmas: torch.Tensor | None = None):
     """Chunk-wise autoregressive sampling with a KV cache.
 
     Args:
@@ -133,23 +167,31 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         generator: draws the context re-noising (only used when context_sigma > 0).
         lag: within a chunk, frame j starts `j·lag` Euler iterations after frame 0 (0 = synchronous).
         max_context_frames, sink_frames: a rolling KV window (None = attend to every finished frame).
+        keep_sigmas: `[K]` levels to record the ODE path at (inserted into the schedule, see
+            `schedule_through`); a student's few-step levels, for ODE-pair regression.
     Returns:
-        `[B, C, F, H, W]` samples.
+        `[B, C, F, H, W]` samples; with `keep_sigmas` also the states `[K, B, C, F, H, W]` at those levels.
     """
     fpc = denoiser.frames_per_chunk
     f = noise.shape[2]
     if f % fpc:
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
-    sigmas = sampling_sigmas(steps, shift)
+    sigmas, keep = sampling_sigmas(steps, shift), ()
+    if keep_sigmas is not None:
+        sigmas, keep = schedule_through(sigmas, keep_sigmas)
     cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
-    chunks = []
+    chunks, kept = [], []
     for start in range(0, f, fpc):
-        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag)
+        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag, keep)
+        if keep:
+            x, states = x
+            kept.append(states)
         chunks.append(x)
         if start + fpc < f:  # the last chunk is never context
             ctx, ctx_sigma = _as_context(x, context_sigma, generator)
             guided_flow(denoiser, ctx, ctx_sigma, cond, uncond, guidance, cache, write_cache=True)
-    return torch.cat(chunks, dim=2)
+    out = torch.cat(chunks, dim=2)
+    return (out, torch.cat(kept, dim=3)) if keep else out
 
 
 @torch.no_grad()
@@ -183,6 +225,13 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
     return torch.cat(out)
 
 
+def uniform_denoising_steps(k: int) -> list[int]:
+    """`k` evenly spaced timesteps from 1000 down (k = 4: `[1000, 750, 500, 250]`)."""
+    if k < 1:
+        raise ValueError(f"a student needs at least one denoising step, got {k}")
+    return [round(NUM_TRAIN_TIMESTEPS * (1 - i / k)) for i in range(k)]
+
+
 def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -> torch.Tensor:
     """A student's few-step schedule, warped by the flow shift as Self-Forcing does.
 
@@ -197,7 +246,8 @@ def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -
 @torch.no_grad()
 def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
                     context_sigma: float = 0.0, generator: torch.Generator | None = None,
-                    max_context_frames: int | None = None, sink_frames: int = 0) -> torch.Tensor:
+                    max_context_frames: int | None = None, sink_frames: int = 0,
+                    on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Few-step chunk-wise sampling (CausVid / Self-Forcing inference), no guidance.
 
     Per chunk: start from noise at `sigmas[0]`; at each step predict x0, then re-noise it to the next
@@ -209,6 +259,8 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
         cond: `[B, L, D]` prompt embeddings.
         sigmas: `[K]` decreasing noise levels (see `few_step_sigmas`).
+        on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` as soon as a chunk is finished
+            (streaming consumers, per-chunk timing).
     Returns:
         `[B, C, F, H, W]` samples.
     """
@@ -222,12 +274,34 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
         x = noise[:, :, start:start + fpc]
         for k in range(len(sigmas)):
             sigma = torch.full((b, fpc), float(sigmas[k]), device=x.device)
-            x0 = x0_from_flow(x, denoiser(x, sigma, cond, cache), sigma)
+            x0 = denoiser.predict_x0(x, sigma, cond, cache)
             if k + 1 < len(sigmas):
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
                 x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
         chunks.append(x0)
+        if on_chunk is not None:
+            on_chunk(start // fpc, x0)
         if start + fpc < f:  # the last chunk is never context
             ctx, ctx_sigma = _as_context(x0, context_sigma, generator)
             denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
     return torch.cat(chunks, dim=2)
+
+
+@torch.no_grad()
+def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tuple, sigmas: torch.Tensor,
+                      context_sigma: float = 0.0, seed: int = 0, batch_size: int = 64,
+                      max_context_frames: int | None = None, sink_frames: int = 0,
+                      on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """`generate` for a few-step student: `len(cond)` videos `[N, C, F, H, W]` in seeded batches.
+
+    `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(denoiser.model.parameters()).device
+    noise = torch.randn((len(cond), *latent_shape), generator=gen)
+    out = []
+    for i in range(0, len(cond), batch_size):
+        sl = slice(i, i + batch_size)
+        out.append(sample_few_step(denoiser, noise[sl].to(device), cond[sl].to(device), sigmas, context_sigma, gen,
+                                   max_context_frames, sink_frames, on_chunk).cpu())
+    return torch.cat(out)

@@ -1,20 +1,27 @@
-"""What every stage shares: command-line parsing, the accelerator, previews."""
+"""What every stage shares: command-line parsing, the accelerator, optimiser/EMA/checkpoint plumbing,
+loading models, sampling and previews."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from safetensors.torch import save_file
 
-from pipeline.checkpoint import CheckpointError
+from pipeline.causal_wan import CausalWanTransformer
+from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint, read_safetensors
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import class_table
 from pipeline.media import save_video_grid
-from pipeline.sampling import Denoiser, generate
+from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
 from pipeline.sprites import NULL_CLASS, balanced_labels
 
 
@@ -36,6 +43,118 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1) -> Acce
                        project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)))
 
 
+def make_optimizer(model: torch.nn.Module, section):
+    """AdamW and a constant-with-warm-up schedule from a training section (lr, betas, weight_decay,
+    warmup_steps)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, betas=tuple(section.betas),
+                                  weight_decay=section.weight_decay)
+    return optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=section.warmup_steps)
+
+
+def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool):
+    """Restore the newest checkpoint under `ckpt_root` (after `--force`: delete them all instead).
+
+    Returns:
+        (step, extra, rng): 0, {}, {} when starting fresh.
+    """
+    if force:  # a rerun from scratch: stale checkpoints must not be resumed from later
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    last = latest_checkpoint(ckpt_root)
+    if last is None:
+        return 0, {}, {}
+    step, extra, rng = load_training_checkpoint(last, model, ema, optimizer)
+    with warnings.catch_warnings():  # replaying the schedule, not stepping out of order
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    print(f"resuming from {last.name} (step {step}) in {last.parent}")
+    return step, extra, rng
+
+
+def finished_already(stage, section, force: bool) -> bool:
+    """A done stage is skipped unless `--force` or its section now asks for more steps."""
+    if not stage.done or force:
+        return False
+    done_steps = stage.manifest().get("metrics", {}).get("steps", 0)
+    if done_steps >= section.steps:
+        print(f"[{stage.stage}] done already: {stage.path} (use --force to rerun)")
+        return True
+    print(f"[{stage.stage}] done at {done_steps} steps; continuing to {section.steps}")
+    return False
+
+
+def save_weights(stage_path: Path, raw: torch.nn.Module, ema, cfg: Config, **model_config) -> dict:
+    """Write `transformer/` (raw) and `transformer_ema/` as diffusers folders, plus the class table.
+
+    `model_config` is recorded in each config.json (what the network predicts, a student's sampler),
+    so a bare folder still says how to sample from it.
+    """
+    raw.register_to_config(**model_config)
+    raw.save_pretrained(stage_path / "transformer")
+    ema.store(raw.parameters())
+    ema.copy_to(raw.parameters())
+    raw.save_pretrained(stage_path / "transformer_ema")
+    if cfg.data.kind == "sprites":
+        save_file({"class_table": class_table(cfg).contiguous()}, str(stage_path / "conditioning.safetensors"))
+    return {"transformer": str(stage_path / "transformer"), "transformer_ema": str(stage_path / "transformer_ema")}
+
+
+def student_config(cfg: Config) -> dict:
+    """What a student's config.json records about its sampler."""
+    return {"denoising_steps": list(cfg.student.denoising_steps), "shift": cfg.student.shift}
+
+
+def load_source(source: str | Path, raw: bool = False):
+    """Model, class table and config of a stage folder or a diffusers model folder.
+
+    A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; a bare
+    diffusers folder gets the default config, with `model.prediction` and (for students) the step
+    list taken from its config.json.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source not found: {path}")
+    if (path / "manifest.json").is_file():  # a stage folder
+        if not (path / "transformer_ema").is_dir():
+            raise CheckpointError(f"{path}: stage has no finished weights (transformer_ema/); run the stage first")
+        cfg = load_config(path / "config.yaml")
+        model = CausalWanTransformer.from_pretrained(path / ("transformer" if raw else "transformer_ema"))
+        table = read_safetensors(path / "conditioning.safetensors")["class_table"] if cfg.data.kind == "sprites" \
+            else None
+        return model, table, cfg
+    if (path / "config.json").is_file():  # a diffusers model folder
+        model = CausalWanTransformer.from_pretrained(path)
+        conf = json.loads((path / "config.json").read_text())
+        overrides = [f"model.text_dim={model.config.text_dim}", f"model.prediction={conf.get('prediction', 'flow')}"]
+        if "denoising_steps" in conf:
+            overrides += [f"student.denoising_steps={conf['denoising_steps']}", f"student.shift={conf['shift']}"]
+        cfg = load_config(None, overrides)
+        return model, class_table(cfg), cfg
+    raise CheckpointError(f"{path}: not a stage folder (manifest.json) or a diffusers model folder (config.json); "
+                          "other checkpoint kinds load through ./launch.sh convert")
+
+
+def is_student(model) -> bool:
+    return "denoising_steps" in model.config
+
+
+def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int,
+                          frames_per_chunk: int, student, seed: int, prediction: str = "flow", channels: int = 3,
+                          denoising_steps=None, on_chunk=None) -> torch.Tensor:
+    """Few-step student samples `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`.
+
+    `student` is the `StudentConfig` (step list, shift, context level, window); `denoising_steps`
+    overrides its step list.
+    """
+    model.eval()
+    denoiser = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0)
+    sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
+    lat = generate_few_step(denoiser, table[labels], (channels, frames, size, size), sigmas, student.context_sigma,
+                            seed, max_context_frames=student.max_context_frames, sink_frames=student.sink_frames,
+                            on_chunk=on_chunk)
+    return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
+
+
 def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int, attention: str,
                   frames_per_chunk: int, sampler, seed: int, prediction: str = "flow", channels: int = 3) -> torch.Tensor:
     """Sample sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`."""
@@ -49,10 +168,15 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int,
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 
-def preview(cfg: Config, model, path: Path, attention: str, sampler, n: int = 12) -> Path:
+def preview(cfg: Config, model, path: Path, attention: str = "block_causal", sampler=None, n: int = 12) -> Path:
+    """A GIF grid of `n` samples: the many-step `sampler`, or (None) the few-step student sampler."""
     labels = balanced_labels(n)
-    videos = sample_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size, attention,
-                           cfg.data.frames_per_chunk, sampler, seed=cfg.run.seed, prediction=cfg.model.prediction)
+    if sampler is None:
+        videos = sample_student_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size,
+                                       cfg.data.frames_per_chunk, cfg.student, cfg.run.seed, cfg.model.prediction)
+    else:
+        videos = sample_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size, attention,
+                               cfg.data.frames_per_chunk, sampler, seed=cfg.run.seed, prediction=cfg.model.prediction)
     return save_video_grid(videos, path)
 
 

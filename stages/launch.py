@@ -21,7 +21,7 @@ from pipeline.run_dir import StageDir
 from stages.common import USER_ERRORS, parse_with_overrides
 
 # Stages implemented so far; the others arrive with their issues.
-AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher"}
+AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student"}
 
 
 def parse(argv):

@@ -1,50 +1,48 @@
 """`./launch.sh sample SOURCE --out FILE.safetensors [--n N] [--frames F] [--steps K] [--seed S] [--guidance G]`
 
-SOURCE is a stage folder (e.g. `runs/tiny/pretrain_teacher`: its EMA weights, class-embedding table and
-config) or a diffusers model folder (then the sampler and conditioning come from the default config).
+SOURCE is a stage folder (e.g. `runs/tiny/init_student`: its EMA weights, class-embedding table and
+config) or a diffusers model folder (then the sampler and conditioning come from the default config and
+its config.json). Teachers sample with their many-step sampler; students (a `denoising_steps` entry in
+config.json) with the few-step chunk-wise sampler, `--steps K` replacing their step list by K evenly
+spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV cache rolls.
+
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
-classes) to FILE, and a GIF preview grid next to it.
+classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.causal_wan import CausalWanTransformer
-from pipeline.checkpoint import CheckpointError, read_safetensors
-from pipeline.config import Config, load_config
-from pipeline.data import class_table
+from pipeline.config import Config
 from pipeline.media import save_video_grid
+from pipeline.sampling import uniform_denoising_steps
 from pipeline.sprites import balanced_labels
-from stages.common import USER_ERRORS, sample_videos
+from stages.common import USER_ERRORS, is_student, load_source, sample_student_videos, sample_videos
 
 
-def load_source(source: str, raw: bool = False):
-    """Model, class table and config of a stage folder or a diffusers model folder."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"sample source not found: {path}")
-    if (path / "manifest.json").is_file():  # a stage folder
-        if not (path / "transformer_ema").is_dir():
-            raise CheckpointError(f"{path}: stage has no finished weights (transformer_ema/); run the stage first")
-        cfg = load_config(path / "config.yaml")
-        model = CausalWanTransformer.from_pretrained(path / ("transformer" if raw else "transformer_ema"))
-        table = read_safetensors(path / "conditioning.safetensors")["class_table"]
-        return model, table, cfg
-    if (path / "config.json").is_file():  # a diffusers model folder
-        model = CausalWanTransformer.from_pretrained(path)
-        prediction = json.loads((path / "config.json").read_text()).get("prediction", "flow")  # Wan's: flow
-        cfg = load_config(None, [f"model.text_dim={model.config.text_dim}", f"model.prediction={prediction}"])
-        return model, class_table(cfg), cfg
-    raise CheckpointError(f"{path}: not a stage folder (manifest.json) or a diffusers model folder (config.json); "
-                          "other checkpoint kinds load through ./launch.sh convert")
+
+class ChunkClock:
+    """Wall-clock times at which chunks finish (`on_chunk` callback of the samplers)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def __call__(self, index: int, chunk: torch.Tensor) -> None:
+        if chunk.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+    def per_chunk(self) -> list[float]:
+        return [b - a for a, b in zip([0.0, *self.times], self.times)]
 
 
 def main(argv=None) -> int:
@@ -53,10 +51,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--frames", type=int)
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--steps", type=int, help="teacher: Euler steps; student: K evenly spaced denoising steps "
+                                              "(default: the student's own list)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--guidance", type=float)
-    ap.add_argument("--sampler", choices=["autoregressive", "synchronous"])
+    ap.add_argument("--guidance", type=float, help="teacher only (students are distilled without guidance)")
+    ap.add_argument("--sampler", choices=["autoregressive", "synchronous"], help="teacher only")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -65,15 +64,30 @@ def main(argv=None) -> int:
             raise ValueError(f"--out must end in .safetensors, got {out}")
         model, table, cfg = load_source(args.source, args.raw)
         cfg: Config
-        sampler = cfg.pretrain_teacher.sampler
-        sampler = replace(sampler, **{k: v for k, v in dict(steps=args.steps, guidance=args.guidance,
-                                                            kind=args.sampler).items() if v is not None})
+        if table is None:
+            raise ValueError(f"{args.source}: sampling needs class prompts (a sprites model); latent models are "
+                             "evaluated by the evaluate stage")
         frames = args.frames or cfg.data.frames
-        if frames % cfg.data.frames_per_chunk:
-            raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({cfg.data.frames_per_chunk})")
+        fpc = cfg.data.frames_per_chunk
+        if frames % fpc:
+            raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({fpc})")
         labels = balanced_labels(args.n)
-        videos = sample_videos(model, table, labels, frames, cfg.data.size, cfg.pretrain_teacher.attention,
-                               cfg.data.frames_per_chunk, sampler, args.seed, cfg.model.prediction)
+        clock = ChunkClock()
+        if is_student(model) and (args.guidance is not None or args.sampler):
+            raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
+                             "sampler (--steps K)")
+        if is_student(model):
+            steps = uniform_denoising_steps(args.steps) if args.steps else None
+            videos = sample_student_videos(model, table, labels, frames, cfg.data.size, fpc, cfg.student, args.seed,
+                                           cfg.model.prediction, denoising_steps=steps, on_chunk=clock)
+            what = f"{len(steps or cfg.student.denoising_steps)}-step student"
+        else:
+            sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
+                steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
+            videos = sample_videos(model, table, labels, frames, cfg.data.size, cfg.pretrain_teacher.attention, fpc,
+                                   sampler, args.seed, cfg.model.prediction)
+            what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
+        elapsed = time.perf_counter() - clock.start
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +95,10 @@ def main(argv=None) -> int:
     save_file({"videos": videos.float().contiguous(), "labels": labels}, str(out))
     preview = save_video_grid(videos[:36], out.with_suffix(".gif"))
     print(f"wrote {out} ({len(videos)} videos × {frames} frames) and {preview}")
+    speed = f"{what}: {len(videos) * frames / elapsed:.1f} frames/s ({elapsed:.2f} s)"
+    if clock.times:
+        speed += f", first chunk after {clock.times[0] * 1000:.0f} ms (batch of {min(len(videos), 64)})"
+    print(speed)
     return 0
 
 

@@ -39,6 +39,14 @@ TINY_OVERRIDES = [
     "pretrain_teacher.log_every=1",
     "pretrain_teacher.preview_n=6",
     "pretrain_teacher.sampler.steps=2",
+    "init_student.steps=4",
+    "init_student.batch_size=4",
+    "init_student.warmup_steps=2",
+    "init_student.checkpoint_every=2",
+    "init_student.log_every=1",
+    "init_student.preview_n=6",
+    "init_student.ode_pairs=6",
+    "init_student.ode_shard_size=4",
 ]
 
 TINY_MODEL_KW = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3,
@@ -84,3 +92,31 @@ def trained_stage(tmp_path_factory):
     cfg = tiny_cfg(root, "model.prediction=x0")  # the default tiny.yaml teacher predicts x0
     stage = pretrain_teacher.run(cfg)
     return cfg, stage.path
+
+
+def weights(stage_path: Path, sub: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(stage_path / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max().item()}"
+
+
+class Interrupt(Exception):
+    """Stands in for a crash / Ctrl-C at a chosen point of a run."""
+
+
+def crash_after_checkpoint(monkeypatch, stage_module, at_step: int):
+    """Make `stage_module`'s run raise `Interrupt` right after writing the checkpoint of `at_step`."""
+    orig = stage_module.save_training_checkpoint
+
+    def save(root, step, *a, **kw):
+        out = orig(root, step, *a, **kw)
+        if step == at_step:
+            raise Interrupt(f"crash after checkpoint {step}")
+        return out
+
+    monkeypatch.setattr(stage_module, "save_training_checkpoint", save)

@@ -13,6 +13,7 @@ from pipeline.causal_wan import build_transformer
 from pipeline.config import load_config
 from pipeline.sprites import NUM_CLASSES
 from stages import launch, sample
+from stages.common import load_source
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,5 +136,5 @@ def test_diffusers_folder_records_prediction(trained_stage):
     cfg, stage_path = trained_stage
     for name in ("transformer", "transformer_ema"):
         assert json.loads((stage_path / name / "config.json").read_text())["prediction"] == cfg.model.prediction
-        _, _, folder_cfg = sample.load_source(str(stage_path / name))
+        _, _, folder_cfg = load_source(str(stage_path / name))
         assert folder_cfg.model.prediction == cfg.model.prediction

@@ -17,34 +17,9 @@ from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
 from stages import pretrain_teacher
 from stages.common import stage_main
-from stages.pretrain_teacher import NonFiniteLoss, flow_matching_loss
-from tests.conftest import TINY_OVERRIDES, tiny_cfg
-
-
-def weights(stage_path: Path, sub: str) -> dict:
-    return load_file(str(stage_path / sub / "diffusion_pytorch_model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max().item()}"
-
-
-class Interrupt(Exception):
-    """Stands in for a crash / Ctrl-C at a chosen point of a run."""
-
-
-def crash_after_checkpoint(monkeypatch, at_step: int):
-    orig = pretrain_teacher.save_training_checkpoint
-
-    def save(root, step, *a, **kw):
-        out = orig(root, step, *a, **kw)
-        if step == at_step:
-            raise Interrupt(f"crash after checkpoint {step}")
-        return out
-
-    monkeypatch.setattr(pretrain_teacher, "save_training_checkpoint", save)
+from pipeline.losses import flow_matching_loss
+from stages.pretrain_teacher import NonFiniteLoss
+from tests.conftest import TINY_OVERRIDES, Interrupt, assert_same_weights, crash_after_checkpoint, tiny_cfg, weights
 
 
 def test_flow_matching_loss_decreases(make_cfg):
@@ -152,7 +127,7 @@ def test_extend_done_stage_equals_uninterrupted(make_cfg, uninterrupted, capsys)
 def test_crash_resume_equals_uninterrupted(make_cfg, uninterrupted, monkeypatch, capsys):
     cfg = make_cfg("pretrain_teacher.steps=8", *RESUME)
     with monkeypatch.context() as m:
-        crash_after_checkpoint(m, 6)
+        crash_after_checkpoint(m, pretrain_teacher, 6)
         with pytest.raises(Interrupt):
             pretrain_teacher.run(cfg)
     path = Path(cfg.run.dir) / "pretrain_teacher"
@@ -192,7 +167,7 @@ def test_nan_loss_raises_clear_error(make_cfg):
 def test_corrupt_checkpoint_raises_one_line(make_cfg, monkeypatch):
     cfg = make_cfg("pretrain_teacher.steps=4", "pretrain_teacher.checkpoint_every=2")
     with monkeypatch.context() as m:
-        crash_after_checkpoint(m, 2)
+        crash_after_checkpoint(m, pretrain_teacher, 2)
         with pytest.raises(Interrupt):
             pretrain_teacher.run(cfg)
     ckpt = latest_checkpoint(Path(cfg.run.dir) / "pretrain_teacher" / "checkpoints")

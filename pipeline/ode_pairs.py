@@ -1,0 +1,125 @@
+"""The teacher's ODE trajectories, stored for CausVid's student initialisation.
+
+The teacher samples from noise with its many-step ODE sampler (guidance included); its path is made to
+pass exactly through the student's few-step levels (`sampling.schedule_through`) and the states there
+are kept with the clean end point. Pairs live in safetensors shards under one folder:
+
+    shard_00000.safetensors   states  [N, K+1, C, F, H, W]  at the student's K levels, then σ=0
+                              sigmas  [K+1]                 those levels (last 0)
+                              context [N, L, D]             the prompt each pair was sampled with
+                              labels  [N]                   class ids (-1 without classes)
+
+Shard i draws its noise from a generator seeded by (seed, i) alone and is written under a temporary
+name then renamed, so a crash loses at most the shard in progress and a resumed run writes exactly
+the shards an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import read_safetensors
+from .sampling import Denoiser, sample_autoregressive, sample_synchronous
+
+# (first pair index, count) -> (context [n, L, D], labels [n]); the prompts of pairs start..start+n-1.
+Conditions = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def shard_path(folder: str | Path, index: int) -> Path:
+    return Path(folder) / f"shard_{index:05d}.safetensors"
+
+
+def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
+    """Whether a shard on disk is whole and made for these levels; raises if it was made for others."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.get_tensor("sigmas")
+            n = f.get_slice("states").get_shape()[0]
+    except Exception:  # a torn write from outside the atomic rename: make it again
+        return False
+    if stored.shape != sigmas.shape or not torch.allclose(stored, sigmas.float(), atol=1e-6):
+        raise ValueError(f"{path} holds ODE states at levels {stored.tolist()}, the config asks for "
+                         f"{sigmas.tolist()}; rerun the stage with --force")
+    return n == count
+
+
+@torch.no_grad()
+def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Conditions, uncond: torch.Tensor | None,
+                    num_pairs: int, shard_size: int, latent_shape: tuple, student_sigmas: torch.Tensor, sampler,
+                    seed: int, device="cpu") -> list[Path]:
+    """Sample `num_pairs` teacher ODE trajectories into shards, skipping shards already on disk.
+
+    Args:
+        teacher: the teacher's denoiser (its attention, `clip_x0`).
+        conditions: gives the prompts of a range of pairs (see `Conditions`).
+        uncond: `[1, L, D]` null prompt for guidance (None: no guidance).
+        latent_shape: `(C, F, H, W)` of one video.
+        student_sigmas: `[K]` the student's levels (decreasing, first usually 1).
+        sampler: the teacher's `SamplerConfig` (kind, steps, shift, guidance, lag, window).
+        seed: base seed; shard i uses `seed * 1_000_003 + i`.
+    Returns:
+        the shard paths, in order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = torch.cat([student_sigmas.float(), torch.zeros(1)])
+    counts = [min(shard_size, num_pairs - s) for s in range(0, num_pairs, shard_size)]
+    paths = [shard_path(folder, i) for i in range(len(counts))]
+    todo = [i for i, (p, n) in enumerate(zip(paths, counts)) if not _complete(p, keep, n)]
+    for i in tqdm(todo, desc="ODE pairs (shards)", disable=not todo):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        context, labels = conditions(i * shard_size, counts[i])
+        noise = torch.randn((counts[i], *latent_shape), generator=gen)
+        null = None if uncond is None else uncond.expand(counts[i], *uncond.shape[1:]).to(device)
+        if sampler.kind == "synchronous":
+            _, states = sample_synchronous(teacher, noise.to(device), context.to(device), null, sampler.steps,
+                                           sampler.guidance, sampler.shift, keep_sigmas=keep)
+        else:
+            _, states = sample_autoregressive(
+                teacher, noise.to(device), context.to(device), null, sampler.steps, sampler.guidance, sampler.shift,
+                sampler.context_sigma, gen, sampler.lag, sampler.max_context_frames, sampler.sink_frames,
+                keep_sigmas=keep)
+        tmp = paths[i].with_name(f".tmp_{paths[i].name}")
+        save_file({"states": states.transpose(0, 1).float().cpu().contiguous(), "sigmas": keep,
+                   "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp))
+        os.replace(tmp, paths[i])
+    return paths
+
+
+class OdePairs:
+    """All shards of a folder in memory, drawn in random batches (the caller's generator: resumable).
+
+    Attributes:
+        states: `[N, K+1, C, F, H, W]`; sigmas: `[K+1]`; context: `[N, L, D]`; labels: `[N]`.
+    """
+
+    def __init__(self, folder: str | Path):
+        shards = sorted(Path(folder).glob("shard_*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no ODE-pair shards (shard_*.safetensors) in {folder}")
+        parts = [read_safetensors(p) for p in shards]
+        for p, part in zip(shards, parts):
+            if not {"states", "sigmas", "context", "labels"} <= part.keys():
+                raise ValueError(f"{p}: an ODE-pair shard needs states, sigmas, context and labels")
+        self.states = torch.cat([p["states"] for p in parts])
+        self.context = torch.cat([p["context"] for p in parts])
+        self.labels = torch.cat([p["labels"] for p in parts])
+        self.sigmas = parts[0]["sigmas"]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def next_batch(self, n: int, generator: torch.Generator, device="cpu") -> dict[str, torch.Tensor]:
+        """`{"states": [n, K+1, C, F, H, W], "context": [n, L, D], "labels": [n]}`, drawn with replacement."""
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return {"states": self.states[idx].to(device), "context": self.context[idx].to(device),
+                "labels": self.labels[idx]}
