@@ -18,6 +18,7 @@ import torch
 from pipeline.causal_wan import build_transformer
 from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.run_dir import StageDir
+from pipeline.sampling import few_step_sigmas
 from stages.common import USER_ERRORS, parse_with_overrides
 
 # Stages implemented so far; the others arrive with their issues.
@@ -61,6 +62,11 @@ def plan(cfg: Config, stages: list[str]) -> str:
     lines.append(f"model: {ms['class']}, {ms['parameters']:,} parameters, latent {ms['latent']}, "
                  f"{ms['tokens_per_frame']} tokens/frame, {ms['sequence']} tokens/clip"
                  if isinstance(ms["parameters"], int) else f"model: {ms['class']}, {ms['parameters']}")
+    if any(s != "pretrain_teacher" for s in stages):
+        st = cfg.student
+        levels = ", ".join(f"{v:.3g}" for v in few_step_sigmas(st.denoising_steps, st.shift).tolist())
+        lines.append(f"student: {len(st.denoising_steps)} steps {list(st.denoising_steps)} shift {st.shift} -> σ [{levels}], "
+                     f"KV window {st.max_context_frames or 'all'} frames (sinks {st.sink_frames})")
     for s in stages:
         state = StageDir(cfg.run.dir, s).manifest().get("status", "pending")
         section = getattr(cfg, s, None)

@@ -37,6 +37,7 @@ def test_dry_run_prints_plan(tmp_path):
     for s in cfg.run.stages:
         assert f"stage {s}: pending" in r.stdout
     assert f"steps={cfg.pretrain_teacher.steps}" in r.stdout
+    assert f"student: {len(cfg.student.denoising_steps)} steps" in r.stdout
     assert not run_dir.exists(), "a dry run writes nothing"
 
 

@@ -1,0 +1,80 @@
+"""Streaming cost of the few-step student: is the cost per chunk flat in the position in the video?
+
+    python benchmarks/stream_cost.py runs/tiny/init_student            # a student stage (or diffusers folder)
+    python benchmarks/stream_cost.py --config configs/tiny.yaml        # random weights of the config's shape
+    options: --n 16 (videos per batch)  --short 12  --long 48  --repeats 3  --window W (override the KV window)
+
+Samples `--short` and `--long` frames with the student sampler (its rolling KV window from
+`student.max_context_frames`), prints the time of every chunk (median over repeats) and the ratio of
+the two totals. Cost linear in length means long/short ≈ long/short frames (4 for 48 vs 12); the
+issue's bar is 4.5. Exit status 1 when the ratio is above `--limit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import class_table  # noqa: E402
+from pipeline.sprites import balanced_labels  # noqa: E402
+from stages.common import load_source, sample_student_videos  # noqa: E402
+from stages.sample import ChunkClock  # noqa: E402
+
+
+def chunk_times(model, table, cfg, student, frames: int, n: int, seed: int) -> list[float]:
+    clock = ChunkClock()
+    sample_student_videos(model, table, balanced_labels(n), frames, cfg.data.size, cfg.data.frames_per_chunk, student,
+                          seed, cfg.model.prediction, on_chunk=clock)
+    return clock.per_chunk()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/stream_cost.py")
+    ap.add_argument("source", nargs="?", help="student stage folder or diffusers folder")
+    ap.add_argument("--config", help="without a source: random weights of this config's model")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--short", type=int, default=12)
+    ap.add_argument("--long", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--window", type=int, help="override student.max_context_frames")
+    ap.add_argument("--limit", type=float, default=4.5)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    if args.source:
+        model, table, cfg = load_source(args.source)
+    else:
+        cfg = load_config(args.config or "configs/tiny.yaml")
+        torch.manual_seed(0)
+        model, table = build_transformer(cfg.model).eval(), class_table(cfg)
+    student = cfg.student if args.window is None else replace(cfg.student, max_context_frames=args.window)
+    print(f"student: steps {student.denoising_steps} shift {student.shift}, window {student.max_context_frames} "
+          f"frames (sinks {student.sink_frames}), batch {args.n}, {torch.get_num_threads()} threads")
+    chunk_times(model, table, cfg, student, cfg.data.frames_per_chunk, args.n, 0)  # warm-up
+    totals = {}
+    for frames in (args.short, args.long):
+        runs = [chunk_times(model, table, cfg, student, frames, args.n, seed) for seed in range(args.repeats)]
+        per_chunk = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
+        totals[frames] = statistics.median(sum(r) for r in runs)
+        print(f"{frames} frames: total {totals[frames]:.3f} s, per chunk (ms): "
+              + " ".join(f"{t * 1000:.0f}" for t in per_chunk))
+    ratio = totals[args.long] / totals[args.short]
+    print(f"time({args.long}) / time({args.short}) = {ratio:.2f} (frames ratio {args.long / args.short:.1f}, "
+          f"limit {args.limit})")
+    return 0 if ratio <= args.limit else 1
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    rc = main()
+    print(f"({time.time() - t0:.0f} s)")
+    sys.exit(rc)
