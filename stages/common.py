@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
+from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 
 from pipeline.causal_wan import CausalWanTransformer
@@ -104,6 +105,17 @@ def student_config(cfg: Config) -> dict:
     return {"denoising_steps": list(cfg.student.denoising_steps), "shift": cfg.student.shift}
 
 
+def load_model(folder: Path) -> CausalWanTransformer:
+    """`from_pretrained` without diffusers' warning about the keys we add to config.json (prediction,
+    a student's sampler): they are ours, read back through `model.config`."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return CausalWanTransformer.from_pretrained(folder)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_source(source: str | Path, raw: bool = False):
     """Model, class table and config of a stage folder or a diffusers model folder.
 
@@ -118,12 +130,12 @@ def load_source(source: str | Path, raw: bool = False):
         if not (path / "transformer_ema").is_dir():
             raise CheckpointError(f"{path}: stage has no finished weights (transformer_ema/); run the stage first")
         cfg = load_config(path / "config.yaml")
-        model = CausalWanTransformer.from_pretrained(path / ("transformer" if raw else "transformer_ema"))
+        model = load_model(path / ("transformer" if raw else "transformer_ema"))
         table = read_safetensors(path / "conditioning.safetensors")["class_table"] if cfg.data.kind == "sprites" \
             else None
         return model, table, cfg
     if (path / "config.json").is_file():  # a diffusers model folder
-        model = CausalWanTransformer.from_pretrained(path)
+        model = load_model(path)
         conf = json.loads((path / "config.json").read_text())
         overrides = [f"model.text_dim={model.config.text_dim}", f"model.prediction={conf.get('prediction', 'flow')}"]
         if "denoising_steps" in conf:
