@@ -76,16 +76,30 @@ class SamplerConfig:
 
 
 @dataclass
-class TeacherConfig:
-    steps: int = 2000
-    batch_size: int = 32
+class TrainingConfig:
+    """What every training stage's section has: length, optimiser (AdamW, constant LR after warm-up),
+    EMA, checkpoints, logging."""
+
+    steps: int = 1000
+    batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    preview_n: int = 12
+
+
+@dataclass
+class TeacherConfig(TrainingConfig):
+    steps: int = 2000
+    batch_size: int = 32
+    warmup_steps: int = 100
     label_dropout: float = 0.1
     attention: str = "block_causal"  # block_causal | bidirectional
     trajectory: str = "df"  # df | tf | bid
@@ -96,10 +110,6 @@ class TeacherConfig:
     sigma_mean: float = 0.0
     sigma_std: float = 1.0
     sigma_shift: float = 1.0
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 25
-    preview_n: int = 12
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
@@ -116,25 +126,12 @@ class StudentConfig:
 
 
 @dataclass
-class InitStudentConfig:
+class InitStudentConfig(TrainingConfig):
     """CausVid's initialisation: teacher weights, then regression onto the teacher's ODE pairs."""
 
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
     teacher: Optional[str] = None  # a teacher stage or diffusers folder (default: <run.dir>/pretrain_teacher)
     ode_pairs: int = 1024  # teacher ODE trajectories to sample
     ode_shard_size: int = 64  # pairs per safetensors shard (a crash loses at most one shard)
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 25
-    preview_n: int = 12
 
 
 @dataclass

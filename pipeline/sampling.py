@@ -208,20 +208,28 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
     Returns:
         `[N, C, F, H, W]` latents (for sprites: pixels in the model layout).
     """
+    def sample(noise, sl, gen):
+        c, u = cond[sl].to(noise.device), uncond[sl].to(noise.device)
+        if kind == "synchronous":
+            return sample_synchronous(denoiser, noise, c, u, steps, guidance, shift)
+        if kind == "autoregressive":
+            return sample_autoregressive(denoiser, noise, c, u, steps, guidance, shift, context_sigma, gen, lag,
+                                         max_context_frames, sink_frames)
+        raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
+
+    return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)
+
+
+def _in_batches(denoiser: Denoiser, n: int, latent_shape: tuple, seed: int, batch_size: int, sample) -> torch.Tensor:
+    """Draw the noise of `n` videos from `seed` at once (so a video's noise does not depend on the batch
+    size), then `sample(noise [b, ...] on the model's device, slice, generator)` batch by batch."""
     gen = torch.Generator().manual_seed(seed)
     device = next(denoiser.model.parameters()).device
-    noise = torch.randn((len(cond), *latent_shape), generator=gen)
+    noise = torch.randn((n, *latent_shape), generator=gen)
     out = []
-    for i in range(0, len(cond), batch_size):
+    for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        n, c, u = noise[sl].to(device), cond[sl].to(device), uncond[sl].to(device)
-        if kind == "synchronous":
-            out.append(sample_synchronous(denoiser, n, c, u, steps, guidance, shift).cpu())
-        elif kind == "autoregressive":
-            out.append(sample_autoregressive(denoiser, n, c, u, steps, guidance, shift, context_sigma, gen, lag,
-                                             max_context_frames, sink_frames).cpu())
-        else:
-            raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
+        out.append(sample(noise[sl].to(device), sl, gen).cpu())
     return torch.cat(out)
 
 
@@ -296,12 +304,8 @@ def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tupl
 
     `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch).
     """
-    gen = torch.Generator().manual_seed(seed)
-    device = next(denoiser.model.parameters()).device
-    noise = torch.randn((len(cond), *latent_shape), generator=gen)
-    out = []
-    for i in range(0, len(cond), batch_size):
-        sl = slice(i, i + batch_size)
-        out.append(sample_few_step(denoiser, noise[sl].to(device), cond[sl].to(device), sigmas, context_sigma, gen,
-                                   max_context_frames, sink_frames, on_chunk).cpu())
-    return torch.cat(out)
+    def sample(noise, sl, gen):
+        return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma, gen,
+                               max_context_frames, sink_frames, on_chunk)
+
+    return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)

@@ -72,6 +72,25 @@ def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool):
     return step, extra, rng
 
 
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: torch.Tensor, section: str,
+                   grad_clip: float, step: int):
+    """One backward pass and (when gradients sync, i.e. at the end of an accumulation) one clipped
+    optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`.
+
+    Returns:
+        the gradient norm before clipping, or None between accumulation steps.
+    """
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower {section}.lr or check the data")
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator.sync_gradients else None
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def finished_already(stage, section, force: bool) -> bool:
     """A done stage is skipped unless `--force` or its section now asks for more steps."""
     if not stage.done or force:

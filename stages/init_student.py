@@ -32,7 +32,7 @@ from pipeline.ode_pairs import OdePairs, write_ode_pairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
 from pipeline.sprites import NULL_CLASS
-from stages.common import (NonFiniteLoss, finished_already, load_source, make_accelerator, make_optimizer, preview,
+from stages.common import (finished_already, load_source, make_accelerator, make_optimizer, optimizer_step, preview,
                            resume, save_weights, stage_main, student_config)
 
 STAGE = "init_student"
@@ -117,14 +117,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 x, sigma = pick_ode_states(batch["states"], pairs.sigmas, cfg.data.frames_per_chunk, gen)
                 with accelerator.autocast():
                     loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1])
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower init_student.lr")
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), ic.grad_clip) \
-                    if accelerator.sync_gradients else None
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, STAGE, ic.grad_clip,
+                                           step)
                 seen += ic.batch_size
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1

@@ -26,7 +26,7 @@ from pipeline.losses import flow_matching_loss
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
-from stages.common import (NonFiniteLoss, finished_already, make_accelerator, make_optimizer, preview, resume,
+from stages.common import (finished_already, make_accelerator, make_optimizer, optimizer_step, preview, resume,
                            save_weights, stage_main)
 
 STAGE = "pretrain_teacher"
@@ -78,15 +78,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 with accelerator.autocast():
                     loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device),
                                               weight.to(accelerator.device), noise)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower pretrain_teacher.lr "
-                                        "or check the data")
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) \
-                    if accelerator.sync_gradients else None
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, STAGE, tc.grad_clip,
+                                           step)
                 seen += tc.batch_size
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1

@@ -73,10 +73,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({fpc})")
         labels = balanced_labels(args.n)
         clock = ChunkClock()
-        if is_student(model) and (args.guidance is not None or args.sampler):
-            raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
-                             "sampler (--steps K)")
         if is_student(model):
+            if args.guidance is not None or args.sampler:
+                raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
+                                 "sampler (--steps K)")
             steps = uniform_denoising_steps(args.steps) if args.steps else None
             videos = sample_student_videos(model, table, labels, frames, cfg.data.size, fpc, cfg.student, args.seed,
                                            cfg.model.prediction, denoising_steps=steps, on_chunk=clock)

@@ -18,7 +18,7 @@ from pipeline.trajectories import TrajectoryDistribution
 from stages import pretrain_teacher
 from stages.common import stage_main
 from pipeline.losses import flow_matching_loss
-from stages.pretrain_teacher import NonFiniteLoss
+from stages.common import NonFiniteLoss
 from tests.conftest import TINY_OVERRIDES, Interrupt, assert_same_weights, crash_after_checkpoint, tiny_cfg, weights
 
 
