@@ -1,10 +1,12 @@
 """Score a samples file (`./launch.sh sample ... --out FILE`) with the SPRITES.md checker.
 
-    python benchmarks/score.py t.safetensors          # prints the checker's numbers as JSON
+    python benchmarks/score.py t.safetensors                 # the checker's numbers as JSON
+    python benchmarks/score.py t.safetensors --frames 0:12 36:48   # one line per frame window
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,8 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.checker import score  # noqa: E402
 from pipeline.checkpoint import read_safetensors  # noqa: E402
 
+KEYS = ("valid_frames", "lawful_transitions", "mode_coverage", "valid_videos", "num_videos", "num_frames")
+
 if __name__ == "__main__":
-    data = read_safetensors(sys.argv[1])
-    s = score(data["videos"], data["labels"])
-    keys = ("valid_frames", "lawful_transitions", "mode_coverage", "valid_videos", "num_videos", "num_frames")
-    print(json.dumps({k: s[k] for k in keys}))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("samples")
+    ap.add_argument("--frames", nargs="*", default=[], help="windows START:END (frames START..END-1)")
+    args = ap.parse_args()
+    data = read_safetensors(args.samples)
+    for window in args.frames or [":"]:
+        a, b = window.split(":")
+        s = score(data["videos"][:, int(a or 0):int(b) if b else None], data["labels"])
+        print(json.dumps({"frames": window, **{k: round(s[k], 4) if isinstance(s[k], float) else s[k]
+                                                for k in KEYS}}))

@@ -8,6 +8,8 @@ place, so a crash mid-write never leaves a half checkpoint that looks complete:
     optimizer.safetensors  optimizer tensors, flattened `state.<param index>.<name>`; its
                            param_groups and scalars go to meta.json
     meta.json              step, optimizer scalars, EMA counters, data-stream and RNG states
+    <name>.safetensors, <name>_optimizer.safetensors
+                           further trained models and their optimizers (distill's critic)
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: d
 
 
 def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module, ema, optimizer,
-                             extra: dict, rng: dict[str, torch.Tensor], keep: int = 2) -> Path:
+                             extra: dict, rng: dict[str, torch.Tensor], keep: int = 2,
+                             others: dict | None = None) -> Path:
     """Write `root/step_{step:07d}/` atomically and keep only the newest `keep` checkpoints.
 
     Args:
@@ -74,6 +77,8 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
         ema: a diffusers `EMAModel` over `model.parameters()`.
         extra: JSON-able state (data stream, scheduler step, ...).
         rng: named generator states (uint8 tensors from `Generator.get_state()`).
+        others: `{name: (model, optimizer)}` trained alongside (no EMA), saved as `<name>.safetensors`
+            and `<name>_optimizer.safetensors`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -88,7 +93,11 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
     ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    meta = {"step": step, "optimizer": opt_meta, "ema": ema_meta, "extra": extra}
+    meta = {"step": step, "optimizer": opt_meta, "ema": ema_meta, "extra": extra, "others": {}}
+    for name, (other, other_opt) in (others or {}).items():
+        save_file(_contiguous(other.state_dict()), str(tmp / f"{name}.safetensors"))
+        tensors, meta["others"][name] = optimizer_to_flat(other_opt)
+        save_file(tensors, str(tmp / f"{name}_optimizer.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -104,8 +113,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, optimizer) -> tuple[int, dict, dict]:
-    """Restore model, EMA and optimizer in place from a `step_*` folder.
+def _load_weights(model: torch.nn.Module, path: Path, checkpoint: Path) -> None:
+    missing, unexpected = model.load_state_dict(read_safetensors(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+
+
+def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, optimizer,
+                             others: dict | None = None) -> tuple[int, dict, dict]:
+    """Restore model, EMA and optimizer (and `others`, as saved) in place from a `step_*` folder.
 
     Returns:
         (step, extra, rng) as saved.
@@ -115,12 +132,14 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, opti
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: meta.json unreadable ({e})") from None
-    weights = read_safetensors(path / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _load_weights(model, path / "model.safetensors", path)
     ema_weights = read_safetensors(path / "ema.safetensors")
     names = [n for n, _ in model.named_parameters()]
     ema.load_state_dict({**meta["ema"], "shadow_params": [ema_weights[n] for n in names]})
     optimizer_from_flat(optimizer, read_safetensors(path / "optimizer.safetensors"), meta["optimizer"])
+    for name, (other, other_opt) in (others or {}).items():
+        if name not in meta.get("others", {}):
+            raise CheckpointError(f"checkpoint {path} has no '{name}' (saved by another stage?)")
+        _load_weights(other, path / f"{name}.safetensors", path)
+        optimizer_from_flat(other_opt, read_safetensors(path / f"{name}_optimizer.safetensors"), meta["others"][name])
     return meta["step"], meta["extra"], read_safetensors(path / "rng.safetensors")

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/tiny"
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher", "init_student"])
+    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher", "init_student", "distill"])
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16
 
@@ -135,6 +135,37 @@ class InitStudentConfig(TrainingConfig):
 
 
 @dataclass
+class DistillConfig(TrainingConfig):
+    """DMD distillation (Self-Forcing or CausVid's DF approximation). `steps` counts critic updates; the
+    generator updates every `critic_steps_per_generator_step`-th of them. lr/betas/weight_decay/grad_clip/
+    warmup_steps/ema_decay are the generator's; the critic has its own lr and clip.
+    Self-Forcing's Wan settings: lr 2e-6, critic_lr 4e-7, betas (0, 0.999), weight_decay 0.01, clip 10."""
+
+    method: str = "sf_dmd"  # sf_dmd (rollout on own outputs) | df_dmd (noised clean videos, one forward)
+    student: Optional[str] = None  # generator start: a student stage/diffusers folder (default <run.dir>/init_student)
+    teacher: Optional[str] = None  # real score, frozen; critic start (default <run.dir>/pretrain_teacher)
+    steps: int = 1000
+    lr: float = 2e-6
+    critic_lr: float = 4e-7
+    betas: List[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    critic_grad_clip: float = 10.0
+    warmup_steps: int = 0
+    ema_start: int = 0  # generator updates before the EMA starts averaging (it copies the weights until then)
+    critic_steps_per_generator_step: int = 5
+    real_guidance: float = 4.0  # x0_real = uncond + w·(cond - uncond); Self-Forcing's "3.0" is w = 4
+    fake_guidance: float = 1.0  # the critic: conditional only (1) or guided like the real score
+    timestep_sampling: str = "per_frame"  # per_frame (independent σ per frame, seed 002) | uniform (one per video)
+    sigma_min: float = 0.02  # DMD / critic levels: U(min, max), shifted, clamped to [min, max]
+    sigma_max: float = 0.98
+    sigma_shift: float = 5.0
+    exit_step: str = "per_rollout"  # sf_dmd: one exit step for all chunks | per_chunk
+    gradient_checkpointing: bool = False  # recompute the exit step's activations in the backward pass
+    clean_source: str = "data"  # df_dmd: data (the training videos) | ode_pairs (init_student's ODE end points)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +173,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     pretrain_teacher: TeacherConfig = field(default_factory=TeacherConfig)
     init_student: InitStudentConfig = field(default_factory=InitStudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _all_keys(node, prefix="") -> list[str]:
@@ -233,6 +265,16 @@ def validate(cfg: Config) -> None:
     i = cfg.init_student
     need(i.steps > 0 and i.batch_size > 0, "init_student.steps and batch_size must be positive")
     need(i.ode_pairs > 0 and i.ode_shard_size > 0, "init_student.ode_pairs and ode_shard_size must be positive")
+    d = cfg.distill
+    need(d.method in ("sf_dmd", "df_dmd"), f"distill.method: expected sf_dmd or df_dmd, got '{d.method}'")
+    need(d.steps > 0 and d.batch_size > 0, "distill.steps and batch_size must be positive")
+    need(d.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1")
+    need(d.timestep_sampling in ("per_frame", "uniform"),
+         f"distill.timestep_sampling: expected per_frame or uniform, got '{d.timestep_sampling}'")
+    need(0 <= d.sigma_min < d.sigma_max <= 1, f"distill: need 0 <= sigma_min < sigma_max <= 1, got {d.sigma_min}, {d.sigma_max}")
+    need(d.sigma_shift > 0, f"distill.sigma_shift must be positive, got {d.sigma_shift}")
+    need(d.exit_step in ("per_rollout", "per_chunk"), f"distill.exit_step: expected per_rollout or per_chunk, got '{d.exit_step}'")
+    need(d.clean_source in ("data", "ode_pairs"), f"distill.clean_source: expected data or ode_pairs, got '{d.clean_source}'")
     for name, window, sinks in (("pretrain_teacher.sampler", t.sampler.max_context_frames, t.sampler.sink_frames),
                                 ("student", st.max_context_frames, st.sink_frames)):
         if window is not None:

@@ -251,48 +251,66 @@ def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -
     return shift_sigma(t, shift).float()
 
 
-@torch.no_grad()
-def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
-                    context_sigma: float = 0.0, generator: torch.Generator | None = None,
-                    max_context_frames: int | None = None, sink_frames: int = 0,
-                    on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Few-step chunk-wise sampling (CausVid / Self-Forcing inference), no guidance.
+def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+                     exit_steps: list[int] | torch.Tensor, context_sigma: float = 0.0,
+                     generator: torch.Generator | None = None, max_context_frames: int | None = None,
+                     sink_frames: int = 0,
+                     on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The few-step student rolled out chunk by chunk on its own outputs (CausVid / Self-Forcing).
 
-    Per chunk: start from noise at `sigmas[0]`; at each step predict x0, then re-noise it to the next
-    level with fresh noise (`x ← (1-σ')·x̂0 + σ'·ε'`); the last x̂0 is the chunk. The finished chunk is
-    run once more at `context_sigma` to write its keys/values into the cache, which may be a rolling
-    window of `max_context_frames` with the first `sink_frames` kept.
+    Per chunk c: start from noise at `sigmas[0]`; at each step predict x̂0 and re-noise it to the next
+    level with fresh noise (`x ← (1-σ')·x̂0 + σ'·ε'`), stopping at step `exit_steps[c]`, whose x̂0 is
+    the chunk. Only that exit call may carry gradients (when grad mode is on, Self-Forcing training);
+    the steps before it run under `no_grad`. The finished chunk, detached, is run once more at
+    `context_sigma` (no gradients) to write its keys/values into the cache (a rolling window of
+    `max_context_frames` with the first `sink_frames` kept), so no gradient crosses chunks.
 
     Args:
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
         cond: `[B, L, D]` prompt embeddings.
         sigmas: `[K]` decreasing noise levels (see `few_step_sigmas`).
+        exit_steps: `[F / frames_per_chunk]` indices into `sigmas` (K-1 everywhere = the full sampler).
         on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` as soon as a chunk is finished
             (streaming consumers, per-chunk timing).
     Returns:
-        `[B, C, F, H, W]` samples.
+        `[B, C, F, H, W]` clean predictions.
     """
     fpc = denoiser.frames_per_chunk
     b, f = noise.shape[0], noise.shape[2]
     if f % fpc:
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
+        raise ValueError(f"exit_steps must hold {f // fpc} indices into {len(sigmas)} levels, got {list(exit_steps)}")
     cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
     chunks = []
-    for start in range(0, f, fpc):
-        x = noise[:, :, start:start + fpc]
-        for k in range(len(sigmas)):
-            sigma = torch.full((b, fpc), float(sigmas[k]), device=x.device)
-            x0 = denoiser.predict_x0(x, sigma, cond, cache)
-            if k + 1 < len(sigmas):
+    for c, start in enumerate(range(0, f, fpc)):
+        x, exit_k = noise[:, :, start:start + fpc], int(exit_steps[c])
+        with torch.no_grad():
+            for k in range(exit_k):
+                x0 = denoiser.predict_x0(x, torch.full((b, fpc), float(sigmas[k]), device=x.device), cond, cache)
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
                 x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
+        x0 = denoiser.predict_x0(x, torch.full((b, fpc), float(sigmas[exit_k]), device=x.device), cond, cache)
         chunks.append(x0)
         if on_chunk is not None:
-            on_chunk(start // fpc, x0)
+            on_chunk(c, x0)
         if start + fpc < f:  # the last chunk is never context
-            ctx, ctx_sigma = _as_context(x0, context_sigma, generator)
-            denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
+            with torch.no_grad():
+                ctx, ctx_sigma = _as_context(x0.detach(), context_sigma, generator)
+                denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
     return torch.cat(chunks, dim=2)
+
+
+@torch.no_grad()
+def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+                    context_sigma: float = 0.0, generator: torch.Generator | None = None,
+                    max_context_frames: int | None = None, sink_frames: int = 0,
+                    on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Few-step chunk-wise sampling (CausVid / Self-Forcing inference, no guidance): `few_step_rollout`
+    with every chunk going through all of `sigmas`. Shapes and arguments as there."""
+    exits = [len(sigmas) - 1] * (noise.shape[2] // denoiser.frames_per_chunk)
+    return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma, generator, max_context_frames,
+                            sink_frames, on_chunk)
 
 
 @torch.no_grad()

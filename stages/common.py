@@ -44,16 +44,19 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1) -> Acce
                        project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)))
 
 
-def make_optimizer(model: torch.nn.Module, section):
+def make_optimizer(model: torch.nn.Module, section, lr: float | None = None):
     """AdamW and a constant-with-warm-up schedule from a training section (lr, betas, weight_decay,
-    warmup_steps)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, betas=tuple(section.betas),
+    warmup_steps); `lr` overrides the section's."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr if lr is None else lr, betas=tuple(section.betas),
                                   weight_decay=section.weight_decay)
     return optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=section.warmup_steps)
 
 
-def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool):
+def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, others: dict | None = None):
     """Restore the newest checkpoint under `ckpt_root` (after `--force`: delete them all instead).
+
+    `scheduler` (None: the caller replays its own) is stepped once per restored step; `others` are
+    further `{name: (model, optimizer)}` as in `save_training_checkpoint`.
 
     Returns:
         (step, extra, rng): 0, {}, {} when starting fresh.
@@ -63,25 +66,32 @@ def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool):
     last = latest_checkpoint(ckpt_root)
     if last is None:
         return 0, {}, {}
-    step, extra, rng = load_training_checkpoint(last, model, ema, optimizer)
-    with warnings.catch_warnings():  # replaying the schedule, not stepping out of order
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(step):
-            scheduler.step()
+    step, extra, rng = load_training_checkpoint(last, model, ema, optimizer, others)
+    if scheduler is not None:
+        replay_schedule(scheduler, step)
     print(f"resuming from {last.name} (step {step}) in {last.parent}")
     return step, extra, rng
 
 
-def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: torch.Tensor, section: str,
+def replay_schedule(scheduler, steps: int) -> None:
+    """Step an LR schedule `steps` times (after a resume)."""
+    with warnings.catch_warnings():  # replaying the schedule, not stepping out of order
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: torch.Tensor, lr_key: str,
                    grad_clip: float, step: int):
     """One backward pass and (when gradients sync, i.e. at the end of an accumulation) one clipped
-    optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`.
+    optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`
+    naming the config key `lr_key` to lower.
 
     Returns:
         the gradient norm before clipping, or None between accumulation steps.
     """
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower {section}.lr or check the data")
+        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower {lr_key} or check the data")
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator.sync_gradients else None
     optimizer.step()

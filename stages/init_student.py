@@ -117,7 +117,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 x, sigma = pick_ode_states(batch["states"], pairs.sigmas, cfg.data.frames_per_chunk, gen)
                 with accelerator.autocast():
                     loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1])
-                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, STAGE, ic.grad_clip,
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", ic.grad_clip,
                                            step)
                 seen += ic.batch_size
         ema.step(accelerator.unwrap_model(model).parameters())

@@ -22,7 +22,8 @@ from pipeline.sampling import few_step_sigmas
 from stages.common import USER_ERRORS, parse_with_overrides
 
 # Stages implemented so far; the others arrive with their issues.
-AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student"}
+AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",
+             "distill": "stages.distill"}
 
 
 def parse(argv):
@@ -71,6 +72,10 @@ def plan(cfg: Config, stages: list[str]) -> str:
         state = StageDir(cfg.run.dir, s).manifest().get("status", "pending")
         section = getattr(cfg, s, None)
         detail = f"steps={section.steps} batch={section.batch_size} lr={section.lr}" if section is not None else ""
+        if s == "distill":
+            d = cfg.distill
+            detail += (f" method={d.method} critic_lr={d.critic_lr} critic_steps_per_generator_step="
+                       f"{d.critic_steps_per_generator_step} real_guidance={d.real_guidance} levels={d.timestep_sampling}")
         lines.append(f"stage {s}: {state} {detail}".rstrip())
     return "\n".join(lines)
 

@@ -78,7 +78,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 with accelerator.autocast():
                     loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device),
                                               weight.to(accelerator.device), noise)
-                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, STAGE, tc.grad_clip,
+                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", tc.grad_clip,
                                            step)
                 seen += tc.batch_size
         ema.step(accelerator.unwrap_model(model).parameters())

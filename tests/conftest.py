@@ -47,6 +47,14 @@ TINY_OVERRIDES = [
     "init_student.preview_n=6",
     "init_student.ode_pairs=6",
     "init_student.ode_shard_size=4",
+    "distill.steps=4",
+    "distill.batch_size=4",
+    "distill.critic_steps_per_generator_step=2",
+    "distill.checkpoint_every=2",
+    "distill.log_every=1",
+    "distill.preview_n=6",
+    "distill.lr=1e-3",
+    "distill.critic_lr=1e-3",
 ]
 
 TINY_MODEL_KW = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3,
@@ -92,6 +100,15 @@ def trained_stage(tmp_path_factory):
     cfg = tiny_cfg(root, "model.prediction=x0")  # the default tiny.yaml teacher predicts x0
     stage = pretrain_teacher.run(cfg)
     return cfg, stage.path
+
+
+@pytest.fixture(scope="session")
+def student_stage(trained_stage):
+    """A finished tiny `init_student` stage (4 steps) next to `trained_stage`."""
+    from stages import init_student
+
+    cfg, _ = trained_stage
+    return cfg, init_student.run(cfg).path
 
 
 def weights(stage_path: Path, sub: str) -> dict:

@@ -54,7 +54,7 @@ def test_unknown_stage_errors(tmp_path, capsys):
     rc = launch.main([str(TINY_YAML), "--dry-run", f"run.dir={tmp_path}", "--stages", "pretrain_teacher,distil"])
     err = capsys.readouterr().err
     assert rc != 0 and "unknown stage 'distil'" in err and len(err.strip().splitlines()) == 1
-    rc = launch.main([str(TINY_YAML), "--dry-run", f"run.dir={tmp_path}", "--stages", "distill"])
+    rc = launch.main([str(TINY_YAML), "--dry-run", f"run.dir={tmp_path}", "--stages", "evaluate"])
     err = capsys.readouterr().err
     assert rc != 0 and "not implemented" in err
     rc = launch.main([str(TINY_YAML), "--dry-run", f"run.dir={tmp_path}", "run.stages=[bogus]"])

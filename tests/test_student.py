@@ -154,12 +154,6 @@ def test_regression_loss_decreases():
     assert full_loss() < 0.5 * before
 
 
-@pytest.fixture(scope="module")
-def student_stage(trained_stage):
-    cfg, _ = trained_stage
-    return cfg, init_student.run(cfg).path
-
-
 def test_init_student_outputs(student_stage, trained_stage):
     cfg, path = student_stage
     man = json.loads((path / "manifest.json").read_text())

@@ -1,0 +1,107 @@
+"""Cost of one Self-Forcing DMD generator step relative to one DF+L2 teacher step, same model and batch.
+
+    python benchmarks/dmd_step_cost.py                                  # configs/tiny.yaml shapes
+    python benchmarks/dmd_step_cost.py --config C.yaml [key=value ...]  # any model shape (e.g. on a GPU)
+    options: --batch 16  --repeats 8  --limit 3
+
+Both steps are timed end to end (forward, backward, AdamW step) on random weights of the config's
+model, the student/teacher/critic all of that shape:
+- teacher: `flow_matching_loss` on a DF draw of per-frame levels over `data.frames` frames;
+- generator: `SelfForcingDMD.generator_loss` (rollout with a random exit step per rollout, then the
+  critic's and the guided teacher's x̂0, `distill.real_guidance`) and its backward.
+Prints both medians and their ratio; exit status 1 when the ratio exceeds `--limit` (the issue's goal: 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.dmd import SelfForcingDMD  # noqa: E402
+from pipeline.losses import flow_matching_loss  # noqa: E402
+from pipeline.sampling import Denoiser, few_step_sigmas  # noqa: E402
+
+
+def timed(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/dmd_step_cost.py")
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--limit", type=float, default=3.0)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    models = [build_transformer(cfg.model).to(device, dtype) for _ in range(3)]  # student, teacher, critic
+    student, teacher, critic = models
+    teacher.requires_grad_(False)
+    critic.requires_grad_(False)  # the generator step does not train the critic
+    fpc, b, pred = cfg.data.frames_per_chunk, args.batch, cfg.model.prediction
+    shape = (cfg.model.in_channels, cfg.data.frames, cfg.data.size, cfg.data.size)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(b, cfg.data.cond_tokens, cfg.model.text_dim, generator=g).to(device, dtype)
+    x0 = torch.randn(b, *shape, generator=g).to(device, dtype)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+
+    def teacher_step():
+        sigma = torch.rand(b, shape[1], generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device, dtype)
+        loss = flow_matching_loss(Denoiser(student, "block_causal", fpc, pred), x0, ctx, sigma,
+                                  torch.ones_like(sigma), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    d = cfg.distill
+    method = SelfForcingDMD(
+        generator=Denoiser(student, "block_causal", fpc, pred, cfg.student.clip_x0),
+        real=Denoiser(teacher, "block_causal", fpc, pred), fake=Denoiser(critic, "block_causal", fpc, pred),
+        sigmas=few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift), real_guidance=d.real_guidance,
+        fake_guidance=d.fake_guidance, sigma_shift=d.sigma_shift, context_sigma=cfg.student.context_sigma,
+        max_context_frames=cfg.student.max_context_frames, sink_frames=cfg.student.sink_frames)
+    batch = {"context": ctx, "null": torch.zeros_like(ctx), "shape": shape}
+
+    def generator_step():
+        loss, _ = method.generator_loss(batch, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    params = sum(p.numel() for p in student.parameters())
+    print(f"model {params:,} parameters, batch {b} x {shape} on {device} ({dtype}), "
+          f"{len(cfg.student.denoising_steps)} student steps, real_guidance {d.real_guidance}")
+    t_teacher = timed(teacher_step, args.repeats, device)
+    t_gen = timed(generator_step, args.repeats, device)
+    ratio = t_gen / t_teacher
+    print(f"DF+L2 teacher step {t_teacher * 1e3:.1f} ms | sf_dmd generator step {t_gen * 1e3:.1f} ms | "
+          f"ratio {ratio:.2f} (goal <= {args.limit})")
+    return 0 if ratio <= args.limit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Distribution Matching Distillation (DMD) of a few-step causal student, two ways (seed 002).
+
+The generator G_θ (the student) produces clean videos x; both score models see them re-noised,
+`x_σ = (1-σ)·x + σ·ε`, and predict clean videos:
+
+- real score: the frozen teacher with classifier-free guidance,
+  `x̂0_real = x̂0(x_σ, ∅) + w·(x̂0(x_σ, c) - x̂0(x_σ, ∅))` (`real_guidance` w; Self-Forcing's "3.0" writes
+  `cond + 3·(cond - uncond)`, which is w = 4 here). Guidance in x0 or in flow space is the same thing:
+  at fixed `x_σ, σ` the two are affine in each other.
+- fake score: the critic, trained on the generator's own samples (conditional only by default).
+
+DMD's gradient of the reverse KL `KL(p_G ‖ p_data)`, averaged over noise levels, is the score
+difference `s_fake - s_real`; in x0 terms, normalised per sample (DMD eq. 8):
+
+    g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|,        loss = 0.5·‖x - stopgrad(x - g)‖²  (mean)
+
+so that `∂loss/∂x = g / numel(x)`. The critic learns by the ordinary denoising (flow-matching) loss on
+detached generator samples.
+
+Where x comes from is the method:
+- `SelfForcingDMD` (`sf_dmd`): the student rolls out chunk by chunk on its own outputs with its KV
+  cache, each chunk stopping at a random exit step whose x̂0 (the only call with gradients) is the
+  chunk (`sampling.few_step_rollout`). DMD on self-generated videos: reverse KL.
+- `DFDMD` (`df_dmd`, CausVid's approximation): clean videos are noised per chunk to random steps of the
+  student's list and denoised in one block-causal forward; neither forward nor reverse KL (seed 002).
+
+Noise levels for DMD and the critic (`sample_dmd_sigma`): `per_frame` draws one σ per frame
+(seed 002's correction: the paper's algorithm draws one per video, its code per frame), `uniform`
+one per video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .flow import add_noise, shift_sigma
+from .losses import flow_matching_loss
+from .sampling import Denoiser, few_step_rollout
+
+
+def sample_dmd_sigma(batch: int, frames: int, generator: torch.Generator, per_frame: bool = True,
+                     sigma_min: float = 0.02, sigma_max: float = 0.98, shift: float = 1.0) -> torch.Tensor:
+    """Self-Forcing's DMD noise levels: `σ ~ U(min, max)`, shifted, clamped back to `[min, max]`.
+
+    Returns:
+        σ `[batch, frames]`: independent per frame (`per_frame`) or one per video repeated over frames.
+    """
+    u = torch.rand((batch, frames if per_frame else 1), generator=generator, dtype=torch.float64)
+    sigma = shift_sigma(sigma_min + (sigma_max - sigma_min) * u, shift).clamp(sigma_min, sigma_max)
+    return sigma.float().expand(batch, frames).contiguous()
+
+
+def dmd_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """`g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|`, the mean per sample over all but the batch axis.
+
+    NaN-safe: the normaliser is floored at 1e-8 and any non-finite entry of g becomes 0.
+    Shapes: all `[B, ...]` alike; returns `[B, ...]`.
+    """
+    dims = tuple(range(1, x.ndim))
+    norm = (x.float() - x0_real.float()).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    return torch.nan_to_num((x0_fake.float() - x0_real.float()) / norm, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`0.5·mean((x - stopgrad(x - g))²)`: a scalar whose gradient with respect to x is `g / numel(x)`."""
+    return 0.5 * F.mse_loss(x.float(), (x.float() - grad).detach())
+
+
+@dataclass
+class DMD:
+    """DMD with a real score (frozen teacher) and a fake score (trainable critic).
+
+    Subclasses say where the generator's samples come from (`samples`).
+
+    Args:
+        generator: the student (block-causal `Denoiser`).
+        real, fake: teacher and critic `Denoiser`s (x̂0 predictions; any attention they were trained with).
+        sigmas: `[K]` the student's few-step levels.
+        real_guidance, fake_guidance: guidance weights w of the two scores (1 = conditional only).
+        per_frame, sigma_min, sigma_max, sigma_shift: the DMD/critic noise levels (`sample_dmd_sigma`).
+        context_sigma, max_context_frames, sink_frames: the student's KV cache at rollout (sf_dmd).
+    """
+
+    generator: Denoiser
+    real: Denoiser
+    fake: Denoiser
+    sigmas: torch.Tensor
+    real_guidance: float = 4.0
+    fake_guidance: float = 1.0
+    per_frame: bool = True
+    sigma_min: float = 0.02
+    sigma_max: float = 0.98
+    sigma_shift: float = 1.0
+    context_sigma: float = 0.0
+    max_context_frames: int | None = None
+    sink_frames: int = 0
+
+    def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Generator samples `[B, C, F, H, W]` (with gradients when grad mode is on) and stats to log."""
+        raise NotImplementedError
+
+    def draw_sigma(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return sample_dmd_sigma(x.shape[0], x.shape[2], gen, self.per_frame, self.sigma_min, self.sigma_max,
+                                self.sigma_shift).to(x.device)
+
+    @staticmethod
+    def guided_x0(denoiser: Denoiser, x, sigma, cond, uncond, guidance: float) -> torch.Tensor:
+        """`x̂0_u + w·(x̂0_c - x̂0_u)` in one batched call (w = 1: the conditional x̂0 alone)."""
+        if guidance == 1.0:
+            return denoiser.predict_x0(x, sigma, cond)
+        both = denoiser.predict_x0(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
+        x0_cond, x0_uncond = both.chunk(2)
+        return x0_uncond + guidance * (x0_cond - x0_uncond)
+
+    def generator_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """DMD loss of freshly generated samples.
+
+        Args:
+            batch: `context [B, L, D]`, `null [B, L, D]` (and `x0` for df_dmd).
+        Returns:
+            (loss, stats): stats hold `dmd_grad_norm` (mean per-sample ‖g‖), `dmd_sigma` (the levels drawn,
+            `[B, F]`) and what `samples` reports.
+        """
+        x, stats = self.samples(batch, gen)
+        sigma = self.draw_sigma(x, gen)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        with torch.no_grad():
+            x_t = add_noise(x.detach(), noise, sigma)
+            x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
+            x0_real = self.guided_x0(self.real, x_t, sigma, batch["context"], batch["null"], self.real_guidance)
+            grad = dmd_gradient(x.detach(), x0_fake, x0_real)
+        stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu())
+        return dmd_loss(x, grad), stats
+
+    def critic_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The critic's denoising loss on detached generator samples at freshly drawn levels."""
+        with torch.no_grad():
+            x, stats = self.samples(batch, gen)
+        sigma = self.draw_sigma(x, gen)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        weight = torch.ones_like(sigma)
+        return flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise), stats
+
+
+@dataclass
+class SelfForcingDMD(DMD):
+    """`sf_dmd`: samples are the student's own chunk-by-chunk rollouts (Self-Forcing).
+
+    Args:
+        per_chunk_exit: draw an exit step per chunk (True) or one for the whole rollout (False, default).
+        broadcast: makes every process use rank 0's exit steps (`accelerate.utils.broadcast`); identity
+            in one process.
+    """
+
+    per_chunk_exit: bool = False
+    broadcast: object = None
+
+    def exit_steps(self, num_chunks: int, gen: torch.Generator) -> torch.Tensor:
+        """Exit step indices `[num_chunks]` into the student's levels, uniform over them."""
+        k = len(self.sigmas)
+        steps = torch.randint(0, k, (num_chunks if self.per_chunk_exit else 1,), generator=gen)
+        steps = steps.expand(num_chunks).contiguous()
+        return self.broadcast(steps) if self.broadcast is not None else steps
+
+    def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cond = batch["context"]
+        b, fpc = cond.shape[0], self.generator.frames_per_chunk
+        shape = batch["shape"]  # (C, F, H, W)
+        exits = self.exit_steps(shape[1] // fpc, gen)
+        noise = torch.randn((b, *shape), generator=gen).to(cond.device)
+        x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), self.context_sigma, gen,
+                             self.max_context_frames, self.sink_frames)
+        return x, {"exit_step": exits.float().mean().item()}
+
+
+@dataclass
+class DFDMD(DMD):
+    """`df_dmd` (CausVid's approximation): clean videos `batch["x0"]` noised per chunk to a random level
+    of the student's list, denoised by the student in one block-causal forward (noisy chunks are each
+    other's context, unlike at inference where the context is clean)."""
+
+    def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        x0 = batch["x0"]
+        b, f, fpc = x0.shape[0], x0.shape[2], self.generator.frames_per_chunk
+        k = torch.randint(0, len(self.sigmas), (b, f // fpc), generator=gen).repeat_interleave(fpc, dim=1)
+        sigma = self.sigmas[k].to(x0.device)  # [B, F], constant within a chunk
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0.device), sigma)
+        return self.generator.predict_x0(x_t, sigma, batch["context"]), {"exit_step": k.float().mean().item()}

@@ -1,0 +1,196 @@
+"""Stage `distill`: DMD distillation of the few-step student (`pipeline/dmd.py` has the equations).
+
+Three models: the generator (the `init_student` student, trained), the real score (the teacher,
+frozen, guided by `distill.real_guidance`) and the fake score (a critic initialised from the teacher,
+trained on the generator's samples). Every step updates the critic by its denoising loss; every
+`critic_steps_per_generator_step`-th step first updates the generator by the DMD loss
+
+    g = (x̂0_fake - x̂0_real) / mean|x - x̂0_real|,    loss = 0.5·‖x - stopgrad(x - g)‖²
+
+on samples x from a Self-Forcing rollout (`distill.method=sf_dmd`) or from noised clean videos
+(`df_dmd`, CausVid's approximation). Run: `python -m stages.distill --config CONFIG [k=v ...]`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import save_training_checkpoint
+from pipeline.config import Config, to_yaml
+from pipeline.data import build_source
+from pipeline.dmd import DFDMD, SelfForcingDMD
+from pipeline.ode_pairs import OdePairs
+from pipeline.run_dir import StageDir
+from pipeline.sampling import Denoiser, few_step_sigmas
+from stages.common import (finished_already, load_source, make_accelerator, make_optimizer, optimizer_step, preview,
+                           replay_schedule, resume, save_weights, stage_main, student_config)
+
+STAGE = "distill"
+
+
+def sources(cfg: Config) -> tuple[Path, Path]:
+    """The student to start from and the teacher (real score, critic start)."""
+    run = Path(cfg.run.dir)
+    return (Path(cfg.distill.student or run / "init_student"), Path(cfg.distill.teacher or run / "pretrain_teacher"))
+
+
+def stage_input(path: Path) -> Path:
+    return path / "transformer_ema" if (path / "manifest.json").is_file() else path
+
+
+def generator_updates(step: int, ratio: int) -> int:
+    """Generator updates within the first `step` steps (it updates at steps 0, ratio, 2·ratio, ...)."""
+    return (step + ratio - 1) // ratio
+
+
+class Batches:
+    """Prompts (and clean videos for df_dmd) per step, from the data source or init_student's ODE pairs."""
+
+    def __init__(self, cfg: Config, stage_path: Path, student_path: Path, gen: torch.Generator, device):
+        dc = cfg.distill
+        self.source = build_source(cfg, seed=cfg.run.seed + 3)
+        self.pairs = None
+        if dc.method == "df_dmd" and dc.clean_source == "ode_pairs":
+            folder = student_path / "ode_pairs"
+            if not folder.is_dir():
+                raise FileNotFoundError(f"distill.clean_source=ode_pairs: no ODE pairs in {folder}")
+            self.pairs = OdePairs(folder)
+        self.gen, self.device, self.n = gen, device, dc.batch_size
+        self.shape = (cfg.model.in_channels, cfg.data.frames, cfg.data.size, cfg.data.size)
+        self.null = self.source.null_context(self.n).to(device)
+
+    def next(self) -> dict:
+        if self.pairs is not None:
+            b = self.pairs.next_batch(self.n, self.gen, self.device)
+            batch = {"x0": b["states"][:, -1], "context": b["context"]}
+        else:
+            batch = self.source.next_batch(self.n, self.device)
+        if "x0" in batch:
+            self.shape = tuple(batch["x0"].shape[1:])
+        return {**batch, "null": self.null, "shape": self.shape}
+
+
+def run(cfg: Config, force: bool = False) -> StageDir:
+    dc = cfg.distill
+    stage = StageDir(cfg.run.dir, STAGE)
+    if finished_already(stage, dc, force):
+        return stage
+    student_path, teacher_path = sources(cfg)
+    generator, _, student_cfg = load_source(student_path)  # EMA weights of init_student
+    teacher, _, teacher_cfg = load_source(teacher_path)
+    critic, _, _ = load_source(teacher_path)
+    prediction = student_cfg.model.prediction
+    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=dc.grad_accum)
+    stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)})
+    torch.manual_seed(cfg.run.seed)
+
+    generator.train().requires_grad_(True)
+    critic.train().requires_grad_(True)
+    teacher.eval().requires_grad_(False)
+    if dc.gradient_checkpointing:  # only the exit step runs with gradients: it is the one recomputed
+        generator.enable_gradient_checkpointing()
+    ema = EMAModel(generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
+    gen_opt, gen_sched = make_optimizer(generator, dc)
+    critic_opt, critic_sched = make_optimizer(critic, dc, lr=dc.critic_lr)
+    gen = torch.Generator().manual_seed(cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
+    batches = Batches(cfg, stage.path, student_path, gen, accelerator.device)
+
+    ckpt_root = stage.path / "checkpoints"
+    step, extra, rng = resume(ckpt_root, generator, ema, gen_opt, None, force, others={"critic": (critic, critic_opt)})
+    ratio = dc.critic_steps_per_generator_step
+    replay_schedule(gen_sched, generator_updates(step, ratio))
+    replay_schedule(critic_sched, step)
+    if step:
+        gen.set_state(rng["train"])
+        batches.source.load_state_dict(extra["data"])
+
+    generator, critic, gen_opt, critic_opt = accelerator.prepare(generator, critic, gen_opt, critic_opt)
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    ema.to(accelerator.device)
+    fpc, st = cfg.data.frames_per_chunk, cfg.student
+    teacher_attention = teacher_cfg.pretrain_teacher.attention
+    common = dict(generator=Denoiser(generator, "block_causal", fpc, prediction, st.clip_x0),
+                  real=Denoiser(teacher, teacher_attention, fpc, teacher_cfg.model.prediction),
+                  fake=Denoiser(critic, teacher_attention, fpc, teacher_cfg.model.prediction),
+                  sigmas=few_step_sigmas(st.denoising_steps, st.shift), real_guidance=dc.real_guidance,
+                  fake_guidance=dc.fake_guidance, per_frame=dc.timestep_sampling == "per_frame",
+                  sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, sigma_shift=dc.sigma_shift)
+    if dc.method == "sf_dmd":
+        method = SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
+                                sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk",
+                                broadcast=lambda t: broadcast(t.to(accelerator.device), from_process=0).cpu())
+    else:
+        method = DFDMD(**common)
+    accelerator.init_trackers("logs")
+
+    bar = tqdm(total=dc.steps, initial=step, desc=f"{STAGE} ({dc.method})", disable=not accelerator.is_main_process)
+    t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
+    g_loss = c_loss = None
+    logs: dict = {}
+    while step < dc.steps:
+        if step % ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
+            for _ in range(dc.grad_accum):
+                with accelerator.accumulate(generator):
+                    with accelerator.autocast():
+                        g_loss, g_stats = method.generator_loss(batches.next(), gen)
+                    grad_norm = optimizer_step(accelerator, generator, gen_opt, gen_sched, g_loss, f"{STAGE}.lr",
+                                               dc.grad_clip, step)
+            ema.step(accelerator.unwrap_model(generator).parameters())
+            sigma = g_stats.pop("dmd_sigma")
+            logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
+                        dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
+        for _ in range(dc.grad_accum):
+            with accelerator.accumulate(critic):
+                with accelerator.autocast():
+                    c_loss, _ = method.critic_loss(batches.next(), gen)
+                c_norm = optimizer_step(accelerator, critic, critic_opt, critic_sched, c_loss, f"{STAGE}.critic_lr",
+                                        dc.critic_grad_clip, step)
+        step += 1
+        bar.update(1)
+        if step % dc.log_every == 0 or step == dc.steps:
+            logs.update(critic_loss=c_loss.item(), critic_grad_norm=float(c_norm))
+            accelerator.log(logs, step=step)
+            bar.set_postfix(gen=f"{logs.get('generator_loss', float('nan')):.4f}", critic=f"{c_loss.item():.4f}")
+        if (step % dc.checkpoint_every == 0 or step == dc.steps) and accelerator.is_main_process:
+            save_training_checkpoint(
+                ckpt_root, step, accelerator.unwrap_model(generator), ema, gen_opt,
+                extra={"data": batches.source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
+                       "critic_loss": c_loss.item()},
+                rng={"train": gen.get_state()}, keep=dc.keep_checkpoints,
+                others={"critic": (accelerator.unwrap_model(critic), critic_opt)})
+    bar.close()
+
+    outputs = {}
+    if accelerator.is_main_process:
+        raw_critic = accelerator.unwrap_model(critic)
+        raw_critic.save_pretrained(stage.path / "critic")
+        outputs["critic"] = str(stage.path / "critic")
+        raw = accelerator.unwrap_model(generator)
+        raw.disable_gradient_checkpointing()
+        outputs.update(save_weights(stage.path, raw, ema, cfg, prediction=prediction,
+                                    **student_config(cfg)))  # raw now holds the EMA weights
+        if cfg.data.kind == "sprites":
+            outputs["preview"] = str(preview(cfg, raw, stage.path / "preview.gif", n=dc.preview_n))
+        ema.restore(raw.parameters())
+    accelerator.end_training()
+    metrics = {"steps": step, "generator_updates": generator_updates(step, ratio), "method": dc.method,
+               "final_critic_loss": c_loss.item() if c_loss is not None else extra.get("critic_loss"),
+               "final_generator_loss": g_loss.item() if g_loss is not None else None}
+    stage.finish(outputs, metrics)
+    return stage
+
+
+def main(argv=None):
+    return stage_main(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
