@@ -19,6 +19,7 @@ mask and the cache, and so modulation can stay per frame.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -221,10 +222,17 @@ class CausalWanTransformer(WanTransformer3DModel):
             if bool(mask.all()):
                 mask = None  # one chunk over a full cache: plain attention, faster
 
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+        cache = kv_cache
+        if checkpointing and kv_cache is not None and not write_cache:
+            # The backward pass recomputes these blocks after later chunks have changed the cache:
+            # recompute against the entries this call saw (a shallow copy; entries are replaced, never
+            # modified in place).
+            cache = dataclasses.replace(kv_cache, keys=list(kv_cache.keys), values=list(kv_cache.values))
         for i, block in enumerate(self.blocks):
-            attn_kwargs = dict(cache=kv_cache, block_index=i, write_cache=write_cache,
+            attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
                                tokens_per_frame=tokens_per_frame)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+            if checkpointing:
                 x = self._gradient_checkpointing_func(
                     _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
             else:

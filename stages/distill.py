@@ -147,6 +147,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
             sigma = g_stats.pop("dmd_sigma")
             logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
                         dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
+            if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
+                accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
         for _ in range(dc.grad_accum):
             with accelerator.accumulate(critic):
                 with accelerator.autocast():

@@ -148,7 +148,11 @@ def test_distill_outputs_and_update_ratio(distill_stage, student_stage):
     conf = json.loads((path / "transformer_ema" / "config.json").read_text())
     assert conf["denoising_steps"] == [1000, 750, 500, 250]
     assert (path / "critic" / "config.json").is_file() and (path / "preview.gif").is_file()
-    assert list((path / "logs").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next((path / "logs").rglob("events.out.tfevents*")))).Reload()
+    tags = events.Tags()
+    assert {"generator_loss", "critic_loss", "dmd_grad_norm", "dmd_sigma_mean", "exit_step"} <= set(tags["scalars"])
+    assert "dmd_sigma" in tags["histograms"]
     student = weights(student_stage[1], "transformer_ema")
     assert any(not torch.equal(student[k], v) for k, v in weights(path, "transformer").items())
 
@@ -207,3 +211,17 @@ def test_distill_errors(make_cfg):
         load_config(None, ["distill.method=gan"])
     with pytest.raises(ConfigError, match="timestep_sampling"):
         load_config(None, ["distill.timestep_sampling=per_chunk"])
+
+
+def test_gradient_checkpointed_exit_step_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model, den, noise, cond = _rollout_setup()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        out = few_step_rollout(den, noise, cond, SIGMAS, [1, 2, 3], generator=torch.Generator().manual_seed(1),
+                               max_context_frames=3)
+        out.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
