@@ -13,6 +13,7 @@ on samples x from a Self-Forcing rollout (`distill.method=sf_dmd`) or from noise
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def generator_updates(step: int, ratio: int) -> int:
 class Batches:
     """Prompts (and clean videos for df_dmd) per step, from the data source or init_student's ODE pairs."""
 
-    def __init__(self, cfg: Config, stage_path: Path, student_path: Path, gen: torch.Generator, device):
+    def __init__(self, cfg: Config, student_path: Path, gen: torch.Generator, device):
         dc = cfg.distill
         self.source = build_source(cfg, seed=cfg.run.seed + 3)
         self.pairs = None
@@ -86,7 +87,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     student_path, teacher_path = sources(cfg)
     generator, _, student_cfg = load_source(student_path)  # EMA weights of init_student
     teacher, _, teacher_cfg = load_source(teacher_path)
-    critic, _, _ = load_source(teacher_path)
+    critic = copy.deepcopy(teacher)  # the fake score starts as the real one
     prediction = student_cfg.model.prediction
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=dc.grad_accum)
     stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)})
@@ -101,7 +102,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     gen_opt, gen_sched = make_optimizer(generator, dc)
     critic_opt, critic_sched = make_optimizer(critic, dc, lr=dc.critic_lr)
     gen = torch.Generator().manual_seed(cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
-    batches = Batches(cfg, stage.path, student_path, gen, accelerator.device)
+    batches = Batches(cfg, student_path, gen, accelerator.device)
 
     ckpt_root = stage.path / "checkpoints"
     step, extra, rng = resume(ckpt_root, generator, ema, gen_opt, None, force, others={"critic": (critic, critic_opt)})
@@ -135,26 +136,27 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
     g_loss = c_loss = None
     logs: dict = {}
+    def update(model, optimizer, scheduler, loss_fn, lr_key: str, grad_clip: float):
+        """One optimiser step of `model` on `loss_fn(batch, gen) -> (loss, stats)`, over `grad_accum` batches."""
+        for _ in range(dc.grad_accum):
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, stats = loss_fn(batches.next(), gen)
+                norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, lr_key, grad_clip, step)
+        return loss, stats, norm
+
     while step < dc.steps:
         if step % ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
-            for _ in range(dc.grad_accum):
-                with accelerator.accumulate(generator):
-                    with accelerator.autocast():
-                        g_loss, g_stats = method.generator_loss(batches.next(), gen)
-                    grad_norm = optimizer_step(accelerator, generator, gen_opt, gen_sched, g_loss, f"{STAGE}.lr",
-                                               dc.grad_clip, step)
+            g_loss, g_stats, grad_norm = update(generator, gen_opt, gen_sched, method.generator_loss, f"{STAGE}.lr",
+                                                dc.grad_clip)
             ema.step(accelerator.unwrap_model(generator).parameters())
             sigma = g_stats.pop("dmd_sigma")
             logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
                         dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
             if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
                 accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
-        for _ in range(dc.grad_accum):
-            with accelerator.accumulate(critic):
-                with accelerator.autocast():
-                    c_loss, _ = method.critic_loss(batches.next(), gen)
-                c_norm = optimizer_step(accelerator, critic, critic_opt, critic_sched, c_loss, f"{STAGE}.critic_lr",
-                                        dc.critic_grad_clip, step)
+        c_loss, _, c_norm = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
+                                   dc.critic_grad_clip)
         step += 1
         bar.update(1)
         if step % dc.log_every == 0 or step == dc.steps:

@@ -137,3 +137,26 @@ def crash_after_checkpoint(monkeypatch, stage_module, at_step: int):
         return out
 
     monkeypatch.setattr(stage_module, "save_training_checkpoint", save)
+
+
+def crash_then_resume(monkeypatch, capsys, stage_module, cfg, run_dir: Path, inputs=(), at_step: int = 2) -> Path:
+    """Run `stage_module` on `cfg` in `run_dir` (after copying the finished stages `inputs` there from
+    `cfg.run.dir`), crash it after the checkpoint of `at_step`, run it again and check it said it resumed.
+
+    Returns:
+        the resumed stage's folder.
+    """
+    import shutil
+    from dataclasses import replace
+
+    for s in inputs:
+        shutil.copytree(Path(cfg.run.dir) / s, run_dir / s)
+    cfg2 = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, stage_module, at_step)
+        with pytest.raises(Interrupt):
+            stage_module.run(cfg2)
+    capsys.readouterr()
+    path = stage_module.run(cfg2).path
+    assert f"resuming from step_{at_step:07d} (step {at_step})" in capsys.readouterr().out
+    return path

@@ -3,7 +3,6 @@ carry gradients, none crosses the cache), the noise levels, and the distill stag
 outputs, df_dmd, crash-resume of generator, critic, EMA and both optimisers)."""
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.dmd import DFDMD, SelfForcingDMD, dmd_gradient, dmd_loss, sample_dmd_sigma
 from pipeline.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
 from stages import distill
-from tests.conftest import Interrupt, assert_same_weights, crash_after_checkpoint, make_tiny_model, weights
+from tests.conftest import assert_same_weights, crash_then_resume, make_tiny_model, weights
 
 SIGMAS = few_step_sigmas([1000, 750, 500, 250], 5.0)
 
@@ -175,23 +174,13 @@ def test_update_ratio_counts_calls(student_stage, tmp_path, monkeypatch):
 
 def test_distill_crash_resume_equals_uninterrupted(distill_stage, tmp_path, monkeypatch, capsys):
     cfg, path = distill_stage
-    other = tmp_path / "run"
-    for s in ("pretrain_teacher", "init_student"):
-        shutil.copytree(Path(cfg.run.dir) / s, other / s)
-    cfg2 = replace(cfg, run=replace(cfg.run, dir=str(other)))
-    with monkeypatch.context() as m:
-        crash_after_checkpoint(m, distill, 2)
-        with pytest.raises(Interrupt):
-            distill.run(cfg2)
-    capsys.readouterr()
-    distill.run(cfg2)
-    assert "resuming from step_0000002 (step 2)" in capsys.readouterr().out
+    resumed = crash_then_resume(monkeypatch, capsys, distill, cfg, tmp_path / "run", ["pretrain_teacher", "init_student"])
     for sub in ("transformer", "transformer_ema", "critic"):  # generator, EMA, critic
-        assert_same_weights(weights(other / "distill", sub), weights(path, sub))
+        assert_same_weights(weights(resumed, sub), weights(path, sub))
     # Both optimisers' moments are in the final checkpoints, equal to the uninterrupted run's.
     from safetensors.torch import load_file
     for f in ("optimizer.safetensors", "critic_optimizer.safetensors"):
-        a = load_file(str(other / "distill/checkpoints/step_0000004" / f))
+        a = load_file(str(resumed / "checkpoints/step_0000004" / f))
         b = load_file(str(path / "checkpoints/step_0000004" / f))
         assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
 

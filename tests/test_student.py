@@ -2,9 +2,6 @@
 init_student stage (outputs, resume, errors) and sampling a student from the command line."""
 
 import json
-import shutil
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from pipeline.ode_pairs import OdePairs, shard_path, write_ode_pairs
 from pipeline.sampling import (Denoiser, _euler, few_step_sigmas, sample_autoregressive, sampling_sigmas,
                                schedule_through)
 from stages import init_student, sample
-from tests.conftest import Interrupt, assert_same_weights, crash_after_checkpoint, make_tiny_model, weights
+from tests.conftest import Interrupt, assert_same_weights, crash_then_resume, make_tiny_model, weights
 
 SHAPE = (3, 6, 4, 4)  # C, F, H, W of the tiny pair tests
 
@@ -173,18 +170,9 @@ def test_init_student_outputs(student_stage, trained_stage):
 
 def test_init_student_crash_resume_equals_uninterrupted(student_stage, tmp_path, monkeypatch, capsys):
     cfg, path = student_stage
-    other = tmp_path / "run"
-    shutil.copytree(Path(cfg.run.dir) / "pretrain_teacher", other / "pretrain_teacher")
-    cfg2 = replace(cfg, run=replace(cfg.run, dir=str(other)))
-    with monkeypatch.context() as m:
-        crash_after_checkpoint(m, init_student, 2)
-        with pytest.raises(Interrupt):
-            init_student.run(cfg2)
-    capsys.readouterr()
-    init_student.run(cfg2)
-    assert "resuming from step_0000002 (step 2)" in capsys.readouterr().out
+    resumed = crash_then_resume(monkeypatch, capsys, init_student, cfg, tmp_path / "run", ["pretrain_teacher"])
     for sub in ("transformer", "transformer_ema"):
-        assert_same_weights(weights(other / "init_student", sub), weights(path, sub))
+        assert_same_weights(weights(resumed, sub), weights(path, sub))
 
 
 def test_init_student_without_teacher_is_one_line_error(make_cfg):
