@@ -199,6 +199,38 @@ def mode_coverage(labels: torch.Tensor, modes: torch.Tensor) -> float:
     return float((hist > 0).sum(dim=1).float().mean() / NUM_MODES)
 
 
+def predict_classes(videos: torch.Tensor) -> torch.Tensor:
+    """The class each video shows, read from its pixels without its label: LongTensor ``[N]``.
+
+    Per frame (pixels on iff > 0): the colour is the channel with most on pixels; the shape is the mask
+    (square or disk, placed at the top-left of the on-set's bounding box) with the larger intersection
+    over union with the on-set. A video's class is the most frequent class among its non-empty frames
+    (ties: the lower class id), -1 if every frame is empty.
+    """
+    if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must be [N, F, 3, S, S], got {getattr(videos, 'shape', type(videos).__name__)}")
+    n, f, _, size, _ = videos.shape
+    s = size // 4
+    on = videos > 0
+    any_on = on.any(dim=2).reshape(n * f, size, size)
+    colour = on.flatten(3).sum(3).reshape(n * f, 3).argmax(dim=1)
+    y0 = any_on.any(dim=2).int().argmax(dim=1).clamp(max=size - s)
+    x0 = any_on.any(dim=1).int().argmax(dim=1).clamp(max=size - s)
+    ar = torch.arange(s, device=videos.device)
+    idx = torch.arange(n * f, device=videos.device)[:, None, None]
+    window = any_on[idx, (y0[:, None] + ar)[:, :, None], (x0[:, None] + ar)[:, None, :]]  # [N*F, s, s]
+    count = any_on.flatten(1).sum(1)
+    ious = []
+    for m in (shape_mask(0, s), shape_mask(1, s)):
+        inter = (window & m.to(videos.device)).flatten(1).sum(1)
+        ious.append(inter / (count + m.sum() - inter).clamp_min(1))  # the placed mask lies in the window
+    shape = (ious[1] > ious[0]).long()
+    cls = (colour * 2 + shape).reshape(n, f)
+    empty = ~any_on.flatten(1).any(1).reshape(n, f)
+    votes = F_.one_hot(cls, NUM_CLASSES).masked_fill(empty[..., None], 0).sum(1)  # [N, 6]
+    return torch.where(votes.sum(1) > 0, votes.argmax(1), torch.full((n,), -1, device=videos.device))
+
+
 def score(videos: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> dict[str, Any]:
     """Score videos ``[N, F, 3, S, S]`` (F >= 2) with labels ``[N]``; JSON-serialisable dict.
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 STAGES = ("pretrain_teacher", "init_student", "distill", "evaluate")
+EVALUATED = ("teacher", "teacher_few_step", "student_init", "student")  # the models a run produces
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/tiny"
     seed: int = 0
-    stages: List[str] = field(default_factory=lambda: ["pretrain_teacher", "init_student", "distill"])
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16
 
@@ -166,6 +167,21 @@ class DistillConfig(TrainingConfig):
 
 
 @dataclass
+class EvaluateConfig:
+    """The report comparing every model of a run (see `stages/evaluate.py`)."""
+
+    models: List[str] = field(default_factory=lambda: ["teacher", "teacher_few_step", "student_init", "student"])
+    extra: Dict[str, str] = field(default_factory=dict)  # more models: name -> stage or diffusers folder
+    num_videos: int = 96  # per model, balanced over the classes
+    long_factor: int = 4  # long rollouts: long_factor x data.frames
+    seed: Optional[int] = None  # noise of every model (default run.seed)
+    batch_size: int = 48  # videos per sampling batch (speed is measured at this batch)
+    real_videos: int = 1000  # real videos the Fréchet distance compares against
+    real_seed: int = 1_000_003  # their stream (training reads run.seed's)
+    preview_videos: int = 12
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +190,7 @@ class Config:
     pretrain_teacher: TeacherConfig = field(default_factory=TeacherConfig)
     init_student: InitStudentConfig = field(default_factory=InitStudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _all_keys(node, prefix="") -> list[str]:
@@ -275,6 +292,15 @@ def validate(cfg: Config) -> None:
     need(d.sigma_shift > 0, f"distill.sigma_shift must be positive, got {d.sigma_shift}")
     need(d.exit_step in ("per_rollout", "per_chunk"), f"distill.exit_step: expected per_rollout or per_chunk, got '{d.exit_step}'")
     need(d.clean_source in ("data", "ode_pairs"), f"distill.clean_source: expected data or ode_pairs, got '{d.clean_source}'")
+    e = cfg.evaluate
+    for m in e.models:
+        need(m in EVALUATED, f"evaluate.models: unknown model '{m}' (models: {', '.join(EVALUATED)}; "
+                             "others go in evaluate.extra)")
+    for m in e.extra:
+        need(m not in EVALUATED and m != "real" and m.replace("_", "").isalnum(),
+             f"evaluate.extra: '{m}' must be a new name of letters, digits and _ (not {', '.join(EVALUATED)}, real)")
+    need(e.num_videos >= 2 and e.batch_size > 0 and e.real_videos >= 2 and e.long_factor >= 1,
+         "evaluate: num_videos and real_videos must be >= 2, batch_size and long_factor >= 1")
     for name, window, sinks in (("pretrain_teacher.sampler", t.sampler.max_context_frames, t.sampler.sink_frames),
                                 ("student", st.max_context_frames, st.sink_frames)):
         if window is not None:

@@ -157,7 +157,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
                           shift: float = 1.0, context_sigma: float = 0.0,
                           generator: torch.Generator | None = None, lag: int = 0,
                           max_context_frames: int | None = None, sink_frames: int = 0,
-                          keep_sigmas: torch.Tensor | None = None):
+                          keep_sigmas: torch.Tensor | None = None,
+                          on_chunk: Callable[[int, torch.Tensor], None] | None = None):
     """Chunk-wise autoregressive sampling with a KV cache.
 
     Args:
@@ -169,6 +170,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         max_context_frames, sink_frames: a rolling KV window (None = attend to every finished frame).
         keep_sigmas: `[K]` levels to record the ODE path at (inserted into the schedule, see
             `schedule_through`); a student's few-step levels, for ODE-pair regression.
+        on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` when a chunk is finished.
     Returns:
         `[B, C, F, H, W]` samples; with `keep_sigmas` also the states `[K, B, C, F, H, W]` at those levels.
     """
@@ -187,6 +189,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
             x, states = x
             kept.append(states)
         chunks.append(x)
+        if on_chunk is not None:
+            on_chunk(start // fpc, x)
         if start + fpc < f:  # the last chunk is never context
             ctx, ctx_sigma = _as_context(x, context_sigma, generator)
             guided_flow(denoiser, ctx, ctx_sigma, cond, uncond, guidance, cache, write_cache=True)
@@ -198,23 +202,27 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
 def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, kind: str = "autoregressive",
              steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
              seed: int = 0, batch_size: int = 64, lag: int = 0, max_context_frames: int | None = None,
-             sink_frames: int = 0) -> torch.Tensor:
+             sink_frames: int = 0, on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sample `len(cond)` videos in batches with seeded noise.
 
     Args:
         cond, uncond: `[N, L, D]` prompt embeddings.
         latent_shape: `(C, F, H, W)` of one video.
         kind: "autoregressive" or "synchronous".
+        on_chunk: per finished chunk, as in `sample_autoregressive` (synchronous: once, the whole video).
     Returns:
         `[N, C, F, H, W]` latents (for sprites: pixels in the model layout).
     """
     def sample(noise, sl, gen):
         c, u = cond[sl].to(noise.device), uncond[sl].to(noise.device)
         if kind == "synchronous":
-            return sample_synchronous(denoiser, noise, c, u, steps, guidance, shift)
+            out = sample_synchronous(denoiser, noise, c, u, steps, guidance, shift)
+            if on_chunk is not None:
+                on_chunk(0, out)
+            return out
         if kind == "autoregressive":
             return sample_autoregressive(denoiser, noise, c, u, steps, guidance, shift, context_sigma, gen, lag,
-                                         max_context_frames, sink_frames)
+                                         max_context_frames, sink_frames, on_chunk=on_chunk)
         raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)

@@ -181,7 +181,7 @@ def is_student(model) -> bool:
 
 def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int,
                           frames_per_chunk: int, student, seed: int, prediction: str = "flow", channels: int = 3,
-                          denoising_steps=None, on_chunk=None) -> torch.Tensor:
+                          denoising_steps=None, on_chunk=None, batch_size: int = 64) -> torch.Tensor:
     """Few-step student samples `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`.
 
     `student` is the `StudentConfig` (step list, shift, context level, window); `denoising_steps`
@@ -191,21 +191,23 @@ def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, fram
     denoiser = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0)
     sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
     lat = generate_few_step(denoiser, table[labels], (channels, frames, size, size), sigmas, student.context_sigma,
-                            seed, max_context_frames=student.max_context_frames, sink_frames=student.sink_frames,
-                            on_chunk=on_chunk)
+                            seed, batch_size, max_context_frames=student.max_context_frames,
+                            sink_frames=student.sink_frames, on_chunk=on_chunk)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 
 def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int, attention: str,
-                  frames_per_chunk: int, sampler, seed: int, prediction: str = "flow", channels: int = 3) -> torch.Tensor:
-    """Sample sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`."""
+                  frames_per_chunk: int, sampler, seed: int, prediction: str = "flow", channels: int = 3,
+                  on_chunk=None, batch_size: int = 64) -> torch.Tensor:
+    """Sample sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]` with a many-step
+    `SamplerConfig`."""
     model.eval()
     denoiser = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0)
     cond = table[labels]
     uncond = table[torch.full_like(labels, NULL_CLASS)]
     lat = generate(denoiser, cond, uncond, (channels, frames, size, size), sampler.kind, sampler.steps,
-                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, lag=sampler.lag,
-                   max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames)
+                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, batch_size, lag=sampler.lag,
+                   max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames, on_chunk=on_chunk)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 

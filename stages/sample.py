@@ -24,25 +24,10 @@ from safetensors.torch import save_file
 from pipeline.config import Config
 from pipeline.media import save_video_grid
 from pipeline.sampling import uniform_denoising_steps
+from pipeline.speed import ChunkClock
 from pipeline.sprites import balanced_labels
 from stages.common import USER_ERRORS, is_student, load_source, sample_student_videos, sample_videos
 
-
-
-class ChunkClock:
-    """Wall-clock times at which chunks finish (`on_chunk` callback of the samplers)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.times: list[float] = []
-
-    def __call__(self, index: int, chunk: torch.Tensor) -> None:
-        if chunk.is_cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.start)
-
-    def per_chunk(self) -> list[float]:
-        return [b - a for a, b in zip([0.0, *self.times], self.times)]
 
 
 def main(argv=None) -> int:
@@ -85,7 +70,7 @@ def main(argv=None) -> int:
             sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
                 steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
             videos = sample_videos(model, table, labels, frames, cfg.data.size, cfg.pretrain_teacher.attention, fpc,
-                                   sampler, args.seed, cfg.model.prediction)
+                                   sampler, args.seed, cfg.model.prediction, on_chunk=clock)
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
         elapsed = time.perf_counter() - clock.start
     except USER_ERRORS as e:

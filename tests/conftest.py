@@ -55,6 +55,11 @@ TINY_OVERRIDES = [
     "distill.preview_n=6",
     "distill.lr=1e-3",
     "distill.critic_lr=1e-3",
+    "evaluate.num_videos=6",
+    "evaluate.real_videos=24",
+    "evaluate.long_factor=2",
+    "evaluate.batch_size=4",
+    "evaluate.preview_videos=6",
 ]
 
 TINY_MODEL_KW = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3,
@@ -109,6 +114,15 @@ def student_stage(trained_stage):
 
     cfg, _ = trained_stage
     return cfg, init_student.run(cfg).path
+
+
+@pytest.fixture(scope="session")
+def distill_stage(student_stage):
+    """A finished tiny `distill` stage (4 critic steps) next to `student_stage`."""
+    from stages import distill
+
+    cfg, _ = student_stage
+    return cfg, distill.run(cfg).path
 
 
 def weights(stage_path: Path, sub: str) -> dict:

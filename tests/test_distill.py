@@ -132,12 +132,6 @@ def test_df_dmd_denoises_noised_chunks_in_one_forward():
     assert all(any(abs(v - s) < 1e-5 for s in SIGMAS.tolist()) for v in t.flatten().tolist())
 
 
-@pytest.fixture(scope="module")
-def distill_stage(student_stage):
-    cfg, _ = student_stage
-    return cfg, distill.run(cfg).path
-
-
 def test_distill_outputs_and_update_ratio(distill_stage, student_stage):
     cfg, path = distill_stage
     man = json.loads((path / "manifest.json").read_text())

@@ -1,0 +1,126 @@
+"""The evaluate stage: one report over every model of a run, numbers equal to the checker's."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.checker import score
+from pipeline.checkpoint import read_safetensors
+from pipeline.metrics import quality, video_features
+from pipeline.sprites import SpritesStream, balanced_labels
+from stages import evaluate
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(distill_stage, tmp_path_factory):
+    """teacher, init_student and distill copied into a fresh run, then evaluated."""
+    cfg, distill_path = distill_stage
+    run = tmp_path_factory.mktemp("eval") / "run"
+    for stage in ("pretrain_teacher", "init_student", "distill"):
+        shutil.copytree(distill_path.parent / stage, run / stage)
+    from tests.conftest import tiny_cfg
+    cfg = tiny_cfg(run.parent, "model.prediction=x0")
+    stage = evaluate.run(cfg)
+    return cfg, stage.path, json.loads((stage.path / "report.json").read_text())
+
+
+def test_report_covers_every_model_with_samples_plots_and_table(evaluated):
+    cfg, path, report = evaluated
+    models = ["teacher", "teacher_few_step", "student_init", "student"]
+    assert list(report["models"]) == models
+    st = report["settings"]
+    assert (st["frames"], st["long_frames"], st["num_videos"]) == (6, 12, 6)
+    md = (path / "report.md").read_text()
+    for name in models + ["real"]:
+        assert f"| {name} |" in md
+    for plot in ("drift", "modes", "speed_quality"):
+        png = path / "plots" / f"{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    labels = None
+    for name in models:
+        m = report["models"][name]
+        short, long = read_safetensors(path / m["samples"]["frames"]), read_safetensors(path / m["samples"]["long"])
+        assert short["videos"].shape == (6, 6, 3, 16, 16) and short["videos"].dtype == torch.float32
+        assert long["videos"].shape == (6, 12, 3, 16, 16)
+        assert short["videos"].abs().max() <= 1
+        assert torch.equal(short["labels"], balanced_labels(6))  # the same balanced labels for every model
+        assert torch.equal(short["videos"], long["videos"][:, :6])  # causal samplers: the prefix
+        assert (path / m["samples"]["frames"]).with_suffix(".gif").is_file()
+        s = m["speed"]
+        assert s["frames_per_s"] > 0 and s["first_chunk_s"] <= s["seconds"]
+        labels = short["labels"]
+    assert report["models"]["teacher"]["sampler"]["kind"] == "autoregressive"
+    assert report["models"]["teacher_few_step"]["sampler"]["kind"] == "few_step"
+    # network evaluations per frame over 4 chunks: teacher `steps` Euler calls per chunk + 3 cache writes, each
+    # on a guided (2x) batch; students 4 calls per chunk + 3 writes
+    sp = cfg.pretrain_teacher.sampler
+    calls = (sp.steps + 2 * sp.lag) * 4 + 3
+    assert report["models"]["teacher"]["speed"]["nfe_per_frame"] == pytest.approx(calls / 4 * (sp.guidance != 1 and 2 or 1))
+    assert report["models"]["student"]["speed"]["nfe_per_frame"] == pytest.approx((4 * 4 + 3) / 4)
+    assert labels is not None
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["status"] == "done" and set(man["metrics"]) == set(models)
+
+
+def test_report_numbers_are_the_checkers_on_the_samples_files(evaluated):
+    cfg, path, report = evaluated
+    ev = cfg.evaluate
+    ref = SpritesStream(cfg.data.size, 12, ev.real_seed).next_batch(ev.real_videos)["videos"]
+    for name, m in report["models"].items():
+        for key, frames in (("frames", 6), ("long", 12)):
+            data = read_safetensors(path / m["samples"][key])
+            checker = score(data["videos"], data["labels"])
+            for k, v in checker.items():
+                assert m[key][k] == v, (name, key, k)
+            ours = quality(data["videos"], data["labels"], video_features(ref[:, :frames]))
+            assert m[key]["frechet"] == pytest.approx(ours["frechet"]) and m[key] == json.loads(json.dumps(ours))
+
+
+def test_rerun_skips_and_resume_reuses_finished_models(evaluated, capsys):
+    cfg, path, report = evaluated
+    evaluate.run(cfg)
+    assert "done already" in capsys.readouterr().out
+    # an interrupted stage: manifest back to running, one model's record lost
+    man = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**man, "status": "running"}))
+    (path / "samples" / "student.json").unlink()
+    before = (path / "samples" / "teacher.safetensors").stat().st_mtime_ns
+    evaluate.run(cfg)
+    out = capsys.readouterr().out
+    assert "teacher: done already" in out and "student: 6 videos" in out
+    assert (path / "samples" / "teacher.safetensors").stat().st_mtime_ns == before
+    again = json.loads((path / "report.json").read_text())
+    for name in report["models"]:  # same seed, same numbers (speed aside)
+        assert again["models"][name]["frames"] == report["models"][name]["frames"]
+
+
+def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stage, tmp_path, capsys):
+    cfg, teacher_path = trained_stage
+    from tests.conftest import tiny_cfg
+    run = tmp_path / "run"
+    shutil.copytree(teacher_path, run / "pretrain_teacher")
+    cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student_init]")
+    stage = evaluate.run(cfg)
+    assert "skipping student_init" in capsys.readouterr().out
+    assert list(json.loads((stage.path / "report.json").read_text())["models"]) == ["teacher"]
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--config", str(ROOT / "configs/tiny.yaml"),
+                           f"run.dir={tmp_path / 'other'}", f"evaluate.extra={{dfdmd: {tmp_path / 'nope'}}}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: evaluate.extra.dfdmd: {tmp_path / 'nope'} not found"]
+
+
+def test_evaluate_config_errors(make_cfg):
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="evaluate.models: unknown model 'studnet'"):
+        make_cfg("evaluate.models=[teacher,studnet]")
+    with pytest.raises(ConfigError, match="evaluate.extra: 'student'"):
+        make_cfg("evaluate.extra={student: x}")
+    with pytest.raises(ConfigError, match="evaluate: num_videos"):
+        make_cfg("evaluate.num_videos=1")
