@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 STAGES = ("pretrain_teacher", "init_student", "distill", "evaluate")
 EVALUATED = ("teacher", "teacher_few_step", "student_init", "student")  # the models a run produces
+BENCHMARKS = ("stream_cost", "forward_flops", "skyreels_stream", "dmd_step_cost")  # evaluate.benchmarks
 
 
 class ConfigError(ValueError):
@@ -179,6 +180,7 @@ class EvaluateConfig:
     real_videos: int = 1000  # real videos the Fréchet distance compares against
     real_seed: int = 1_000_003  # their stream (training reads run.seed's)
     preview_videos: int = 12
+    benchmarks: List[str] = field(default_factory=list)  # scripts of benchmarks/ to run too (see BENCHMARKS)
 
 
 @dataclass
@@ -299,6 +301,8 @@ def validate(cfg: Config) -> None:
     for m in e.extra:
         need(m not in EVALUATED and m != "real" and m.replace("_", "").isalnum(),
              f"evaluate.extra: '{m}' must be a new name of letters, digits and _ (not {', '.join(EVALUATED)}, real)")
+    for b in e.benchmarks:
+        need(b in BENCHMARKS, f"evaluate.benchmarks: unknown benchmark '{b}' (benchmarks: {', '.join(BENCHMARKS)})")
     need(e.num_videos >= 2 and e.batch_size > 0 and e.real_videos >= 2 and e.long_factor >= 1,
          "evaluate: num_videos and real_videos must be >= 2, batch_size and long_factor >= 1")
     for name, window, sinks in (("pretrain_teacher.sampler", t.sampler.max_context_frames, t.sampler.sink_frames),

@@ -10,7 +10,8 @@
          "samples": {"frames": path, "long": path}   (relative to the report),
          "frames": <quality at the training length>,  "long": <quality over the long rollout>,
          "speed": {frames_per_s, first_chunk_s, nfe_per_frame, network_calls, seconds, peak_memory_mb}}},
-     "real": {"frames": <quality>, "long": <quality>}}
+     "real": {"frames": <quality>, "long": <quality>},
+     "benchmarks": {<script>: {"command", "exit_status" (1 = goal missed), "output": last lines}}}  (on request)
 
 A <quality> block is `pipeline.metrics.quality`: valid_frames, lawful_transitions, valid_videos,
 mode_coverage, mode_undetermined, mode_balance_tv, class_accuracy, frechet, drift_slope,
@@ -70,6 +71,9 @@ def markdown(report: dict) -> str:
         s = m["speed"]
         lines.append(f"| {name} | {s['frames_per_s']:.1f} | {s['first_chunk_s']:.3f} | {s['nfe_per_frame']:.1f} "
                      f"| {s['peak_memory_mb']:.0f} |")
+    for name, b in report.get("benchmarks", {}).items():
+        verdict = {0: "goal met", 1: "goal missed"}.get(b["exit_status"], f"failed (exit {b['exit_status']})")
+        lines += ["", f"## Benchmark `{name}`: {verdict}", "", f"`{b['command']}`", "", "```", *b["output"], "```"]
     lines += ["", "Plots: `plots/drift.png` (valid fraction per frame), `plots/modes.png` (motion modes per class), "
               "`plots/speed_quality.png`.", "", "![drift](plots/drift.png)", ""]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -166,6 +167,28 @@ def evaluate_entry(entry: Entry, cfg: Config, out: Path, real_features: dict, de
     return result
 
 
+def run_benchmarks(names: list[str], stage_path: Path, student: Path | None) -> dict:
+    """Run scripts of `benchmarks/` (each prints its figures; exit status 1 = goal missed) and keep
+    their output in `benchmarks/<name>.txt`. Model-specific ones measure `student` (the distilled
+    student, else student_init); the others take the stage's resolved config."""
+    root = Path(__file__).resolve().parents[1]
+    config = ["--config", str(stage_path / "config.yaml")]
+    args = {"stream_cost": [str(student)] if student else config, "forward_flops": [str(student)] if student else config,
+            "skyreels_stream": config, "dmd_step_cost": config}
+    folder = stage_path / "benchmarks"
+    folder.mkdir(exist_ok=True)
+    out = {}
+    for name in names:
+        cmd = [sys.executable, str(root / "benchmarks" / f"{name}.py"), *args[name]]
+        print(f"[evaluate] benchmark: {' '.join(cmd[1:])}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        text = proc.stdout + proc.stderr
+        (folder / f"{name}.txt").write_text(text)
+        out[name] = {"command": " ".join(["python", *cmd[1:]]), "exit_status": proc.returncode,
+                     "output": text.strip().splitlines()[-12:]}
+    return out
+
+
 def real_reference(cfg: Config) -> tuple[dict, dict]:
     """Features of `evaluate.real_videos` real videos (training and long length) for the Fréchet
     distance, and the `real` row: `num_videos` other real videos scored like a model."""
@@ -212,6 +235,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                            "dtype": "float32", "real_videos": ev.real_videos, "real_seed": ev.real_seed,
                            "features": list(FEATURES)},
               "models": results, "real": real}
+    if ev.benchmarks:
+        student = next((e.source for e in reversed(models) if e.name in ("student", "student_init")), None)
+        report["benchmarks"] = run_benchmarks(ev.benchmarks, out, student)
     outputs = write_report(report, out)
     metrics = {name: {"lawful_transitions": r["frames"]["lawful_transitions"],
                       "valid_frames_long": r["long"]["valid_frames"], "frames_per_s": r["speed"]["frames_per_s"]}

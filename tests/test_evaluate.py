@@ -100,15 +100,29 @@ def test_rerun_skips_and_resume_reuses_finished_models(evaluated, capsys):
         assert again["models"][name]["frames"] == report["models"][name]["frames"]
 
 
-def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stage, tmp_path, capsys):
+def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stage, tmp_path, capsys, monkeypatch):
     cfg, teacher_path = trained_stage
     from tests.conftest import tiny_cfg
     run = tmp_path / "run"
     shutil.copytree(teacher_path, run / "pretrain_teacher")
-    cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student_init]")
+    cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student_init]",
+                   "evaluate.benchmarks=[dmd_step_cost]")
+    ran = []
+
+    def fake_run(cmd, **kw):  # the benchmark scripts themselves are run by hand, not in the suite
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="ratio 3.4 (limit 3)\n", stderr="")
+
+    monkeypatch.setattr(evaluate.subprocess, "run", fake_run)
     stage = evaluate.run(cfg)
+    monkeypatch.undo()
     assert "skipping student_init" in capsys.readouterr().out
-    assert list(json.loads((stage.path / "report.json").read_text())["models"]) == ["teacher"]
+    report = json.loads((stage.path / "report.json").read_text())
+    assert list(report["models"]) == ["teacher"]
+    assert ran[0][1].endswith("benchmarks/dmd_step_cost.py") and ran[0][2:] == ["--config", str(stage.path / "config.yaml")]
+    assert report["benchmarks"]["dmd_step_cost"]["exit_status"] == 1
+    assert (stage.path / "benchmarks" / "dmd_step_cost.txt").read_text() == "ratio 3.4 (limit 3)\n"
+    assert "## Benchmark `dmd_step_cost`: goal missed" in (stage.path / "report.md").read_text()
     proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--config", str(ROOT / "configs/tiny.yaml"),
                            f"run.dir={tmp_path / 'other'}", f"evaluate.extra={{dfdmd: {tmp_path / 'nope'}}}"],
                           capture_output=True, text=True, cwd=ROOT)
@@ -122,5 +136,7 @@ def test_evaluate_config_errors(make_cfg):
         make_cfg("evaluate.models=[teacher,studnet]")
     with pytest.raises(ConfigError, match="evaluate.extra: 'student'"):
         make_cfg("evaluate.extra={student: x}")
+    with pytest.raises(ConfigError, match="evaluate.benchmarks: unknown benchmark 'flops'"):
+        make_cfg("evaluate.benchmarks=[flops]")
     with pytest.raises(ConfigError, match="evaluate: num_videos"):
         make_cfg("evaluate.num_videos=1")
