@@ -91,6 +91,9 @@ class Sampler:
         model, table, mcfg = load_source(entry.source)
         if table is None:
             raise ConfigError(f"{entry.source}: evaluate scores sprites models (class prompts); this one has none")
+        if not (entry.source / "manifest.json").is_file():  # a bare diffusers folder: the run's samplers
+            mcfg = replace(cfg, model=replace(cfg.model, prediction=mcfg.model.prediction),
+                           student=mcfg.student if is_student(model) else cfg.student)
         self.model = model.to(device)
         self.table, self.cfg, self.mcfg = table.to(device), cfg, mcfg
         attention = mcfg.pretrain_teacher.attention

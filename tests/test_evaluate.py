@@ -25,15 +25,17 @@ def evaluated(distill_stage, tmp_path_factory):
     for stage in ("pretrain_teacher", "init_student", "distill"):
         shutil.copytree(distill_path.parent / stage, run / stage)
     from tests.conftest import tiny_cfg
-    cfg = tiny_cfg(run.parent, "model.prediction=x0")
+    # a bare diffusers folder as an extra model: sampled with the run's student sampler
+    cfg = tiny_cfg(run.parent, "model.prediction=x0", f"evaluate.extra={{raw: {run / 'distill' / 'transformer'}}}")
     stage = evaluate.run(cfg)
     return cfg, stage.path, json.loads((stage.path / "report.json").read_text())
 
 
 def test_report_covers_every_model_with_samples_plots_and_table(evaluated):
     cfg, path, report = evaluated
-    models = ["teacher", "teacher_few_step", "student_init", "student"]
+    models = ["teacher", "teacher_few_step", "student_init", "student", "raw"]
     assert list(report["models"]) == models
+    assert report["models"]["raw"]["sampler"]["denoising_steps"] == list(cfg.student.denoising_steps)
     st = report["settings"]
     assert (st["frames"], st["long_frames"], st["num_videos"]) == (6, 12, 6)
     md = (path / "report.md").read_text()
@@ -66,6 +68,7 @@ def test_report_covers_every_model_with_samples_plots_and_table(evaluated):
     assert labels is not None
     man = json.loads((path / "manifest.json").read_text())
     assert man["status"] == "done" and set(man["metrics"]) == set(models)
+    assert set(man["inputs"]) == set(models)
 
 
 def test_report_numbers_are_the_checkers_on_the_samples_files(evaluated):
