@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import run_timed  # noqa: E402
 from pipeline.causal_wan import KVCache, build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.sampling import Denoiser  # noqa: E402
@@ -126,7 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    rc = main()
-    print(f"({time.time() - t0:.0f} s)")
-    sys.exit(rc)
+    run_timed(main)

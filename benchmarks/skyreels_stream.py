@@ -55,6 +55,7 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import run_timed  # noqa: E402
 from pipeline.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import class_table  # noqa: E402
@@ -204,7 +205,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    rc = main()
-    print(f"({time.time() - t0:.0f} s)")
-    sys.exit(rc)
+    run_timed(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,12 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.causal_wan import build_transformer  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import class_table  # noqa: E402
+from benchmarks.common import model_to_measure, run_timed  # noqa: E402
+from pipeline.speed import ChunkClock  # noqa: E402
 from pipeline.sprites import balanced_labels  # noqa: E402
-from stages.common import load_source, sample_student_videos  # noqa: E402
-from stages.sample import ChunkClock  # noqa: E402
+from stages.common import sample_student_videos  # noqa: E402
 
 
 def chunk_times(model, table, cfg, student, frames: int, n: int, seed: int) -> list[float]:
@@ -56,12 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-limit", type=float, default=1.2, help="max last/first chunk time, long rollout")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    if args.source:
-        model, table, cfg = load_source(args.source)
-    else:
-        cfg = load_config(args.config or "configs/tiny.yaml")
-        torch.manual_seed(0)
-        model, table = build_transformer(cfg.model).eval(), class_table(cfg)
+    model, table, cfg = model_to_measure(args.source, args.config)
     student = cfg.student if args.window is None else replace(cfg.student, max_context_frames=args.window)
     print(f"student: steps {student.denoising_steps} shift {student.shift}, window {student.max_context_frames} "
           f"frames (sinks {student.sink_frames}), batch {args.n}, {torch.get_num_threads()} threads")
@@ -83,7 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    rc = main()
-    print(f"({time.time() - t0:.0f} s)")
-    sys.exit(rc)
+    run_timed(main)
