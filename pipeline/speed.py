@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -50,10 +51,19 @@ class FrameCounter:
         self.handle.remove()
 
 
+def _release_freed_cpu_memory() -> None:
+    """Hand memory freed earlier back to the OS (glibc's `malloc_trim`), so that a block's growth in
+    resident set size is its own and not hidden by memory the allocator kept. No-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: on CUDA the allocator's peak; on CPU the peak resident set size above
-    the level at entry, polled every `interval` seconds by a thread (approximate: it misses spikes
-    shorter than the interval and counts allocator caching)."""
+    the level at entry (after releasing freed memory), polled every `interval` seconds by a thread
+    (approximate: it misses spikes shorter than the interval)."""
 
     def __init__(self, device: torch.device, interval: float = 0.002):
         self.cuda = device.type == "cuda"
@@ -66,6 +76,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        _release_freed_cpu_memory()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.top = self.base
