@@ -48,6 +48,22 @@ def _check_inputs(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return labels.to(device=videos.device, dtype=torch.long), h
 
 
+def _box(flat: torch.Tensor, s: int, clamp_corner: bool = False):
+    """The on-set's bounding-box corner of frames ``flat [M, S, S]`` (bool) and the ``s x s`` window of
+    pixels from it (indices clamped to the frame): ``x0 [M]``, ``y0 [M]``, ``window [M, s, s]``.
+    An empty frame's corner is (0, 0); `clamp_corner` keeps the window inside the frame."""
+    size = flat.shape[-1]
+    y0 = flat.any(dim=2).int().argmax(dim=1)  # first on row (0 when the frame is empty)
+    x0 = flat.any(dim=1).int().argmax(dim=1)  # first on column
+    if clamp_corner:
+        x0, y0 = x0.clamp(max=size - s), y0.clamp(max=size - s)
+    ar = torch.arange(s, device=flat.device)
+    rows = (y0[:, None] + ar).clamp(max=size - 1)  # [M, s]
+    cols = (x0[:, None] + ar).clamp(max=size - 1)
+    window = flat[torch.arange(len(flat), device=flat.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return x0, y0, window
+
+
 def check_frames(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frame validity of videos ``[N, F, 3, S, S]`` with labels ``[N]``.
 
@@ -77,13 +93,8 @@ def check_frames(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     area = masks.flatten(1).sum(1)[shape]  # [N] pixel count of each video's shape
     flat = any_on.reshape(n * f, size, size)
     count = flat.flatten(1).sum(1)  # [N*F]
-    y0 = flat.any(dim=2).int().argmax(dim=1)  # first on row (0 when the frame is empty)
-    x0 = flat.any(dim=1).int().argmax(dim=1)  # first on column
+    x0, y0, window = _box(flat, s)
     inside = (x0 <= size - s) & (y0 <= size - s)
-    ar = torch.arange(s, device=dev)
-    rows = (y0[:, None] + ar).clamp(max=size - 1)  # [N*F, s]
-    cols = (x0[:, None] + ar).clamp(max=size - 1)
-    window = flat[torch.arange(n * f, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
     want = masks[shape].repeat_interleave(f, dim=0)  # [N*F, s, s]
     area_f = area.repeat_interleave(f)
     # The window equals the mask and no pixel lies outside it, so the on-set is exactly the placed mask.
@@ -214,11 +225,7 @@ def predict_classes(videos: torch.Tensor) -> torch.Tensor:
     on = videos > 0
     any_on = on.any(dim=2).reshape(n * f, size, size)
     colour = on.flatten(3).sum(3).reshape(n * f, 3).argmax(dim=1)
-    y0 = any_on.any(dim=2).int().argmax(dim=1).clamp(max=size - s)
-    x0 = any_on.any(dim=1).int().argmax(dim=1).clamp(max=size - s)
-    ar = torch.arange(s, device=videos.device)
-    idx = torch.arange(n * f, device=videos.device)[:, None, None]
-    window = any_on[idx, (y0[:, None] + ar)[:, :, None], (x0[:, None] + ar)[:, None, :]]  # [N*F, s, s]
+    _, _, window = _box(any_on, s, clamp_corner=True)
     count = any_on.flatten(1).sum(1)
     ious = []
     for m in (shape_mask(0, s), shape_mask(1, s)):

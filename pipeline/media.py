@@ -57,3 +57,13 @@ def save_curves(path: str | Path, x, curves: dict[str, list], xlabel: str, ylabe
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def save_samples(path: str | Path, videos: torch.Tensor, labels: torch.Tensor, preview: int = 36) -> Path:
+    """A samples file (INTERFACE.md: `videos [N, F, 3, S, S]` float32 in [-1, 1], `labels [N]` int64) and a
+    GIF grid of its first `preview` videos next to it; returns the GIF's path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}, str(path))
+    return save_video_grid(videos[:preview], path.with_suffix(".gif"))

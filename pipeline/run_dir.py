@@ -52,8 +52,10 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / "config.yaml", config_yaml)
         m = self.manifest()
+        inputs = {k: str(v) for k, v in (inputs or {}).items()}
+        hashes = {p: file_hash(p) for p in set(inputs.values())}  # a path read under two names is hashed once
         m.update(stage=self.stage, status="running", started=m.get("started", time.time()),
-                 inputs={k: {"path": str(v), "sha256": file_hash(v)} for k, v in (inputs or {}).items()})
+                 inputs={k: {"path": p, "sha256": hashes[p]} for k, p in inputs.items()})
         write_atomic(self.manifest_path, json.dumps(m, indent=1))
 
     def finish(self, outputs: dict[str, str], metrics: dict) -> None:

@@ -31,15 +31,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.checkpoint import read_safetensors
 from pipeline.config import Config, ConfigError, to_yaml
-from pipeline.media import save_video_grid
+from pipeline.media import save_samples
 from pipeline.metrics import FEATURES, quality, video_features
 from pipeline.report import SCHEMA_VERSION, write_report
-from pipeline.run_dir import StageDir, file_hash, write_atomic
+from pipeline.run_dir import StageDir, write_atomic
 from pipeline.speed import SpeedMeter
 from pipeline.sprites import SpritesStream, balanced_labels
 from stages.common import is_student, load_source, sample_student_videos, sample_videos, stage_main
@@ -127,31 +126,28 @@ def _weights_of(source: Path) -> Path:
     return source / "transformer_ema" if (source / "transformer_ema").is_dir() else source
 
 
-def save_samples(path: Path, videos: torch.Tensor, labels: torch.Tensor, preview: int) -> None:
-    """A samples file (INTERFACE.md: `videos [N, F, 3, S, S]` float32, `labels [N]` int64) and its GIF."""
-    save_file({"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}, str(path))
-    save_video_grid(videos[:preview], path.with_suffix(".gif"))
-
-
 def score_file(path: Path, real_features: torch.Tensor) -> dict:
     """The metrics of a samples file: the one path by which every number of the report is computed."""
     data = read_safetensors(path)
     return quality(data["videos"], data["labels"], real_features)
 
 
-def evaluate_entry(entry: Entry, cfg: Config, out: Path, real_features: dict, device: torch.device) -> dict:
-    """Sample, save and score one model, or reuse its finished result. Returns its report entry."""
+def evaluate_entry(entry: Entry, cfg: Config, out: Path, real_features: dict, device: torch.device,
+                   weights_sha256: str) -> dict:
+    """Sample, save and score one model, or reuse its finished result (same `weights_sha256` and
+    settings). Returns its report entry."""
     samples = out / "samples"
     n, f = cfg.evaluate.num_videos, cfg.data.frames
     long_f = f * cfg.evaluate.long_factor
-    fingerprint = {"sha256": file_hash(_weights_of(entry.source)), "few_step": entry.few_step,
+    fingerprint = {"sha256": weights_sha256, "few_step": entry.few_step,
                    "num_videos": n, "frames": f, "long_frames": long_f, "seed": cfg.evaluate.seed,
                    "batch_size": cfg.evaluate.batch_size, "student": repr(cfg.student), "device": str(device),
                    "real": [cfg.evaluate.real_videos, cfg.evaluate.real_seed]}
     record = samples / f"{entry.name}.json"
-    if record.is_file() and json.loads(record.read_text()).get("fingerprint") == fingerprint:
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if done.get("fingerprint") == fingerprint:
         print(f"[evaluate] {entry.name}: done already ({record.name})")
-        return json.loads(record.read_text())["result"]
+        return done["result"]
     sampler = Sampler(entry, cfg, device)
     labels = balanced_labels(n)
     print(f"[evaluate] {entry.name}: {n} videos × {long_f} frames from {entry.source} ({sampler.desc['kind']})")
@@ -219,6 +215,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         cfg.evaluate.seed = cfg.run.seed
     models = entries(cfg)
     stage.begin(to_yaml(cfg), {e.name: _weights_of(e.source) for e in models})
+    hashes = stage.manifest()["inputs"]  # each model's weights, hashed once by `begin`
     out = stage.path
     if force:
         for p in (out / "samples").glob("*.json"):
@@ -229,7 +226,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     results = {}
     with torch.no_grad():
         for e in tqdm(models, desc="evaluate", unit="model", file=sys.stdout):
-            results[e.name] = evaluate_entry(e, cfg, out, features, device)
+            results[e.name] = evaluate_entry(e, cfg, out, features, device, hashes[e.name]["sha256"])
     ev = cfg.evaluate
     report = {"schema_version": SCHEMA_VERSION,
               "settings": {"run_dir": cfg.run.dir, "num_videos": ev.num_videos, "seed": ev.seed,

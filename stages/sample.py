@@ -19,10 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pipeline.config import Config
-from pipeline.media import save_video_grid
+from pipeline.media import save_samples
 from pipeline.sampling import uniform_denoising_steps
 from pipeline.speed import ChunkClock
 from pipeline.sprites import balanced_labels
@@ -77,8 +76,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"videos": videos.float().contiguous(), "labels": labels}, str(out))
-    preview = save_video_grid(videos[:36], out.with_suffix(".gif"))
+    preview = save_samples(out, videos, labels)
     print(f"wrote {out} ({len(videos)} videos × {frames} frames) and {preview}")
     speed = f"{what}: {len(videos) * frames / elapsed:.1f} frames/s ({elapsed:.2f} s)"
     if clock.times:
