@@ -277,14 +277,18 @@ def _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwar
     return x
 
 
+def wan_config(model_cfg) -> dict:
+    """`WanTransformer3DModel` constructor arguments of a `config.ModelConfig`."""
+    return dict(patch_size=tuple(model_cfg.patch_size), num_attention_heads=model_cfg.num_attention_heads,
+                attention_head_dim=model_cfg.attention_head_dim, in_channels=model_cfg.in_channels,
+                out_channels=model_cfg.out_channels, text_dim=model_cfg.text_dim, freq_dim=model_cfg.freq_dim,
+                ffn_dim=model_cfg.ffn_dim, num_layers=model_cfg.num_layers, cross_attn_norm=model_cfg.cross_attn_norm,
+                rope_max_seq_len=model_cfg.rope_max_seq_len)
+
+
 def build_transformer(model_cfg) -> CausalWanTransformer:
     """A randomly initialised `CausalWanTransformer` from `config.ModelConfig`, or the diffusers
     folder `model_cfg.pretrained`."""
     if model_cfg.pretrained:
         return CausalWanTransformer.from_pretrained(model_cfg.pretrained)
-    return CausalWanTransformer(
-        patch_size=tuple(model_cfg.patch_size), num_attention_heads=model_cfg.num_attention_heads,
-        attention_head_dim=model_cfg.attention_head_dim, in_channels=model_cfg.in_channels,
-        out_channels=model_cfg.out_channels, text_dim=model_cfg.text_dim, freq_dim=model_cfg.freq_dim,
-        ffn_dim=model_cfg.ffn_dim, num_layers=model_cfg.num_layers, cross_attn_norm=model_cfg.cross_attn_norm,
-        rope_max_seq_len=model_cfg.rope_max_seq_len)
+    return CausalWanTransformer(**wan_config(model_cfg))

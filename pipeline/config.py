@@ -217,8 +217,10 @@ def _one_line(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
     return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge defaults < YAML file < `key=value` overrides and validate.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                partial: dict | None = None, partial_source: str = "settings") -> Config:
+    """Merge defaults < YAML file < `partial` (a nested dict of some sections, e.g. the sampling
+    settings stored beside a converted model) < `key=value` overrides, and validate.
 
     Raises:
         ConfigError: missing file, unknown key (naming the closest valid key), wrong type, bad value.
@@ -237,6 +239,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
             raise _one_line(e, schema, str(path)) from None
+    if partial:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(partial))
+        except OmegaConfBaseException as e:
+            raise _one_line(e, schema, partial_source) from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -4,7 +4,6 @@ loading models, sampling and previews."""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import warnings
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from pipeline.causal_wan import CausalWanTransformer
 from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint, read_safetensors
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.convert import build_model, read_source, sampling_config
 from pipeline.data import class_table
 from pipeline.media import save_video_grid
 from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
@@ -146,11 +146,11 @@ def load_model(folder: Path) -> CausalWanTransformer:
 
 
 def load_source(source: str | Path, raw: bool = False):
-    """Model, class table and config of a stage folder or a diffusers model folder.
+    """Model, class table and config of any source `pipeline.convert.read_source` reads.
 
-    A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; a bare
-    diffusers folder gets the default config, with `model.prediction` and (for students) the step
-    list taken from its config.json.
+    A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; any other
+    source (diffusers folder, safetensors file, `.pt` checkpoint, ...) the default config under the
+    sampling settings it carries (`sampling.json`, safetensors metadata, a stage folder's config.json).
     """
     path = Path(source)
     if not path.exists():
@@ -163,16 +163,10 @@ def load_source(source: str | Path, raw: bool = False):
         table = read_safetensors(path / "conditioning.safetensors")["class_table"] if cfg.data.kind == "sprites" \
             else None
         return model, table, cfg
-    if (path / "config.json").is_file():  # a diffusers model folder
-        model = load_model(path)
-        conf = json.loads((path / "config.json").read_text())
-        overrides = [f"model.text_dim={model.config.text_dim}", f"model.prediction={conf.get('prediction', 'flow')}"]
-        if "denoising_steps" in conf:
-            overrides += [f"student.denoising_steps={conf['denoising_steps']}", f"student.shift={conf['shift']}"]
-        cfg = load_config(None, overrides)
-        return model, class_table(cfg), cfg
-    raise CheckpointError(f"{path}: not a stage folder (manifest.json) or a diffusers model folder (config.json); "
-                          "other checkpoint kinds load through ./launch.sh convert")
+    weights = read_source(path, ema=not raw)
+    model = build_model(weights)
+    cfg = sampling_config(weights, model.config.text_dim)
+    return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg
 
 
 def is_student(model) -> bool:

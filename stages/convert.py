@@ -1,12 +1,50 @@
-"""`./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema]` — arrives with issue [convert].
+"""`./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--dtype D] [--part P] [--force]`
 
-Until then stage folders already hold diffusers folders (`transformer/`, `transformer_ema/`) that
-`WanTransformer3DModel.from_pretrained` loads as they are.
+SOURCE: a stage folder (`runs/tiny/distill`), one of its training checkpoints (`checkpoints/step_*`), a
+diffusers folder, a `.safetensors` file (diffusers or original-Wan names), a Self-Forcing / CausVid `.pt`
+(read with `torch.load(weights_only=True)`), an accelerate `save_state` folder or a DeepSpeed ZeRO
+checkpoint folder; detected from what it holds (`pipeline/convert.py`).
+
+DEST: `--to diffusers` a folder (`WanTransformer3DModel.from_pretrained` loads it; `sampling.json` beside
+`config.json` keeps frames per chunk, the student's steps and shift, so `./launch.sh sample DEST` streams
+from it); `--to safetensors` one file in diffusers names; `--to wan` one file in the original Wan names.
+Written under a temporary name and renamed; an existing DEST needs `--force`.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
 
+from pipeline.convert import DTYPES, TARGETS, convert
+from stages.common import USER_ERRORS
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="./launch.sh convert", description=__doc__.split("\n\n")[1])
+    ap.add_argument("source")
+    ap.add_argument("dest")
+    ap.add_argument("--to", required=True, choices=TARGETS)
+    ap.add_argument("--ema", action="store_true", help="the EMA weights where the source holds both")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="cast floating tensors (default: keep)")
+    ap.add_argument("--part", default="generator", choices=["generator", "critic"],
+                    help="critic: distill's fake score (stage folders, checkpoints, .pt with a critic entry)")
+    ap.add_argument("--model-config", help="a diffusers config.json for sources without one whose head count "
+                                           "cannot be read off the shapes")
+    ap.add_argument("--force", action="store_true", help="replace an existing DEST")
+    args = ap.parse_args(argv)
+    try:
+        weights = convert(args.source, args.dest, args.to, ema=args.ema, dtype=args.dtype, part=args.part,
+                          force=args.force, model_config=args.model_config)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(v.numel() for v in weights.state_dict.values())
+    role = (weights.sampling or {}).get("role", "no sampling settings")
+    print(f"read {weights.origin} ({len(weights.state_dict)} tensors, {n / 1e6:.2f}M parameters, {role})")
+    print(f"wrote {args.dest} (--to {args.to}{', ' + args.dtype if args.dtype else ''})")
+    return 0
+
+
 if __name__ == "__main__":
-    print("error: convert is not available yet (issue [convert]); stage folders already contain diffusers "
-          "folders transformer/ and transformer_ema/", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())
