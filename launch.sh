@@ -4,7 +4,7 @@
 #   ./launch.sh test                 the test suite
 #   ./launch.sh CONFIG [--stages a,b] [--num-processes N] [--accelerate-config F] [--dry-run] [--force] [k=v ...]
 #   ./launch.sh sample SOURCE --out FILE.safetensors [--n N] [--frames F] [--steps K] [--seed S] [--guidance G]
-#   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema]
+#   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--part P] [--dtype D] [--force]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 

@@ -87,6 +87,7 @@ class TrainingConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (decays to 0 at `steps`)
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
@@ -276,6 +277,9 @@ def validate(cfg: Config) -> None:
     need(cfg.model.prediction in ("flow", "x0"), f"model.prediction: expected flow or x0, got '{cfg.model.prediction}'")
     need(len(cfg.model.patch_size) == 3, f"model.patch_size: expected 3 ints, got {cfg.model.patch_size}")
     need(cfg.model.patch_size[0] == 1, "model.patch_size: the temporal patch must be 1 (per-frame causality)")
+    for name in ("pretrain_teacher", "init_student", "distill"):
+        need(getattr(cfg, name).lr_schedule in ("constant", "cosine"),
+             f"{name}.lr_schedule: expected constant or cosine, got '{getattr(cfg, name).lr_schedule}'")
     t = cfg.pretrain_teacher
     need(t.attention in ("block_causal", "bidirectional"),
          f"pretrain_teacher.attention: expected block_causal or bidirectional, got '{t.attention}'")

@@ -44,12 +44,15 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1) -> Acce
                        project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)))
 
 
-def make_optimizer(model: torch.nn.Module, section, lr: float | None = None):
-    """AdamW and a constant-with-warm-up schedule from a training section (lr, betas, weight_decay,
-    warmup_steps); `lr` overrides the section's."""
+def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, total_steps: int | None = None):
+    """AdamW and its LR schedule from a training section (lr, betas, weight_decay, warmup_steps,
+    lr_schedule); `lr` overrides the section's, `total_steps` (default `section.steps`) is where a
+    cosine schedule reaches 0."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr if lr is None else lr, betas=tuple(section.betas),
                                   weight_decay=section.weight_decay)
-    return optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=section.warmup_steps)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[section.lr_schedule]
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=section.warmup_steps,
+                                    num_training_steps=total_steps or section.steps)
 
 
 def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, others: dict | None = None):
@@ -164,7 +167,7 @@ def load_source(source: str | Path, raw: bool = False):
             else None
         return model, table, cfg
     weights = read_source(path, ema=not raw)
-    model = build_model(weights)
+    model = build_model(weights).float()  # a bf16/fp16 export samples in fp32 (an exact upcast)
     cfg = sampling_config(weights, model.config.text_dim)
     return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg
 

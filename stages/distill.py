@@ -99,7 +99,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if dc.gradient_checkpointing:  # only the exit step runs with gradients: it is the one recomputed
         generator.enable_gradient_checkpointing()
     ema = EMAModel(generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
-    gen_opt, gen_sched = make_optimizer(generator, dc)
+    gen_opt, gen_sched = make_optimizer(generator, dc,
+                                        total_steps=generator_updates(dc.steps, dc.critic_steps_per_generator_step))
     critic_opt, critic_sched = make_optimizer(critic, dc, lr=dc.critic_lr)
     gen = torch.Generator().manual_seed(cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
     batches = Batches(cfg, student_path, gen, accelerator.device)

@@ -243,3 +243,32 @@ def test_deepspeed_zero_checkpoint_is_consolidated(stage, tmp_path, capsys):
     assert code == 0, err
     assert "DeepSpeed checkpoint" in out
     assert_same_weights(load_file(str(tmp_path / "m.safetensors")), make_tiny_model(seed=3).state_dict())
+
+
+def test_critic_and_training_checkpoint_sources(distill_stage, tmp_path, capsys):
+    _, stage = distill_stage
+    assert run_cli(capsys, stage, tmp_path / "critic", "--to", "diffusers", "--part", "critic")[0] == 0
+    assert_same_weights(load_file(str(tmp_path / "critic" / "diffusion_pytorch_model.safetensors")),
+                        weights(stage, "critic"))
+    step = sorted((stage / "checkpoints").glob("step_*"))[-1]
+    for flags, name in (([], "model"), (["--ema"], "ema"), (["--part", "critic"], "critic")):
+        dest = tmp_path / f"{name}.safetensors"
+        code, out, err = run_cli(capsys, step, dest, "--to", "wan", *flags)
+        assert code == 0, err
+        assert f"training checkpoint {step}: {name}" in out
+        assert_same_weights(read_source(dest).state_dict, load_file(str(step / f"{name}.safetensors")))
+    assert read_source(tmp_path / "model.safetensors").sampling["role"] == "student"
+    assert read_source(tmp_path / "critic.safetensors").sampling["role"] == "teacher"
+    code, _, err = run_cli(capsys, stage.parent / "init_student", tmp_path / "x", "--to", "diffusers", "--part", "critic")
+    assert code == 2 and "no critic" in err
+
+
+def test_half_precision_export_samples(student_stage, tmp_path, capsys):
+    _, stage = student_stage
+    assert run_cli(capsys, stage, tmp_path / "h.safetensors", "--to", "wan", "--dtype", "fp16", "--ema")[0] == 0
+    assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "h.safetensors")).values())
+    from stages.common import load_source
+    model, _, _ = load_source(tmp_path / "h.safetensors")  # sampled in fp32: the exact upcast
+    ema = weights(stage, "transformer_ema")
+    assert all(torch.equal(v, ema[k].half().float()) for k, v in model.state_dict().items())
+    assert sample_cli.main([str(tmp_path / "h.safetensors"), "--out", str(tmp_path / "s.safetensors"), "--n", "2"]) == 0
