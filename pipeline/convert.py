@@ -13,6 +13,8 @@ Sources (`read_source`, detected from what the path holds):
                               `torch.load(weights_only=True)` only, so a pickle of arbitrary objects is refused
     accelerate save_state     model.safetensors (first prepared model), model_1.safetensors (second), ...
     DeepSpeed ZeRO folder     `latest` + global_step*/: consolidated by DeepSpeed's own zero_to_fp32
+    torch distributed ckpt    `.metadata` + *.distcp (FSDP's sharded state dict, accelerate's
+                              pytorch_model_fsdp_0/): read by torch.distributed.checkpoint itself
 
 Naming: original Wan (`blocks.0.self_attn.q.weight`, `head.head.weight`, `blocks.0.norm3` = the
 cross-attention norm) to diffusers goes through diffusers' `convert_wan_transformer_to_diffusers`;
@@ -34,6 +36,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +280,10 @@ def read_source(source: str | Path, ema: bool = False, part: str = "generator") 
             return _read_deepspeed(path)
         if (path / "pytorch_model").is_dir() and (path / "pytorch_model" / "latest").is_file():
             return _read_deepspeed(path / "pytorch_model")  # accelerate's save_state under DeepSpeed
+        if (path / ".metadata").is_file():
+            return _read_distributed_checkpoint(path)
+        if (path / "pytorch_model_fsdp_0" / ".metadata").is_file() and part == "generator":
+            return _read_distributed_checkpoint(path / "pytorch_model_fsdp_0")  # accelerate's save_state under FSDP
         if any(path.glob("random_states_*.pkl")) or any(path.glob("model*.safetensors")):
             return _read_accelerate_state(path, part)
         raise ConvertError(f"{path}: not a stage folder, diffusers folder, training checkpoint, accelerate state "
@@ -397,6 +404,24 @@ def _read_deepspeed(path: Path) -> Weights:
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
         raise ConvertError(f"{path}: DeepSpeed could not consolidate it: {str(e).splitlines()[0][:160]}") from None
     return Weights(to_diffusers_names(dict(sd)), None, None, f"DeepSpeed checkpoint {path}")
+
+
+def _read_distributed_checkpoint(path: Path) -> Weights:
+    """A `torch.distributed.checkpoint` folder (sharded FSDP state), read whole in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = dcp.FileSystemReader(str(path))
+        tensors = {k: m for k, m in reader.read_metadata().state_dict_metadata.items()
+                   if isinstance(m, TensorStorageMetadata)}
+        sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    except Exception as e:  # torch wraps reader failures in several exception types
+        raise ConvertError(f"{path}: unreadable distributed checkpoint: {str(e).splitlines()[0][:160]}") from None
+    return Weights(to_diffusers_names(sd), None, None, f"distributed checkpoint {path}")
 
 
 # --------------------------------------------------------------------------------------------- targets

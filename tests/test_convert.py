@@ -272,3 +272,17 @@ def test_half_precision_export_samples(student_stage, tmp_path, capsys):
     ema = weights(stage, "transformer_ema")
     assert all(torch.equal(v, ema[k].half().float()) for k, v in model.state_dict().items())
     assert sample_cli.main([str(tmp_path / "h.safetensors"), "--out", str(tmp_path / "s.safetensors"), "--n", "2"]) == 0
+
+
+def test_sharded_distributed_checkpoint(tmp_path, capsys):
+    """FSDP's sharded format (torch.distributed.checkpoint; accelerate writes `{"model": state_dict}`
+    into pytorch_model_fsdp_0/), written here by torch itself in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    model = make_tiny_model(seed=7)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "state" / "pytorch_model_fsdp_0"),
+             no_dist=True)
+    code, out, err = run_cli(capsys, tmp_path / "state", tmp_path / "d", "--to", "diffusers",
+                             "--model-config", tiny_config_file(tmp_path))
+    assert code == 0, err
+    assert_same_weights(load_file(str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")), model.state_dict())
