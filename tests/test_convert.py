@@ -286,3 +286,15 @@ def test_sharded_distributed_checkpoint(tmp_path, capsys):
                              "--model-config", tiny_config_file(tmp_path))
     assert code == 0, err
     assert_same_weights(load_file(str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")), model.state_dict())
+
+
+def test_sample_streams_from_a_self_forcing_pt(tmp_path, capsys):
+    """`sample` reads a `.pt` directly: Wan-width heads give the config, the generator Self-Forcing's
+    student settings (few-step sampler, 3 frames per chunk)."""
+    model = make_tiny_model(num_attention_heads=1, attention_head_dim=128)
+    torch.save({"generator": {"model." + k: v for k, v in diffusers_to_wan(model.state_dict()).items()}},
+               tmp_path / "sf.pt")
+    out = tmp_path / "s.safetensors"
+    assert sample_cli.main([str(tmp_path / "sf.pt"), "--out", str(out), "--n", "2", "--frames", "6"]) == 0
+    assert "4-step student" in capsys.readouterr().out
+    assert load_file(str(out))["videos"].shape == (2, 6, 3, 16, 16)
