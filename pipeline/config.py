@@ -157,6 +157,8 @@ class DistillConfig(TrainingConfig):
     warmup_steps: int = 0
     ema_start: int = 0  # generator updates before the EMA starts averaging (it copies the weights until then)
     critic_steps_per_generator_step: int = 5
+    critic_samples: str = "fresh"  # fresh: every critic update makes its own samples (Self-Forcing's code) |
+    # generator: after a generator update the critic reuses that update's samples, detached (one rollout saved)
     real_guidance: float = 4.0  # x0_real = uncond + w·(cond - uncond); Self-Forcing's "3.0" is w = 4
     fake_guidance: float = 1.0  # the critic: conditional only (1) or guided like the real score
     timestep_sampling: str = "per_frame"  # per_frame (independent σ per frame, seed 002) | uniform (one per video)
@@ -304,6 +306,8 @@ def validate(cfg: Config) -> None:
     need(0 <= d.sigma_min < d.sigma_max <= 1, f"distill: need 0 <= sigma_min < sigma_max <= 1, got {d.sigma_min}, {d.sigma_max}")
     need(d.sigma_shift > 0, f"distill.sigma_shift must be positive, got {d.sigma_shift}")
     need(d.exit_step in ("per_rollout", "per_chunk"), f"distill.exit_step: expected per_rollout or per_chunk, got '{d.exit_step}'")
+    need(d.critic_samples in ("fresh", "generator"),
+         f"distill.critic_samples: expected fresh or generator, got '{d.critic_samples}'")
     need(d.clean_source in ("data", "ode_pairs"), f"distill.clean_source: expected data or ode_pairs, got '{d.clean_source}'")
     e = cfg.evaluate
     for m in e.models:

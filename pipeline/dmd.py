@@ -122,7 +122,7 @@ class DMD:
             batch: `context [B, L, D]`, `null [B, L, D]` (and `x0` for df_dmd).
         Returns:
             (loss, stats): stats hold `dmd_grad_norm` (mean per-sample ‖g‖), `dmd_sigma` (the levels drawn,
-            `[B, F]`) and what `samples` reports.
+            `[B, F]`), `samples` (x detached, for the critic to reuse) and what `samples` reports.
         """
         x, stats = self.samples(batch, gen)
         sigma = self.draw_sigma(x, gen)
@@ -132,13 +132,23 @@ class DMD:
             x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
             x0_real = self.guided_x0(self.real, x_t, sigma, batch["context"], batch["null"], self.real_guidance)
             grad = dmd_gradient(x.detach(), x0_fake, x0_real)
-        stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu())
+        stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu(),
+                     samples=x.detach())
         return dmd_loss(x, grad), stats
 
-    def critic_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The critic's denoising loss on detached generator samples at freshly drawn levels."""
-        with torch.no_grad():
-            x, stats = self.samples(batch, gen)
+    def critic_loss(self, batch: dict, gen: torch.Generator, samples: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict]:
+        """The critic's denoising loss on detached generator samples at freshly drawn levels.
+
+        Args:
+            samples: `[B, C, F, H, W]` generator samples of `batch` to reuse (from `generator_loss`'s
+                stats); None: generate new ones.
+        """
+        if samples is not None:
+            x, stats = samples.detach(), {}
+        else:
+            with torch.no_grad():
+                x, stats = self.samples(batch, gen)
         sigma = self.draw_sigma(x, gen)
         noise = torch.randn(x.shape, generator=gen).to(x.device)
         weight = torch.ones_like(sigma)

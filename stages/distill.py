@@ -137,27 +137,37 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
     g_loss = c_loss = None
     logs: dict = {}
-    def update(model, optimizer, scheduler, loss_fn, lr_key: str, grad_clip: float):
-        """One optimiser step of `model` on `loss_fn(batch, gen) -> (loss, stats)`, over `grad_accum` batches."""
-        for _ in range(dc.grad_accum):
+    def update(model, optimizer, scheduler, loss_fn, lr_key: str, grad_clip: float, reuse=None):
+        """One optimiser step of `model` on `loss_fn(batch, gen[, samples]) -> (loss, stats)`, over `grad_accum`
+        batches (`reuse`: the `(batch, samples)` pairs to take instead of new batches).
+
+        Returns:
+            (loss, stats, grad norm, the `(batch, stats["samples"])` pairs seen).
+        """
+        seen = []
+        for i in range(dc.grad_accum):
+            batch, extra_args = (reuse[i][0], reuse[i][1:]) if reuse else (batches.next(), ())
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss, stats = loss_fn(batches.next(), gen)
+                    loss, stats = loss_fn(batch, gen, *extra_args)
                 norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, lr_key, grad_clip, step)
-        return loss, stats, norm
+            seen.append((batch, stats.pop("samples", None)))
+        return loss, stats, norm, seen
 
     while step < dc.steps:
+        reuse = None
         if step % ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
-            g_loss, g_stats, grad_norm = update(generator, gen_opt, gen_sched, method.generator_loss, f"{STAGE}.lr",
-                                                dc.grad_clip)
+            g_loss, g_stats, grad_norm, seen = update(generator, gen_opt, gen_sched, method.generator_loss,
+                                                      f"{STAGE}.lr", dc.grad_clip)
+            reuse = seen if dc.critic_samples == "generator" else None
             ema.step(accelerator.unwrap_model(generator).parameters())
             sigma = g_stats.pop("dmd_sigma")
             logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
                         dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
             if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
                 accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
-        c_loss, _, c_norm = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
-                                   dc.critic_grad_clip)
+        c_loss, _, c_norm, _ = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
+                                      dc.critic_grad_clip, reuse)
         step += 1
         bar.update(1)
         if step % dc.log_every == 0 or step == dc.steps:

@@ -166,6 +166,31 @@ def test_update_ratio_counts_calls(student_stage, tmp_path, monkeypatch):
     assert counts == {"generator": 3, "critic": 7}  # generator at steps 0, 3, 6
 
 
+def test_critic_reuses_generator_samples(student_stage, tmp_path, monkeypatch):
+    """critic_samples=generator: after a generator update the critic trains on that update's samples
+    (no second rollout); on the other steps it makes its own."""
+    cfg, _ = student_stage
+    rollouts, critic_inputs = [], []
+    orig_samples, orig_critic = SelfForcingDMD.samples, SelfForcingDMD.critic_loss
+
+    def samples(self, *a, **kw):
+        out = orig_samples(self, *a, **kw)
+        rollouts.append(out[0].detach().clone())
+        return out
+
+    def critic_loss(self, batch, gen, samples=None):
+        critic_inputs.append(samples)
+        return orig_critic(self, batch, gen, samples)
+    monkeypatch.setattr(SelfForcingDMD, "samples", samples)
+    monkeypatch.setattr(SelfForcingDMD, "critic_loss", critic_loss)
+    d = replace(cfg.distill, steps=4, critic_steps_per_generator_step=2, critic_samples="generator",
+                student=str(Path(cfg.run.dir) / "init_student"), teacher=str(Path(cfg.run.dir) / "pretrain_teacher"))
+    distill.run(replace(cfg, run=replace(cfg.run, dir=str(tmp_path / "r")), distill=d))
+    # steps 0 and 2: generator rollout reused; steps 1 and 3: the critic's own rollout.
+    assert len(rollouts) == 4 and [c is None for c in critic_inputs] == [False, True, False, True]
+    assert torch.equal(critic_inputs[0], rollouts[0]) and torch.equal(critic_inputs[2], rollouts[2])
+
+
 def test_distill_crash_resume_equals_uninterrupted(distill_stage, tmp_path, monkeypatch, capsys):
     cfg, path = distill_stage
     resumed = crash_then_resume(monkeypatch, capsys, distill, cfg, tmp_path / "run", ["pretrain_teacher", "init_student"])
