@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline.causal_wan import CausalWanTransformer, build_transformer
 from pipeline.checkpoint import CheckpointError, latest_checkpoint
+from pipeline.config import ConfigError
 from pipeline.data import build_source, class_table
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
@@ -187,3 +188,27 @@ def test_corrupt_checkpoint_raises_one_line(make_cfg, monkeypatch):
     assert rc == 2
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "model.safetensors" in lines[0]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule(make_cfg, schedule):
+    from stages.common import make_optimizer
+
+    cfg = make_cfg(f"pretrain_teacher.lr_schedule={schedule}", "pretrain_teacher.steps=10",
+                   "pretrain_teacher.warmup_steps=2", "pretrain_teacher.lr=1e-3")
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), cfg.pretrain_teacher)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # warm-up
+    if schedule == "constant":
+        assert lrs[2:] == pytest.approx([1e-3] * 8) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    else:
+        assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and optimizer.param_groups[0]["lr"] == pytest.approx(0)
+
+
+def test_unknown_lr_schedule_is_an_error(make_cfg):
+    with pytest.raises(ConfigError, match="init_student.lr_schedule"):
+        make_cfg("init_student.lr_schedule=linear")
