@@ -12,7 +12,8 @@ Sources (`read_source`, detected from what the path holds):
                               entries (or a bare state dict), `model.` prefix or not; read with
                               `torch.load(weights_only=True)` only, so a pickle of arbitrary objects is refused
     accelerate save_state     model.safetensors (first prepared model), model_1.safetensors (second), ...
-    DeepSpeed ZeRO folder     `latest` + global_step*/: consolidated by DeepSpeed's own zero_to_fp32
+    DeepSpeed ZeRO folder     `latest` + global_step*/: consolidated by DeepSpeed's own zero_to_fp32, its
+                              loads held to weights_only (plus DeepSpeed's own state records)
     torch distributed ckpt    `.metadata` + *.distcp (FSDP's sharded state dict, accelerate's
                               pytorch_model_fsdp_0/): read by torch.distributed.checkpoint itself
 
@@ -358,13 +359,19 @@ def _read_safetensors_file(path: Path) -> Weights:
     return Weights(to_diffusers_names(sd), config, sampling, f"safetensors file {path} ({naming(strip_wrappers(sd))} names)")
 
 
+def _refusal(e: Exception) -> str:
+    """The object `torch.load(weights_only=True)` refused, from its long message."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it pickles {found.group(1)}" if found else str(e).splitlines()[0][:120]
+
+
 def _torch_load(path: Path):
     """`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConvertError(f"{path}: refused, it holds objects other than tensors (torch.load weights_only: "
-                           f"{str(e).splitlines()[0][:120]})") from None
+        raise ConvertError(f"{path}: refused by torch.load(weights_only=True), it holds objects other than "
+                           f"tensors ({_refusal(e)})") from None
     except Exception as e:  # zip/pickle corruption surfaces as several exception types
         raise ConvertError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
 
@@ -397,10 +404,27 @@ def _read_accelerate_state(path: Path, part: str) -> Weights:
 
 
 def _read_deepspeed(path: Path) -> Weights:
+    """DeepSpeed's own consolidation (`zero_to_fp32`), its `torch.load` calls forced to `weights_only=True`
+    with only DeepSpeed's plain state records allowed besides tensors (it asks for `weights_only=False`)."""
+    from unittest import mock
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    load = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        return load(*args, **{**kwargs, "weights_only": True})
+
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]), \
+                mock.patch.object(torch, "load", weights_only_load):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    except pickle.UnpicklingError as e:
+        raise ConvertError(f"{path}: refused, a DeepSpeed file holds objects other than tensors and DeepSpeed's "
+                           f"state records ({_refusal(e)})") from None
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
         raise ConvertError(f"{path}: DeepSpeed could not consolidate it: {str(e).splitlines()[0][:160]}") from None
     return Weights(to_diffusers_names(dict(sd)), None, None, f"DeepSpeed checkpoint {path}")
