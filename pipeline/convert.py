@@ -283,12 +283,13 @@ def read_source(source: str | Path, ema: bool = False, part: str = "generator") 
             return _read_deepspeed(path / "pytorch_model")  # accelerate's save_state under DeepSpeed
         if (path / ".metadata").is_file():
             return _read_distributed_checkpoint(path)
-        if (path / "pytorch_model_fsdp_0" / ".metadata").is_file() and part == "generator":
-            return _read_distributed_checkpoint(path / "pytorch_model_fsdp_0")  # accelerate's save_state under FSDP
+        fsdp = path / f"pytorch_model_fsdp_{0 if part == 'generator' else 1}"  # accelerate's save_state under FSDP
+        if (fsdp / ".metadata").is_file():
+            return _read_distributed_checkpoint(fsdp)
         if any(path.glob("random_states_*.pkl")) or any(path.glob("model*.safetensors")):
             return _read_accelerate_state(path, part)
-        raise ConvertError(f"{path}: not a stage folder, diffusers folder, training checkpoint, accelerate state "
-                           "or DeepSpeed checkpoint")
+        raise ConvertError(f"{path}: not a stage folder, diffusers folder, training checkpoint, accelerate state, "
+                           "DeepSpeed or distributed checkpoint")
     if path.suffix == ".safetensors":
         return _read_safetensors_file(path)
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
