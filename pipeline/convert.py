@@ -224,13 +224,17 @@ def empty_model(config: dict) -> WanTransformer3DModel:
         raise ConvertError(f"model config does not build a WanTransformer3DModel: {e}") from None
 
 
-def check_fits(state_dict: dict, config: dict) -> None:
+def check_fits(state_dict: dict, config: dict) -> WanTransformer3DModel:
     """Every key the target expects is there with its shape, and nothing else.
+
+    Returns:
+        the target architecture on the meta device (`empty_model(config)`), for the caller to fill.
 
     Raises:
         ConvertError: naming the first missing or unexpected key, or a key with both shapes.
     """
-    expected = {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+    model = empty_model(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -240,6 +244,7 @@ def check_fits(state_dict: dict, config: dict) -> None:
         if tuple(state_dict[key].shape) != shape:
             raise ConvertError(f"shape mismatch for {key}: weights have {tuple(state_dict[key].shape)}, the model "
                                f"config expects {shape}")
+    return model
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -484,9 +489,7 @@ def _remove(path: Path) -> None:
 def write_diffusers(weights: Weights, dest: Path, max_shard_size: str = "10GB") -> None:
     """A folder `WanTransformer3DModel.from_pretrained` loads with no missing or unexpected keys, plus
     `sampling.json` (the sampling settings) where known."""
-    config = weights.model_config()
-    check_fits(weights.state_dict, config)
-    model = empty_model(config)
+    model = check_fits(weights.state_dict, weights.model_config())
     model.load_state_dict(weights.state_dict, strict=True, assign=True)  # the tensors themselves, any dtype
     model.save_pretrained(dest, max_shard_size=max_shard_size)
     if weights.sampling is not None:
