@@ -91,11 +91,14 @@ class CausalWanAttnProcessor(WanAttnProcessor):
     Called as `attn(x, None, mask, rotary_emb, cache=..., block_index=..., write_cache=...)`.
     With a cache, the queries of the current chunk attend to `[cached keys, own keys]`; with
     `write_cache=True` the chunk's keys/values are appended after use (the chunk is then "finished").
+    With `context_tokens=n` (and `context=(mask, rotary)` for them) the first n tokens are a finished
+    chunk: they attend and are written first, then the remaining tokens attend to the updated cache
+    with `attention_mask`/`rotary_emb` (two attention calls, one pass through the rest of the block).
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  cache: KVCache | None = None, block_index: int = 0, write_cache: bool = False,
-                 tokens_per_frame: int = 1):
+                 tokens_per_frame: int = 1, context_tokens: int = 0, context: tuple | None = None):
         if encoder_hidden_states is not None:  # cross-attention goes through the stock processor
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -103,6 +106,22 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
+        n = context_tokens
+        if n:
+            ctx_out = self._attend(query[:, :n], key[:, :n], value[:, :n], *context, cache, block_index, True,
+                                   tokens_per_frame)
+            out = self._attend(query[:, n:], key[:, n:], value[:, n:], attention_mask, rotary_emb, cache, block_index,
+                               write_cache, tokens_per_frame)
+            out = torch.cat([ctx_out, out], dim=1)
+        else:
+            out = self._attend(query, key, value, attention_mask, rotary_emb, cache, block_index, write_cache,
+                               tokens_per_frame)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _attend(self, query, key, value, mask, rotary_emb, cache, block_index, write_cache, tokens_per_frame):
+        """Attention of `query [B, Lq, heads, d]` over `[cached keys, key]` (RoPE over all key positions,
+        the queries being the last ones); appends `key`/`value` to the cache when `write_cache`."""
         if cache is not None:
             if block_index < len(cache.keys):
                 key = torch.cat([cache.keys[block_index], key], dim=1)
@@ -119,10 +138,8 @@ class CausalWanAttnProcessor(WanAttnProcessor):
             lq = query.shape[1]
             query = _apply_rotary(query, cos[:, -lq:], sin[:, -lq:])
             key = _apply_rotary(key, cos, sin)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend)
 
 
 def block_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
@@ -158,6 +175,15 @@ class CausalWanTransformer(WanTransformer3DModel):
         cos, sin = self.rope(shape_only)
         return cos.to(device), sin.to(device)
 
+    @staticmethod
+    def _mask(offset: int, frames: int, cached: bool, frames_per_chunk: int, tokens_per_frame: int, device):
+        """Block-causal mask of `frames` query frames starting at `offset` over the cache and themselves
+        (None when every key is visible: plain attention, faster)."""
+        q_frames = torch.arange(offset, offset + frames, device=device).repeat_interleave(tokens_per_frame)
+        k_frames = torch.arange(0, offset + frames, device=device).repeat_interleave(tokens_per_frame)
+        mask = block_causal_mask(q_frames, q_frames if not cached else k_frames, frames_per_chunk)
+        return None if bool(mask.all()) else mask
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -167,6 +193,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         frames_per_chunk: int = 1,
         kv_cache: KVCache | None = None,
         write_cache: bool = False,
+        context_frames: int = 0,
     ) -> torch.Tensor:
         """The network's prediction for every latent frame: the flow `ε - x0` for Wan checkpoints (our
         `Denoiser` also supports x0-predicting networks, see `sampling.Denoiser.prediction`).
@@ -180,8 +207,15 @@ class CausalWanTransformer(WanTransformer3DModel):
             frames_per_chunk: latent frames per causal chunk (block-causal mode).
             kv_cache: finished frames to attend to; this call's frames start at `len(kv_cache)`.
             write_cache: append this call's keys/values to `kv_cache` (the call's frames become context).
+            context_frames: the first `context_frames` latent frames are a finished chunk (at its
+                context level in `timestep`): they are written to `kv_cache` first and the other
+                frames then attend to the updated cache. The result equals a `write_cache=True` call
+                on those frames followed by a call on the rest, in one network pass (a streaming
+                sampler makes one call fewer per chunk). Needs `kv_cache`, block-causal attention,
+                whole chunks; not with `write_cache` or gradient checkpointing.
         Returns:
-            `[B, C_out, F, H, W]` flow prediction.
+            `[B, C_out, F - context_frames, H, W]` flow prediction (the context frames' own output
+            is dropped).
         """
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -196,15 +230,27 @@ class CausalWanTransformer(WanTransformer3DModel):
         if timestep.shape != (b, ppf):
             raise ValueError(f"timestep must be [B] or [B, F]=[{b}, {ppf}], got {tuple(timestep.shape)}")
         offset = kv_cache.num_frames if kv_cache is not None else 0
+        cf = context_frames // p_t
+        if context_frames:
+            if kv_cache is None or attention != "block_causal" or write_cache or context_frames % frames_per_chunk \
+                    or not 0 < context_frames < f:
+                raise ValueError(f"context_frames ({context_frames}) needs a kv_cache, block-causal attention, "
+                                 f"write_cache=False and whole chunks ({frames_per_chunk} frames) before >= 1 frame")
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                raise ValueError("context_frames cannot be used with gradient checkpointing")
         if kv_cache is not None and kv_cache.max_frames is not None and attention == "block_causal" and (
                 kv_cache.max_frames % frames_per_chunk or kv_cache.sink_frames % frames_per_chunk):
             raise ValueError(f"a rolling window must hold whole chunks: max_frames ({kv_cache.max_frames}) and "
                              f"sink_frames ({kv_cache.sink_frames}) must be multiples of {frames_per_chunk}")
 
-        if offset + ppf > self.config.rope_max_seq_len:
-            raise ValueError(f"{offset + ppf} latent frames in attention exceed rope_max_seq_len "
+        # Frames after the context ones see the cache as the context write leaves it (rolled).
+        offset_after = offset + cf if kv_cache is None or kv_cache.max_frames is None else \
+            min(offset + cf, kv_cache.max_frames)
+        if max(offset + cf, offset_after + ppf - cf) > self.config.rope_max_seq_len:
+            raise ValueError(f"{offset_after + ppf - cf} latent frames in attention exceed rope_max_seq_len "
                              f"({self.config.rope_max_seq_len}); stream with a rolling KVCache(max_frames=...)")
-        rotary_emb = self._rope(offset + ppf, h, w, hidden_states.device)  # keys: cached + this call
+        # keys: cached + this call's (non-context) frames
+        rotary_emb = self._rope(offset_after + ppf - cf, h, w, hidden_states.device)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
 
         # Per-frame modulation: temb [B, F, D], timestep_proj [B, F, 6, D].
@@ -214,13 +260,12 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         mask = None
         if attention == "block_causal":
-            q_frames = torch.arange(offset, offset + ppf, device=x.device).repeat_interleave(tokens_per_frame)
-            k_frames = torch.arange(0, offset + ppf, device=x.device).repeat_interleave(tokens_per_frame)
-            if kv_cache is None:
-                k_frames = q_frames
-            mask = block_causal_mask(q_frames, k_frames, frames_per_chunk)
-            if bool(mask.all()):
-                mask = None  # one chunk over a full cache: plain attention, faster
+            mask = self._mask(offset_after, ppf - cf, kv_cache is not None, frames_per_chunk, tokens_per_frame,
+                              x.device)
+        context_attn = None
+        if cf:
+            context_attn = (self._mask(offset, cf, True, frames_per_chunk, tokens_per_frame, x.device),
+                            self._rope(offset + cf, h, w, hidden_states.device))
 
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         cache = kv_cache
@@ -231,23 +276,25 @@ class CausalWanTransformer(WanTransformer3DModel):
             cache = dataclasses.replace(kv_cache, keys=list(kv_cache.keys), values=list(kv_cache.values))
         for i, block in enumerate(self.blocks):
             attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
-                               tokens_per_frame=tokens_per_frame)
+                               tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
+                               context=context_attn)
             if checkpointing:
                 x = self._gradient_checkpointing_func(
                     _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
             else:
                 x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
-        if kv_cache is not None and write_cache:
-            kv_cache.seen_frames += ppf
-            kv_cache.num_frames = min(kv_cache.num_frames + ppf, kv_cache.max_frames or 1 << 62)
+        if kv_cache is not None and (write_cache or cf):
+            written = ppf if write_cache else cf
+            kv_cache.seen_frames += written
+            kv_cache.num_frames = min(kv_cache.num_frames + written, kv_cache.max_frames or 1 << 62)
 
         # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
-        x = x.unflatten(1, (ppf, tokens_per_frame))
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb[:, cf:].unsqueeze(2)).chunk(2, dim=2)
+        x = x.unflatten(1, (ppf, tokens_per_frame))[:, cf:]
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x.flatten(1, 2))
 
-        x = x.reshape(b, ppf, pph, ppw, p_t, p_h, p_w, -1)
+        x = x.reshape(b, ppf - cf, pph, ppw, p_t, p_h, p_w, -1)
         out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return out
 

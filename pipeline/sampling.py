@@ -43,15 +43,26 @@ class Denoiser:
     prediction: str = "flow"
     clip_x0: float = 0.0
 
-    def raw(self, x, sigma, context, kv_cache=None, write_cache=False) -> torch.Tensor:
-        """The network's own output (flow or x0, by `prediction`)."""
-        return self.model(x, timestep_from_sigma(sigma), context, attention=self.attention,
-                          frames_per_chunk=self.frames_per_chunk, kv_cache=kv_cache, write_cache=write_cache)
+    def raw(self, x, sigma, context, kv_cache=None, write_cache=False, cache_first=None) -> torch.Tensor:
+        """The network's own output (flow or x0, by `prediction`).
+
+        `cache_first=(x_ctx [B, C, Fc, H, W], σ_ctx [B, Fc])`: a finished chunk written to `kv_cache`
+        in the same network call, before `x` attends to it (see `CausalWanTransformer.forward`'s
+        `context_frames`)."""
+        t = timestep_from_sigma(sigma)
+        n = 0
+        if cache_first is not None:
+            x_ctx, s_ctx = cache_first
+            t = torch.cat([timestep_from_sigma(s_ctx), t if t.ndim == 2 else t[:, None].expand(-1, x.shape[2])], 1)
+            x, n = torch.cat([x_ctx, x], dim=2), x_ctx.shape[2]
+        return self.model(x, t, context, attention=self.attention, frames_per_chunk=self.frames_per_chunk,
+                          kv_cache=kv_cache, write_cache=write_cache, context_frames=n)
 
     def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                   kv_cache: KVCache | None = None, write_cache: bool = False) -> torch.Tensor:
-        """The clean-latent prediction `x̂0 [B, C, F, H, W]` (clamped by `clip_x0`); shapes as `__call__`."""
-        out = self.raw(x, sigma, context, kv_cache, write_cache)
+                   kv_cache: KVCache | None = None, write_cache: bool = False, cache_first=None) -> torch.Tensor:
+        """The clean-latent prediction `x̂0 [B, C, F, H, W]` (clamped by `clip_x0`); shapes as `__call__`,
+        `cache_first` as in `raw`."""
+        out = self.raw(x, sigma, context, kv_cache, write_cache, cache_first)
         x0 = out if self.prediction == "x0" else x0_from_flow(x, out, sigma)
         return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0
 
@@ -263,7 +274,8 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                      exit_steps: list[int] | torch.Tensor, context_sigma: float = 0.0,
                      generator: torch.Generator | None = None, max_context_frames: int | None = None,
                      sink_frames: int = 0,
-                     on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                     fuse_cache_write: bool = True) -> torch.Tensor:
     """The few-step student rolled out chunk by chunk on its own outputs (CausVid / Self-Forcing).
 
     Per chunk c: start from noise at `sigmas[0]`; at each step predict x̂0 and re-noise it to the next
@@ -271,7 +283,10 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
     the chunk. Only that exit call may carry gradients (when grad mode is on, Self-Forcing training);
     the steps before it run under `no_grad`. The finished chunk, detached, is run once more at
     `context_sigma` (no gradients) to write its keys/values into the cache (a rolling window of
-    `max_context_frames` with the first `sink_frames` kept), so no gradient crosses chunks.
+    `max_context_frames` with the first `sink_frames` kept), so no gradient crosses chunks. With
+    `fuse_cache_write` that write rides along in the next chunk's first gradient-free call (one network
+    call of 2 chunks instead of two calls; same result up to float rounding), so every chunk costs
+    `exit + 1` calls; without it, or when that first call carries gradients, it is a call of its own.
 
     Args:
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
@@ -290,22 +305,36 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
     if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
         raise ValueError(f"exit_steps must hold {f // fpc} indices into {len(sigmas)} levels, got {list(exit_steps)}")
     cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
-    chunks = []
+    chunks, pending = [], None  # pending: the previous chunk as context, not yet in the cache
+
+    def step(x, k):
+        nonlocal pending
+        sigma = torch.full((b, fpc), float(sigmas[k]), device=x.device)
+        if pending is not None and torch.is_grad_enabled():  # never fuse into a call with gradients
+            with torch.no_grad():
+                denoiser(*pending, cond, cache, write_cache=True)
+            pending = None
+        x0 = denoiser.predict_x0(x, sigma, cond, cache, cache_first=pending)
+        pending = None
+        return x0
+
     for c, start in enumerate(range(0, f, fpc)):
         x, exit_k = noise[:, :, start:start + fpc], int(exit_steps[c])
         with torch.no_grad():
             for k in range(exit_k):
-                x0 = denoiser.predict_x0(x, torch.full((b, fpc), float(sigmas[k]), device=x.device), cond, cache)
+                x0 = step(x, k)
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
                 x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
-        x0 = denoiser.predict_x0(x, torch.full((b, fpc), float(sigmas[exit_k]), device=x.device), cond, cache)
+        x0 = step(x, exit_k)
         chunks.append(x0)
         if on_chunk is not None:
             on_chunk(c, x0)
         if start + fpc < f:  # the last chunk is never context
-            with torch.no_grad():
-                ctx, ctx_sigma = _as_context(x0.detach(), context_sigma, generator)
-                denoiser(ctx, ctx_sigma, cond, cache, write_cache=True)
+            pending = _as_context(x0.detach(), context_sigma, generator)
+            if not fuse_cache_write:
+                with torch.no_grad():
+                    denoiser(*pending, cond, cache, write_cache=True)
+                pending = None
     return torch.cat(chunks, dim=2)
 
 
@@ -313,25 +342,27 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
 def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
                     context_sigma: float = 0.0, generator: torch.Generator | None = None,
                     max_context_frames: int | None = None, sink_frames: int = 0,
-                    on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                    fuse_cache_write: bool = True) -> torch.Tensor:
     """Few-step chunk-wise sampling (CausVid / Self-Forcing inference, no guidance): `few_step_rollout`
     with every chunk going through all of `sigmas`. Shapes and arguments as there."""
     exits = [len(sigmas) - 1] * (noise.shape[2] // denoiser.frames_per_chunk)
     return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma, generator, max_context_frames,
-                            sink_frames, on_chunk)
+                            sink_frames, on_chunk, fuse_cache_write)
 
 
 @torch.no_grad()
 def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tuple, sigmas: torch.Tensor,
                       context_sigma: float = 0.0, seed: int = 0, batch_size: int = 64,
                       max_context_frames: int | None = None, sink_frames: int = 0,
-                      on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                      on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                      fuse_cache_write: bool = True) -> torch.Tensor:
     """`generate` for a few-step student: `len(cond)` videos `[N, C, F, H, W]` in seeded batches.
 
     `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch).
     """
     def sample(noise, sl, gen):
         return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma, gen,
-                               max_context_frames, sink_frames, on_chunk)
+                               max_context_frames, sink_frames, on_chunk, fuse_cache_write)
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)

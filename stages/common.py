@@ -178,7 +178,8 @@ def is_student(model) -> bool:
 
 def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int,
                           frames_per_chunk: int, student, seed: int, prediction: str = "flow", channels: int = 3,
-                          denoising_steps=None, on_chunk=None, batch_size: int = 64) -> torch.Tensor:
+                          denoising_steps=None, on_chunk=None, batch_size: int = 64,
+                          fuse_cache_write: bool = True) -> torch.Tensor:
     """Few-step student samples `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`.
 
     `student` is the `StudentConfig` (step list, shift, context level, window); `denoising_steps`
@@ -189,7 +190,7 @@ def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, fram
     sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
     lat = generate_few_step(denoiser, table[labels], (channels, frames, size, size), sigmas, student.context_sigma,
                             seed, batch_size, max_context_frames=student.max_context_frames,
-                            sink_frames=student.sink_frames, on_chunk=on_chunk)
+                            sink_frames=student.sink_frames, on_chunk=on_chunk, fuse_cache_write=fuse_cache_write)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 

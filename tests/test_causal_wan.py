@@ -224,3 +224,38 @@ def test_window_must_hold_whole_chunks(tiny_model):
     with pytest.raises(ValueError, match="whole chunks"):
         tiny_model(x[:, :, :2], t[:, :2], ctx, frames_per_chunk=2, kv_cache=KVCache(max_frames=5, sink_frames=0),
                    write_cache=True)
+
+
+@pytest.mark.parametrize("window", [None, (6, 2)])
+@torch.no_grad()
+def test_context_frames_equal_a_write_then_a_call(tiny_model, window):
+    """A call whose first chunk is finished context (`context_frames`) equals writing that chunk to the
+    cache and then calling on the rest: same output, same cache, at every position of a 24-frame stream
+    (with a window, also once it rolls)."""
+    x, t, ctx = inputs(0, frames=24)
+    kw = dict(max_frames=window[0], sink_frames=window[1]) if window else {}
+    two, one = KVCache(**kw), KVCache(**kw)
+    tiny_model(x[:, :, :2], t[:, :2], ctx, frames_per_chunk=2, kv_cache=two, write_cache=True)
+    tiny_model(x[:, :, :2], t[:, :2], ctx, frames_per_chunk=2, kv_cache=one, write_cache=True)
+    for start in range(2, 22, 2):
+        ref_ctx, nxt = x[:, :, start:start + 2], x[:, :, start + 2:start + 4]
+        tiny_model(ref_ctx, t[:, start:start + 2], ctx, frames_per_chunk=2, kv_cache=two, write_cache=True)
+        ref = tiny_model(nxt, t[:, start + 2:start + 4], ctx, frames_per_chunk=2, kv_cache=two)
+        fused = tiny_model(torch.cat([ref_ctx, nxt], dim=2), t[:, start:start + 4], ctx, frames_per_chunk=2,
+                           kv_cache=one, context_frames=2)
+        assert fused.shape == ref.shape
+        assert max_diff(fused, ref) <= TOL
+        assert (one.num_frames, one.seen_frames) == (two.num_frames, two.seen_frames)
+        for a, b in zip(one.keys + one.values, two.keys + two.values):
+            assert a.shape == b.shape and max_diff(a, b) <= TOL
+    assert two.num_frames == (6 if window else 22)
+
+
+def test_context_frames_errors(tiny_model):
+    x, t, ctx = inputs(0, frames=4)
+    with pytest.raises(ValueError, match="context_frames"):
+        tiny_model(x, t, ctx, frames_per_chunk=2, context_frames=2)  # no cache
+    with pytest.raises(ValueError, match="context_frames"):
+        tiny_model(x, t, ctx, frames_per_chunk=2, kv_cache=KVCache(), context_frames=1)  # not a whole chunk
+    with pytest.raises(ValueError, match="context_frames"):
+        tiny_model(x, t, ctx, frames_per_chunk=2, kv_cache=KVCache(), context_frames=2, write_cache=True)

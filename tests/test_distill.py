@@ -63,23 +63,29 @@ def _rollout_setup():
     return model, den, noise, cond
 
 
-def test_rollout_only_exit_steps_carry_gradients():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_rollout_only_exit_steps_carry_gradients(fuse):
     model, den, noise, cond = _rollout_setup()
     calls = []
     orig = model.forward
 
     def spy(x, timestep, *a, **kw):
-        calls.append((torch.is_grad_enabled(), timestep[0, 0].item() / 1000, kw.get("write_cache", False)))
+        calls.append((torch.is_grad_enabled(), timestep[0, -1].item() / 1000, kw.get("write_cache", False),
+                      kw.get("context_frames", 0)))
         return orig(x, timestep, *a, **kw)
 
     model.forward = spy
     exits = [2, 0, 3]
-    out = few_step_rollout(den, noise, cond, SIGMAS, exits, generator=torch.Generator().manual_seed(1))
+    out = few_step_rollout(den, noise, cond, SIGMAS, exits, generator=torch.Generator().manual_seed(1),
+                           fuse_cache_write=fuse)
     with_grad = [c for c in calls if c[0]]
     assert len(with_grad) == 3  # one per chunk ...
     assert [round(c[1], 4) for c in with_grad] == [round(SIGMAS[k].item(), 4) for k in exits]  # ... at its exit
-    assert not any(c[2] for c in with_grad)  # cache writes never carry gradients
-    assert len(calls) == sum(k + 1 for k in exits) + 2  # denoising calls + two cache refills
+    assert not any(c[2] or c[3] for c in with_grad)  # cache writes never carry gradients
+    # Denoising calls + two cache refills; fused, chunk 2's refill rides in its first (gradient-free) call,
+    # chunk 1's cannot (exit step 0: its only call carries gradients).
+    assert len(calls) == sum(k + 1 for k in exits) + (1 if fuse else 2)
+    assert [c[3] for c in calls].count(3) == (1 if fuse else 0)
     assert out.requires_grad
 
 

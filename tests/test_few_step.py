@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.flow import add_noise, x0_from_flow
-from pipeline.sampling import Denoiser, few_step_sigmas, sample_few_step
+from pipeline.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
 from tests.conftest import make_tiny_model
 
 
@@ -55,3 +55,25 @@ def test_windowed_stream_and_errors():
     assert out.shape == noise.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="multiple"):
         sample_few_step(Denoiser(model, "block_causal", 4), noise[:, :, :6], cond, few_step_sigmas())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [None, 6])
+def test_fused_cache_write_equals_separate_write(window):
+    """The sampler writes a finished chunk into the cache inside the next chunk's first call: the same
+    videos as a separate write call (up to rounding), with one call fewer per chunk after the first."""
+    model = make_tiny_model()
+    g = torch.Generator().manual_seed(0)
+    noise, cond = torch.randn(2, 3, 16, 4, 6, generator=g), torch.randn(2, 5, 16, generator=g)
+    den, sigmas = Denoiser(model, "block_causal", 2), few_step_sigmas()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[2]))
+    out = {}
+    for fuse in (True, False):
+        calls.clear()
+        out[fuse] = few_step_rollout(den, noise, cond, sigmas, [3] * 8, 0.0, torch.Generator().manual_seed(1),
+                                     window, 2 if window else 0, fuse_cache_write=fuse)
+        assert len(calls) == 8 * 4 + (0 if fuse else 7)
+        assert sum(calls) == 16 * 4 + 14  # the same frames go through the network either way
+    hook.remove()
+    assert (out[True] - out[False]).abs().max() <= 1e-5
