@@ -43,9 +43,9 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict (or an optimizer's) into tensors (for safetensors) and JSON-able rest."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -77,6 +77,7 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
         ema: a diffusers `EMAModel` over `model.parameters()`.
         extra: JSON-able state (data stream, scheduler step, ...).
         rng: named generator states (uint8 tensors from `Generator.get_state()`).
+        optimizer: the optimizer or its state dict (`full_optimizer_state` under DeepSpeed).
         others: `{name: (model, optimizer)}` trained alongside (no EMA), saved as `<name>.safetensors`
             and `<name>_optimizer.safetensors`.
     """

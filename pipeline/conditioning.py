@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import shard
+
 
 
 def make_class_table(num_classes: int, tokens: int, text_dim: int, seed: int) -> torch.Tensor:
@@ -31,5 +33,5 @@ def embed_labels(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def drop_prompts(context: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Replace each row of `context [B, L, D]` by the null prompt `[B, L, D]` with probability `p`
     (prompt dropout, so one model learns both terms of classifier-free guidance)."""
-    drop = torch.rand(context.shape[0], generator=generator) < p
+    drop = shard.rand((context.shape[0],), generator) < p
     return torch.where(drop.to(context.device)[:, None, None], null, context)

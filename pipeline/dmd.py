@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import shard
 from .flow import add_noise, shift_sigma
 from .losses import flow_matching_loss
 from .sampling import Denoiser, few_step_rollout
@@ -48,7 +49,7 @@ def sample_dmd_sigma(batch: int, frames: int, generator: torch.Generator, per_fr
     Returns:
         σ `[batch, frames]`: independent per frame (`per_frame`) or one per video repeated over frames.
     """
-    u = torch.rand((batch, frames if per_frame else 1), generator=generator, dtype=torch.float64)
+    u = shard.rand((batch, frames if per_frame else 1), generator, dtype=torch.float64)
     sigma = shift_sigma(sigma_min + (sigma_max - sigma_min) * u, shift).clamp(sigma_min, sigma_max)
     return sigma.float().expand(batch, frames).contiguous()
 
@@ -126,7 +127,7 @@ class DMD:
         """
         x, stats = self.samples(batch, gen)
         sigma = self.draw_sigma(x, gen)
-        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        noise = shard.randn(x.shape, gen).to(x.device)
         with torch.no_grad():
             x_t = add_noise(x.detach(), noise, sigma)
             x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
@@ -150,7 +151,7 @@ class DMD:
             with torch.no_grad():
                 x, stats = self.samples(batch, gen)
         sigma = self.draw_sigma(x, gen)
-        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        noise = shard.randn(x.shape, gen).to(x.device)
         weight = torch.ones_like(sigma)
         return flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise), stats
 
@@ -161,26 +162,23 @@ class SelfForcingDMD(DMD):
 
     Args:
         per_chunk_exit: draw an exit step per chunk (True) or one for the whole rollout (False, default).
-        broadcast: makes every process use rank 0's exit steps (`accelerate.utils.broadcast`); identity
-            in one process.
+            Drawn from the shared generator (`shard.base`), so every process uses the same ones.
     """
 
     per_chunk_exit: bool = False
-    broadcast: object = None
 
     def exit_steps(self, num_chunks: int, gen: torch.Generator) -> torch.Tensor:
         """Exit step indices `[num_chunks]` into the student's levels, uniform over them."""
         k = len(self.sigmas)
-        steps = torch.randint(0, k, (num_chunks if self.per_chunk_exit else 1,), generator=gen)
-        steps = steps.expand(num_chunks).contiguous()
-        return self.broadcast(steps) if self.broadcast is not None else steps
+        steps = torch.randint(0, k, (num_chunks if self.per_chunk_exit else 1,), generator=shard.base(gen))
+        return steps.expand(num_chunks).contiguous()
 
     def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         cond = batch["context"]
         b, fpc = cond.shape[0], self.generator.frames_per_chunk
         shape = batch["shape"]  # (C, F, H, W)
         exits = self.exit_steps(shape[1] // fpc, gen)
-        noise = torch.randn((b, *shape), generator=gen).to(cond.device)
+        noise = shard.randn((b, *shape), gen).to(cond.device)
         x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), self.context_sigma, gen,
                              self.max_context_frames, self.sink_frames)
         return x, {"exit_step": exits.float().mean().item()}
@@ -195,7 +193,7 @@ class DFDMD(DMD):
     def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         x0 = batch["x0"]
         b, f, fpc = x0.shape[0], x0.shape[2], self.generator.frames_per_chunk
-        k = torch.randint(0, len(self.sigmas), (b, f // fpc), generator=gen).repeat_interleave(fpc, dim=1)
+        k = shard.randint(0, len(self.sigmas), (b, f // fpc), gen).repeat_interleave(fpc, dim=1)
         sigma = self.sigmas[k].to(x0.device)  # [B, F], constant within a chunk
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0.device), sigma)
+        x_t = add_noise(x0, shard.randn(x0.shape, gen).to(x0.device), sigma)
         return self.generator.predict_x0(x_t, sigma, batch["context"]), {"exit_step": k.float().mean().item()}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import shard
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -71,9 +73,9 @@ def sample_sigma(shape, generator: torch.Generator, kind: str = "logit_normal", 
         σ of the given shape, in (0, 1).
     """
     if kind == "logit_normal":
-        sigma = torch.sigmoid(mean + std * torch.randn(shape, generator=generator, device=device))
+        sigma = torch.sigmoid(mean + std * shard.randn(shape, generator, device=device))
     elif kind == "uniform":
-        sigma = torch.rand(shape, generator=generator, device=device)
+        sigma = shard.rand(shape, generator, device=device)
     else:
         raise ValueError(f"unknown sigma distribution {kind!r} (logit_normal, uniform)")
     return shift_sigma(sigma, shift) if shift != 1.0 else sigma

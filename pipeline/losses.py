@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import shard
 from .flow import add_noise, flow_target
 from .sampling import Denoiser
 
@@ -47,7 +48,7 @@ def pick_ode_states(states: torch.Tensor, sigmas: torch.Tensor, frames_per_chunk
         x `[B, C, F, H, W]` (each chunk taken from its drawn step) and σ `[B, F]`.
     """
     b, k1, _, f = states.shape[:4]
-    k = torch.randint(0, k1, (b, f // frames_per_chunk), generator=generator)
+    k = shard.randint(0, k1, (b, f // frames_per_chunk), generator)
     k = k.repeat_interleave(frames_per_chunk, dim=1).to(states.device)  # [B, F]
     index = k[:, None, None, :, None, None].expand(b, 1, *states.shape[2:])
     return states.gather(1, index).squeeze(1), sigmas.to(states.device)[k]

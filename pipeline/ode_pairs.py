@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import shard
 from .checkpoint import read_safetensors
 from .sampling import Denoiser, sample_autoregressive, sample_synchronous
 
@@ -120,6 +121,6 @@ class OdePairs:
 
     def next_batch(self, n: int, generator: torch.Generator, device="cpu") -> dict[str, torch.Tensor]:
         """`{"states": [n, K+1, C, F, H, W], "context": [n, L, D], "labels": [n]}`, drawn with replacement."""
-        idx = torch.randint(0, len(self), (n,), generator=generator)
+        idx = shard.randint(0, len(self), (n,), generator)
         return {"states": self.states[idx].to(device), "context": self.context[idx].to(device),
                 "labels": self.labels[idx]}

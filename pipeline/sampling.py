@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from . import shard
 from .causal_wan import CausalWanTransformer, KVCache
 from .flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
                    x0_from_flow)
@@ -128,7 +129,7 @@ def _as_context(x: torch.Tensor, context_sigma: float, generator: torch.Generato
     sigma = torch.full((x.shape[0], x.shape[2]), float(context_sigma), device=x.device)
     if context_sigma == 0:
         return x, sigma
-    return add_noise(x, torch.randn(x.shape, generator=generator).to(x.device), sigma), sigma
+    return add_noise(x, shard.randn(x.shape, generator).to(x.device), sigma), sigma
 
 
 def schedule_through(sigmas: torch.Tensor, stops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -324,7 +325,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
             for k in range(exit_k):
                 x0 = step(x, k)
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
-                x = add_noise(x0, torch.randn(x0.shape, generator=generator).to(x.device), nxt)
+                x = add_noise(x0, shard.randn(x0.shape, generator).to(x.device), nxt)
         x0 = step(x, exit_k)
         chunks.append(x0)
         if on_chunk is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import shard
 from .flow import sample_sigma
 
 KINDS = ("df", "tf", "bid")
@@ -76,7 +77,7 @@ class TrajectoryDistribution:
         else:
             df = self._levels((batch, frames), generator, device)
         bid = self._levels((batch, 1), generator, device).expand(batch, frames)
-        chunk = torch.randint(0, chunks, (batch, 1), generator=generator, device=device)
+        chunk = shard.randint(0, chunks, (batch, 1), generator, device=device)
         frame_chunk = torch.arange(frames, device=device)[None] // fpc
         level = self._levels((batch, 1), generator, device)
         tf = torch.where(frame_chunk < chunk, torch.zeros_like(df), torch.where(frame_chunk == chunk, level, 1.0))
@@ -87,7 +88,7 @@ class TrajectoryDistribution:
             return bid.contiguous(), ones
         if self.kind == "tf":
             return tf, tf_weight
-        u = torch.rand((batch, 1), generator=generator, device=device)
+        u = shard.rand((batch, 1), generator, device=device)
         use_tf = u < self.tf_prob
         use_bid = (u >= self.tf_prob) & (u < self.tf_prob + self.bid_prob)
         sigma = torch.where(use_tf, tf, torch.where(use_bid, bid, df))

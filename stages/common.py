@@ -4,14 +4,15 @@ loading models, sampling and previews."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
@@ -23,6 +24,7 @@ from pipeline.convert import build_model, read_source, sampling_config
 from pipeline.data import class_table
 from pipeline.media import save_video_grid
 from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+from pipeline.shard import ShardedGenerator
 from pipeline.sprites import NULL_CLASS, balanced_labels
 
 
@@ -34,14 +36,147 @@ class NonFiniteLoss(RuntimeError):
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, NonFiniteLoss)
 
 
-def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1) -> Accelerator:
-    """An `Accelerator` logging TensorBoard scalars under `<stage>/logs`; bf16 where supported."""
+def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
+                     models: dict[str, float | None] | None = None) -> Accelerator:
+    """An `Accelerator` logging TensorBoard scalars under `<stage>/logs`; bf16 where supported.
+
+    Under DeepSpeed (an accelerate config with `distributed_type: DEEPSPEED`), every model gets its
+    own plugin, as accelerate's multi-model API requires: `models` maps a name to its gradient clip
+    (a trained model: the config file's ZeRO stage) or None (frozen: ZeRO-3, weights partitioned, no
+    optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before preparing it.
+    Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed asks for.
+    """
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
     mp = cfg.run.mixed_precision
     if mp == "auto":
         mp = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    kwargs = {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        kwargs["deepspeed_plugins"] = deepspeed_plugins(models or {"model": 1.0}, batch_size, grad_accum)
+        if cpu:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            cpu = False  # DeepSpeed picks its CPU accelerator itself; accelerate's cpu flag would disable it
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=grad_accum, log_with="tensorboard",
-                       project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)))
+                       project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)),
+                       **kwargs)
+
+
+def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_accum: int) -> dict:
+    """One `DeepSpeedPlugin` per model: trained ones at the ZeRO stage (and offload) of the accelerate
+    config (read by accelerate from the environment its launcher sets), frozen ones at ZeRO-3."""
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    offload = {k: os.environ.get(f"ACCELERATE_DEEPSPEED_{k.upper()}", "none")
+               for k in ("offload_optimizer_device", "offload_param_device")}
+    plugins = {}
+    for name, clip in models.items():
+        frozen = clip is None
+        plugin = DeepSpeedPlugin(zero_stage=3 if frozen else stage, gradient_accumulation_steps=grad_accum,
+                                 gradient_clipping=1.0 if frozen else clip, zero3_init_flag=False,
+                                 **({} if frozen else offload))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        plugins[name] = plugin
+    return plugins
+
+
+def prepare(accelerator: Accelerator, name: str, model, optimizer=None):
+    """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
+    (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
+    under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
+
+    Returns:
+        the wrapped model, or (model, optimizer).
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state = accelerator.state
+        active = next(k for k, v in state.deepspeed_plugins.items() if v is state.deepspeed_plugin)
+        state.select_deepspeed_plugin(name)
+        if optimizer is not None:
+            return accelerator.prepare(model, optimizer)
+        model = accelerator.prepare(model)
+        # Back to the trained models' config: libraries read the active one (diffusers' EMAModel
+        # would treat the trained weights as ZeRO-3-partitioned after a ZeRO-3 teacher).
+        state.select_deepspeed_plugin(active)
+        return model
+    if optimizer is None:
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    return accelerator.prepare(model, optimizer)
+
+
+def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
+    """The optimizer's state dict in the form a one-process `AdamW` over `model.parameters()` has it,
+    whatever the backend, so a checkpoint resumes under any backend and process count.
+
+    Under DeepSpeed the fp32 moments live in ZeRO partitions: they are gathered per parameter with
+    DeepSpeed's `safe_get_full_optimizer_state` (a collective: every process must call this).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return optimizer.state_dict()
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = model.optimizer.optimizer  # the engine's ZeRO optimizer wraps ours, now over flat partitions
+    params = list(model.module.parameters())
+    steps = [st["step"] for st in base.state.values() if "step" in st]
+    state = {}
+    for i, p in enumerate(params):
+        moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+        if all(v is not None for v in moments.values()) and steps:
+            state[i] = {"step": steps[0].detach().clone().float().cpu(),
+                        **{k: v.detach().float().cpu() for k, v in moments.items()}}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    if len(groups) != 1:
+        raise ValueError(f"expected one optimizer parameter group under DeepSpeed, found {len(groups)}")
+    return {"state": state, "param_groups": [{**groups[0], "params": list(range(len(params)))}]}
+
+
+def restore_optimizer_state(accelerator: Accelerator, model, state: dict) -> None:
+    """After `prepare`: put a one-process optimizer state (loaded from a checkpoint before `prepare`)
+    into a DeepSpeed engine's ZeRO partitions (elsewhere `prepare` kept it: nothing to do)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not state.get("state"):
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = model.optimizer.optimizer
+    for i, p in enumerate(model.module.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, state["state"][i][k].to(p.device), k)
+    step = next(iter(state["state"].values()))["step"]
+    for st in base.state.values():
+        st["step"] = step.clone().to(st["step"].device) if torch.is_tensor(st.get("step")) else step.item()
+
+
+def check_replicas(accelerator: Accelerator, **models) -> int:
+    """Check that every process holds the same weights of each trained model (a silent divergence
+    would make rank 0's checkpoint one of several different models).
+
+    Returns:
+        the number of processes compared (1: nothing to compare).
+    Raises:
+        RuntimeError naming the model whose weights differ.
+    """
+    if accelerator.num_processes == 1:
+        return 1
+    for name, model in models.items():
+        flat = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])
+        position = torch.arange(1, len(flat) + 1, dtype=torch.float64)
+        fingerprint = torch.stack([flat.sum(), (flat * position).sum(), flat.abs().max()])[None]
+        every = accelerator.gather(fingerprint.to(accelerator.device)).cpu()
+        if not (every == every[:1]).all():
+            raise RuntimeError(f"{name}: weights differ between processes ({every.tolist()})")
+    return accelerator.num_processes
+
+
+def shared_generator(accelerator: Accelerator, seed: int) -> ShardedGenerator:
+    """A generator seeded alike on every process, drawing this process's rows of the global batch
+    (`pipeline/shard.py`: N processes × batch B train as one process with batch N·B)."""
+    return ShardedGenerator(torch.Generator().manual_seed(seed), accelerator.process_index,
+                            accelerator.num_processes)
+
+
+def local_batch(source, n: int, gen: ShardedGenerator, device) -> dict:
+    """This process's `n` rows of the source's next global batch of `n·processes` (every process
+    reads the same stream, so the data position is one number, whatever the process count)."""
+    batch = source.next_batch(n * gen.world)
+    return {k: gen.rows(v).to(device) for k, v in batch.items()}
 
 
 def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, total_steps: int | None = None):
@@ -55,17 +190,22 @@ def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, tot
                                     num_training_steps=total_steps or section.steps)
 
 
-def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, others: dict | None = None):
+def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, accelerator: Accelerator | None = None,
+           others: dict | None = None):
     """Restore the newest checkpoint under `ckpt_root` (after `--force`: delete them all instead).
 
     `scheduler` (None: the caller replays its own) is stepped once per restored step; `others` are
-    further `{name: (model, optimizer)}` as in `save_training_checkpoint`.
+    further `{name: (model, optimizer)}` as in `save_training_checkpoint`. Every process reads the
+    same checkpoint (the main process alone deletes, and the others wait for it).
 
     Returns:
         (step, extra, rng): 0, {}, {} when starting fresh.
     """
-    if force:  # a rerun from scratch: stale checkpoints must not be resumed from later
+    main = accelerator is None or accelerator.is_main_process
+    if force and main:  # a rerun from scratch: stale checkpoints must not be resumed from later
         shutil.rmtree(ckpt_root, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     last = latest_checkpoint(ckpt_root)
     if last is None:
         return 0, {}, {}
@@ -95,6 +235,17 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: 
     """
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower {lr_key} or check the data")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # `accelerator.backward` drives only the first engine prepared; every engine steps itself
+        # (clipping at its plugin's gradient_clipping, optimizer step, zero grad), as accelerate's wrapper does.
+        model.set_gradient_accumulation_boundary(accelerator.sync_gradients)
+        model.backward(loss)
+        if not accelerator.sync_gradients:
+            return None
+        model.step()
+        scheduler.step()
+        norm = model.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator.sync_gradients else None
     optimizer.step()

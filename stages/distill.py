@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -31,8 +30,10 @@ from pipeline.dmd import DFDMD, SelfForcingDMD
 from pipeline.ode_pairs import OdePairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
-from stages.common import (finished_already, load_source, make_accelerator, make_optimizer, optimizer_step, preview,
-                           replay_schedule, resume, save_weights, stage_main, student_config)
+from pipeline.shard import ShardedGenerator
+from stages.common import (check_replicas, finished_already, full_optimizer_state, load_source, local_batch,
+                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, replay_schedule, resume,
+                           restore_optimizer_state, save_weights, shared_generator, stage_main, student_config)
 
 STAGE = "distill"
 
@@ -55,7 +56,7 @@ def generator_updates(step: int, ratio: int) -> int:
 class Batches:
     """Prompts (and clean videos for df_dmd) per step, from the data source or init_student's ODE pairs."""
 
-    def __init__(self, cfg: Config, student_path: Path, gen: torch.Generator, device):
+    def __init__(self, cfg: Config, student_path: Path, gen: ShardedGenerator, device):
         dc = cfg.distill
         self.source = build_source(cfg, seed=cfg.run.seed + 3)
         self.pairs = None
@@ -73,7 +74,7 @@ class Batches:
             b = self.pairs.next_batch(self.n, self.gen, self.device)
             batch = {"x0": b["states"][:, -1], "context": b["context"]}
         else:
-            batch = self.source.next_batch(self.n, self.device)
+            batch = local_batch(self.source, self.n, self.gen, self.device)
         if "x0" in batch:
             self.shape = tuple(batch["x0"].shape[1:])
         return {**batch, "null": self.null, "shape": self.shape}
@@ -89,8 +90,11 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     teacher, _, teacher_cfg = load_source(teacher_path)
     critic = copy.deepcopy(teacher)  # the fake score starts as the real one
     prediction = student_cfg.model.prediction
-    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=dc.grad_accum)
-    stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)})
+    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=dc.grad_accum, batch_size=dc.batch_size,
+                                                models={"generator": dc.grad_clip, "critic": dc.critic_grad_clip,
+                                                        "teacher": None})
+    if accelerator.is_main_process:
+        stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)})
     torch.manual_seed(cfg.run.seed)
 
     generator.train().requires_grad_(True)
@@ -102,11 +106,12 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     gen_opt, gen_sched = make_optimizer(generator, dc,
                                         total_steps=generator_updates(dc.steps, dc.critic_steps_per_generator_step))
     critic_opt, critic_sched = make_optimizer(critic, dc, lr=dc.critic_lr)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
+    gen = shared_generator(accelerator, cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
     batches = Batches(cfg, student_path, gen, accelerator.device)
 
     ckpt_root = stage.path / "checkpoints"
-    step, extra, rng = resume(ckpt_root, generator, ema, gen_opt, None, force, others={"critic": (critic, critic_opt)})
+    step, extra, rng = resume(ckpt_root, generator, ema, gen_opt, None, force, accelerator,
+                              others={"critic": (critic, critic_opt)})
     ratio = dc.critic_steps_per_generator_step
     replay_schedule(gen_sched, generator_updates(step, ratio))
     replay_schedule(critic_sched, step)
@@ -114,8 +119,13 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         gen.set_state(rng["train"])
         batches.source.load_state_dict(extra["data"])
 
-    generator, critic, gen_opt, critic_opt = accelerator.prepare(generator, critic, gen_opt, critic_opt)
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    loaded = gen_opt.state_dict(), critic_opt.state_dict()  # DeepSpeed re-creates the optimizer state
+    generator, gen_opt = prepare(accelerator, "generator", generator, gen_opt)
+    critic, critic_opt = prepare(accelerator, "critic", critic, critic_opt)
+    teacher = prepare(accelerator, "teacher", teacher)
+    if step:
+        restore_optimizer_state(accelerator, generator, loaded[0])
+        restore_optimizer_state(accelerator, critic, loaded[1])
     ema.to(accelerator.device)
     fpc, st = cfg.data.frames_per_chunk, cfg.student
     teacher_attention = teacher_cfg.pretrain_teacher.attention
@@ -127,8 +137,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                   sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, sigma_shift=dc.sigma_shift)
     if dc.method == "sf_dmd":
         method = SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
-                                sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk",
-                                broadcast=lambda t: broadcast(t.to(accelerator.device), from_process=0).cpu())
+                                sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk")
     else:
         method = DFDMD(**common)
     accelerator.init_trackers("logs")
@@ -162,6 +171,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
             reuse = seen if dc.critic_samples == "generator" else None
             ema.step(accelerator.unwrap_model(generator).parameters())
             sigma = g_stats.pop("dmd_sigma")
+            g_loss = accelerator.reduce(g_loss.detach(), "mean")  # over the global batch
             logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
                         dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
             if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
@@ -171,17 +181,22 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         step += 1
         bar.update(1)
         if step % dc.log_every == 0 or step == dc.steps:
+            c_loss = accelerator.reduce(c_loss.detach(), "mean")
             logs.update(critic_loss=c_loss.item(), critic_grad_norm=float(c_norm))
             accelerator.log(logs, step=step)
             bar.set_postfix(gen=f"{logs.get('generator_loss', float('nan')):.4f}", critic=f"{c_loss.item():.4f}")
-        if (step % dc.checkpoint_every == 0 or step == dc.steps) and accelerator.is_main_process:
-            save_training_checkpoint(
-                ckpt_root, step, accelerator.unwrap_model(generator), ema, gen_opt,
-                extra={"data": batches.source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
-                       "critic_loss": c_loss.item()},
-                rng={"train": gen.get_state()}, keep=dc.keep_checkpoints,
-                others={"critic": (accelerator.unwrap_model(critic), critic_opt)})
+        if step % dc.checkpoint_every == 0 or step == dc.steps:
+            opt_states = [full_optimizer_state(accelerator, m, o)  # every process: a collective under DeepSpeed
+                          for m, o in ((generator, gen_opt), (critic, critic_opt))]
+            if accelerator.is_main_process:
+                save_training_checkpoint(
+                    ckpt_root, step, accelerator.unwrap_model(generator), ema, opt_states[0],
+                    extra={"data": batches.source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
+                           "critic_loss": c_loss.item()},
+                    rng={"train": gen.get_state()}, keep=dc.keep_checkpoints,
+                    others={"critic": (accelerator.unwrap_model(critic), opt_states[1])})
     bar.close()
+    replicas = check_replicas(accelerator, generator=generator, critic=critic)
 
     outputs = {}
     if accelerator.is_main_process:
@@ -197,9 +212,11 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         ema.restore(raw.parameters())
     accelerator.end_training()
     metrics = {"steps": step, "generator_updates": generator_updates(step, ratio), "method": dc.method,
+               "processes": accelerator.num_processes, "replicas_identical": replicas,
                "final_critic_loss": c_loss.item() if c_loss is not None else extra.get("critic_loss"),
                "final_generator_loss": g_loss.item() if g_loss is not None else None}
-    stage.finish(outputs, metrics)
+    if accelerator.is_main_process:
+        stage.finish(outputs, metrics)
     return stage
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline.causal_wan import build_transformer
 from pipeline.config import STAGES, Config, ConfigError, load_config
@@ -21,6 +23,7 @@ from pipeline.run_dir import StageDir
 from pipeline.sampling import few_step_sigmas
 from stages.common import USER_ERRORS, parse_with_overrides
 
+BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",
              "distill": "stages.distill", "evaluate": "stages.evaluate"}
 
@@ -35,6 +38,57 @@ def parse(argv):
     ap.add_argument("--force", action="store_true")
     ap.add_argument("overrides", nargs="*")
     return parse_with_overrides(ap, argv)
+
+
+def accelerate_backend(config_file: str) -> str:
+    """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--accelerate-config: file not found: {path}")
+    try:
+        conf = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--accelerate-config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    kind = str(conf.get("distributed_type", "")).upper()
+    if kind not in BACKENDS:
+        raise ConfigError(f"--accelerate-config {path}: distributed_type must be one of {', '.join(BACKENDS)}, "
+                          f"got '{conf.get('distributed_type')}'")
+    if kind == "DEEPSPEED" and int((conf.get("deepspeed_config") or {}).get("zero_stage", 2)) not in (0, 1, 2, 3):
+        raise ConfigError(f"--accelerate-config {path}: deepspeed_config.zero_stage must be 0..3")
+    return kind
+
+
+def accelerate_command(num_processes: int, config_file: str | None, backend: str | None) -> tuple[list, dict]:
+    """The `accelerate launch` command line and environment for `num_processes` processes.
+
+    On a machine without a GPU: plain `accelerate launch --num_processes N` silently starts one
+    process, so DDP goes through `--multi_gpu` with `ACCELERATE_USE_CPU=1` (gloo); DeepSpeed must not
+    see `ACCELERATE_USE_CPU` (it gets gloo from `make_accelerator`); FSDP does not engage on a CPU.
+    """
+    env = dict(os.environ, CVD_PLAN_PRINTED="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--main_process_port", str(free_port())]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    gpu = torch.cuda.is_available()
+    if backend in (None, "MULTI_GPU", "MULTI_CPU", "NO") and num_processes > 1:
+        cmd += ["--multi_gpu"]
+    if not gpu:
+        if backend == "FSDP":
+            raise ConfigError("FSDP runs on GPUs only (accelerate does not engage it on a CPU); "
+                              "use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml here")
+        if backend == "DEEPSPEED":
+            env.pop("ACCELERATE_USE_CPU", None)
+        else:
+            env["ACCELERATE_USE_CPU"] = "1"
+    return cmd, env
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on (so two runs on one machine do not collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def model_summary(cfg: Config) -> dict:
@@ -54,8 +108,8 @@ def model_summary(cfg: Config) -> dict:
             "latent": [cfg.model.in_channels, f, s, s], "tokens_per_frame": tokens, "sequence": tokens * f}
 
 
-def plan(cfg: Config, stages: list[str]) -> str:
-    lines = [f"run dir: {cfg.run.dir}", f"device: {'cuda' if torch.cuda.is_available() and cfg.run.device != 'cpu' else 'cpu'}"
+def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None) -> str:
+    lines = [f"run dir: {cfg.run.dir}", f"processes: {num_processes} ({backend or ('DDP' if num_processes > 1 else 'single')})", f"device: {'cuda' if torch.cuda.is_available() and cfg.run.device != 'cpu' else 'cpu'}"
              f" ({torch.cuda.device_count()} GPU visible)", f"data: {cfg.data.kind} size={cfg.data.size} "
              f"frames={cfg.data.frames} frames_per_chunk={cfg.data.frames_per_chunk}"]
     ms = model_summary(cfg)
@@ -91,15 +145,15 @@ def main(argv=None) -> int:
         for s in stages:
             if s not in STAGES:
                 raise ConfigError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
-        print(plan(cfg, stages))
+        child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
+        backend = accelerate_backend(args.accelerate_config) if args.accelerate_config else None
+        if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
+            print(plan(cfg, stages, args.num_processes, backend))
         if args.dry_run:
             return 0
-        if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
-            if args.accelerate_config:
-                cmd += ["--config_file", args.accelerate_config]
-            cmd += ["-m", "stages.launch", *(argv if argv is not None else sys.argv[1:])]
-            return subprocess.call(cmd)
+        if (args.num_processes > 1 or args.accelerate_config) and not child:
+            cmd, env = accelerate_command(args.num_processes, args.accelerate_config, backend)
+            return subprocess.call([*cmd, "-m", "stages.launch", *(argv if argv is not None else sys.argv[1:])], env=env)
         import importlib
 
         for s in stages:

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from pipeline import shard
 from pipeline.causal_wan import build_transformer
 from pipeline.checkpoint import save_training_checkpoint
 from pipeline.conditioning import drop_prompts
@@ -26,8 +27,9 @@ from pipeline.losses import flow_matching_loss
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
-from stages.common import (finished_already, make_accelerator, make_optimizer, optimizer_step, preview, resume,
-                           save_weights, stage_main)
+from stages.common import (check_replicas, finished_already, full_optimizer_state, local_batch, make_accelerator,
+                           make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state, resume,
+                           save_weights, shared_generator, stage_main)
 
 STAGE = "pretrain_teacher"
 
@@ -37,9 +39,11 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     stage = StageDir(cfg.run.dir, STAGE)
     if finished_already(stage, tc, force):
         return stage
-    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=tc.grad_accum)
-    stage.begin(to_yaml(cfg), inputs={"pretrained": cfg.model.pretrained} if cfg.model.pretrained else None)
-    torch.manual_seed(cfg.run.seed)
+    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=tc.grad_accum, batch_size=tc.batch_size,
+                                                models={"model": tc.grad_clip})
+    if accelerator.is_main_process:
+        stage.begin(to_yaml(cfg), inputs={"pretrained": cfg.model.pretrained} if cfg.model.pretrained else None)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
 
     model = build_transformer(cfg.model)
     ema = EMAModel(model.parameters(), decay=tc.ema_decay)
@@ -49,15 +53,18 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         kind=tc.trajectory, frames_per_chunk=cfg.data.frames_per_chunk, per_chunk=tc.per_chunk,
         tf_prob=tc.tf_prob, bid_prob=tc.bid_prob, sigma_kind=tc.sigma_kind, sigma_mean=tc.sigma_mean,
         sigma_std=tc.sigma_std, sigma_shift=tc.sigma_shift)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 1)  # noise levels, noise, label dropout
+    gen = shared_generator(accelerator, cfg.run.seed + 1)  # noise levels, noise, label dropout
 
     ckpt_root = stage.path / "checkpoints"
-    step, extra, rng = resume(ckpt_root, model, ema, optimizer, scheduler, force)
+    step, extra, rng = resume(ckpt_root, model, ema, optimizer, scheduler, force, accelerator)
     if step:
         source.load_state_dict(extra["data"])
         gen.set_state(rng["train"])
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    loaded = optimizer.state_dict()  # DeepSpeed re-creates the optimizer state
+    model, optimizer = prepare(accelerator, "model", model, optimizer)
+    if step:
+        restore_optimizer_state(accelerator, model, loaded)
     ema.to(accelerator.device)
     denoiser = Denoiser(model, tc.attention, cfg.data.frames_per_chunk, cfg.model.prediction)
     null = source.null_context(tc.batch_size).to(accelerator.device)
@@ -71,31 +78,34 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         model.train()
         for _ in range(tc.grad_accum):
             with accelerator.accumulate(model):
-                batch = source.next_batch(tc.batch_size, accelerator.device)
+                batch = local_batch(source, tc.batch_size, gen, accelerator.device)
                 context = drop_prompts(batch["context"], null, tc.label_dropout, gen)
                 sigma, weight = trajectories.sample(tc.batch_size, batch["x0"].shape[2], gen)
-                noise = torch.randn(batch["x0"].shape, generator=gen).to(accelerator.device)
+                noise = shard.randn(batch["x0"].shape, gen).to(accelerator.device)
                 with accelerator.autocast():
                     loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device),
                                               weight.to(accelerator.device), noise)
                 grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", tc.grad_clip,
                                            step)
-                seen += tc.batch_size
+                seen += tc.batch_size * accelerator.num_processes
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             rate = seen / (time.time() - t0)
+            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
             accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                              "samples_per_s": rate}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
+            opt_state = full_optimizer_state(accelerator, model, optimizer)
             if accelerator.is_main_process:
-                save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, optimizer,
+                save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
                                          extra={"data": source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
                                                 "loss": loss.item()},
                                          rng={"train": gen.get_state()}, keep=tc.keep_checkpoints)
     bar.close()
+    replicas = check_replicas(accelerator, model=model)
 
     outputs = {}
     if accelerator.is_main_process:
@@ -107,7 +117,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         ema.restore(raw.parameters())
     accelerator.end_training()
     final_loss = loss.item() if loss is not None else extra.get("loss")
-    stage.finish(outputs, {"final_loss": final_loss, "steps": step})
+    if accelerator.is_main_process:
+        stage.finish(outputs, {"final_loss": final_loss, "steps": step, "processes": accelerator.num_processes,
+                               "replicas_identical": replicas})
     return stage
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.dmd import DFDMD, SelfForcingDMD, dmd_gradient, dmd_loss, sample_dmd_sigma
+from pipeline.shard import ShardedGenerator
 from pipeline.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
 from stages import distill
 from tests.conftest import assert_same_weights, crash_then_resume, make_tiny_model, weights
@@ -121,8 +122,10 @@ def test_exit_steps_per_rollout_or_per_chunk():
     assert (one == one[:, :1]).all() and set(one[:, 0].tolist()) == {0, 1, 2, 3}
     each = torch.stack([SelfForcingDMD(**kw, per_chunk_exit=True).exit_steps(4, g) for _ in range(50)])
     assert (each != each[:, :1]).any()
-    ranks = SelfForcingDMD(**kw, broadcast=lambda t: torch.zeros_like(t)).exit_steps(4, g)
-    assert (ranks == 0).all()  # what rank 0 broadcasts is what every process uses
+    # Processes share the generator: every rank draws rank 0's exit steps.
+    ranks = [SelfForcingDMD(**kw).exit_steps(4, ShardedGenerator(torch.Generator().manual_seed(5), r, 2))
+             for r in range(2)]
+    assert torch.equal(ranks[0], ranks[1])
 
 
 def test_df_dmd_denoises_noised_chunks_in_one_forward():

@@ -1,0 +1,131 @@
+"""Multi-process training on a CPU (gloo), as `./launch.sh CONFIG --num-processes 2 [--accelerate-config F]` runs it.
+
+Each process trains on its rows of a global batch drawn from a generator shared by all processes
+(`pipeline/shard.py`), so 2 processes × batch 2 must give the weights of 1 process × batch 4 (up to
+float rounding in the gradient all-reduce), and every process must hold the same weights at the end
+(`check_replicas`, recorded in the manifest).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+ACCEL = REPO / "configs" / "accelerate"
+TOL = 1e-5
+
+
+def launch(run_dir: Path, stage: str, *extra, processes: int = 1, accelerate_config: str | None = None,
+           timeout: int = 300):
+    """`python -m stages.launch` on the tiny test config (an empty YAML + the test overrides)."""
+    cfg = run_dir.parent / "empty.yaml"
+    cfg.write_text("{}\n")
+    cmd = [sys.executable, "-m", "stages.launch", str(cfg), "--stages", stage, "--num-processes", str(processes)]
+    if accelerate_config:
+        cmd += ["--accelerate-config", str(ACCEL / accelerate_config)]
+    cmd += [*TINY_OVERRIDES, f"run.dir={run_dir}", *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def weights(run_dir: Path, stage: str, part: str) -> dict:
+    return load_file(str(run_dir / stage / part / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Teacher, student and distilled student of one process with batch 4 (the reference)."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    launch(run, "pretrain_teacher,init_student,distill", "pretrain_teacher.batch_size=4", "distill.batch_size=4")
+    return run
+
+
+def test_ddp_teacher_equals_one_process_with_the_doubled_batch(one_process, tmp_path):
+    run = tmp_path / "run"
+    launch(run, "pretrain_teacher", "pretrain_teacher.batch_size=2", processes=2)
+    m = manifest(run, "pretrain_teacher")
+    assert m["metrics"]["processes"] == 2 and m["metrics"]["replicas_identical"] == 2
+    for part in ("transformer", "transformer_ema"):
+        moved = max_diff(weights(run, "pretrain_teacher", part), weights(one_process, "pretrain_teacher", part))
+        assert moved <= TOL, part
+    ref = manifest(one_process, "pretrain_teacher")["metrics"]["final_loss"]
+    assert m["metrics"]["final_loss"] == pytest.approx(ref, rel=1e-5)  # the loss is reduced over processes
+
+
+def _copy_inputs(src: Path, dst: Path):
+    for stage in ("pretrain_teacher", "init_student"):
+        shutil.copytree(src / stage, dst / stage)
+
+
+def test_ddp_distill_equals_one_process_with_the_doubled_batch(one_process, tmp_path):
+    run = tmp_path / "run"
+    _copy_inputs(one_process, run)
+    launch(run, "distill", "distill.batch_size=2", processes=2)
+    assert manifest(run, "distill")["metrics"]["replicas_identical"] == 2
+    for part in ("transformer", "transformer_ema", "critic"):
+        assert max_diff(weights(run, "distill", part), weights(one_process, "distill", part)) <= TOL, part
+    # ... and training moved them (the comparison is not between two untouched copies)
+    assert max_diff(weights(run, "distill", "transformer"), weights(one_process, "init_student", "transformer_ema")) > 1e-4
+
+
+def test_deepspeed_zero2_distill_and_resume_with_another_process_count(one_process, tmp_path):
+    """Generator and critic as ZeRO-2 engines, the teacher as a ZeRO-3 one; 2 of the 4 steps under
+    DeepSpeed, then the checkpoint (optimizer moments gathered from the ZeRO partitions) resumed by one
+    plain process with batch 4: the result is the uninterrupted one-process run."""
+    run = tmp_path / "run"
+    _copy_inputs(one_process, run)
+    launch(run, "distill", "distill.batch_size=2", "distill.steps=2", processes=2,
+           accelerate_config="deepspeed_zero2.yaml")
+    assert manifest(run, "distill")["metrics"]["replicas_identical"] == 2
+    half = load_file(str(run / "distill" / "checkpoints" / "step_0000002" / "optimizer.safetensors"))
+    assert any(k.endswith(".exp_avg") for k in half) and all(v.isfinite().all() for v in half.values())
+    launch(run, "distill", "distill.batch_size=4")  # continues from step 2 to distill.steps=4
+    assert manifest(run, "distill")["metrics"]["steps"] == 4
+    for part in ("transformer", "transformer_ema", "critic"):
+        assert max_diff(weights(run, "distill", part), weights(one_process, "distill", part)) <= TOL, part
+
+
+def test_fsdp_config_validates_in_dry_run_and_is_refused_on_cpu(tmp_path):
+    r = launch(tmp_path / "run", "distill", "--dry-run", processes=2, accelerate_config="fsdp.yaml")
+    assert "processes: 2 (FSDP)" in r.stdout
+    cfg = tmp_path / "empty.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "stages.launch", str(cfg), "--stages", "distill", "--num-processes",
+                          "2", "--accelerate-config", str(ACCEL / "fsdp.yaml"), *TINY_OVERRIDES,
+                          f"run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, env=env)
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "FSDP runs on GPUs only" in bad.stderr
+        assert not (tmp_path / "run" / "distill").exists()
+
+
+def test_bad_accelerate_config_is_one_line(tmp_path):
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("{}\n")
+    weird = tmp_path / "weird.yaml"
+    weird.write_text("distributed_type: TPU_POD\n")
+    for path, msg in ((tmp_path / "missing.yaml", "file not found"), (weird, "distributed_type must be one of")):
+        r = subprocess.run([sys.executable, "-m", "stages.launch", str(cfg), "--num-processes", "2",
+                            "--accelerate-config", str(path), *TINY_OVERRIDES, f"run.dir={tmp_path / 'run'}"],
+                           cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
