@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.causal_wan import build_transformer
+from pipeline import memory
+from pipeline.causal_wan import CausalWanTransformer, wan_config
 from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.run_dir import StageDir
 from pipeline.sampling import few_step_sigmas
@@ -92,30 +93,52 @@ def free_port() -> int:
 
 
 def model_summary(cfg: Config) -> dict:
-    """Parameter count and token shapes without allocating weights (meta device)."""
+    """Parameter count and token shapes without allocating weights (meta device). A `model.pretrained`
+    folder gives its config.json; when it is missing, the shape of `model.*` is used and the path named."""
+    source = ""
+    kw = wan_config(cfg.model)
     if cfg.model.pretrained:
-        conf = json.loads((Path(cfg.model.pretrained) / "config.json").read_text())
-        params = "from " + cfg.model.pretrained
-        patch = conf["patch_size"]
-    else:
-        with torch.device("meta"):
-            m = build_transformer(cfg.model)
-        params = sum(p.numel() for p in m.parameters())
-        patch = cfg.model.patch_size
+        conf = Path(cfg.model.pretrained) / "config.json"
+        if conf.is_file():
+            kw.update({k: v for k, v in json.loads(conf.read_text()).items() if k in kw})
+            source = f" from {cfg.model.pretrained}"
+        else:
+            source = f" (shape of model.*: local weights not found: {conf})"
+    with torch.device("meta"):
+        m = CausalWanTransformer(**kw)
+    params = sum(p.numel() for p in m.parameters())
+    patch = kw["patch_size"]
     s, f = cfg.data.size, cfg.data.frames
     tokens = (s // patch[1]) * (s // patch[2])
-    return {"class": "CausalWanTransformer (diffusers WanTransformer3DModel)", "parameters": params,
-            "latent": [cfg.model.in_channels, f, s, s], "tokens_per_frame": tokens, "sequence": tokens * f}
+    return {"class": "CausalWanTransformer (diffusers WanTransformer3DModel)" + source, "parameters": params,
+            "latent": [kw["in_channels"], f, s, s], "tokens_per_frame": tokens, "sequence": tokens * f,
+            "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"]}
 
 
-def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None) -> str:
+def zero_stage(config_file: str | None) -> int:
+    conf = yaml.safe_load(Path(config_file).read_text()) if config_file else {}
+    return int(((conf or {}).get("deepspeed_config") or {}).get("zero_stage", 2))
+
+
+def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int) -> str:
+    section = getattr(cfg, stage)
+    bf16 = cfg.run.mixed_precision == "bf16" or (cfg.run.mixed_precision == "auto" and torch.cuda.is_available()
+                                                  and cfg.run.device != "cpu")
+    est = memory.estimate(stage, ms["parameters"], ms["dim"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
+                          section.batch_size, cfg.student.max_context_frames, backend or "DDP", stage_zero,
+                          num_processes, bool(getattr(section, "gradient_checkpointing", False)), bf16)
+    return f"  memory: {est.line()}"
+
+
+def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None,
+         accelerate_config: str | None = None) -> str:
+    zero = zero_stage(accelerate_config) if backend == "DEEPSPEED" else 0
     lines = [f"run dir: {cfg.run.dir}", f"processes: {num_processes} ({backend or ('DDP' if num_processes > 1 else 'single')})", f"device: {'cuda' if torch.cuda.is_available() and cfg.run.device != 'cpu' else 'cpu'}"
              f" ({torch.cuda.device_count()} GPU visible)", f"data: {cfg.data.kind} size={cfg.data.size} "
              f"frames={cfg.data.frames} frames_per_chunk={cfg.data.frames_per_chunk}"]
     ms = model_summary(cfg)
     lines.append(f"model: {ms['class']}, {ms['parameters']:,} parameters, latent {ms['latent']}, "
-                 f"{ms['tokens_per_frame']} tokens/frame, {ms['sequence']} tokens/clip"
-                 if isinstance(ms["parameters"], int) else f"model: {ms['class']}, {ms['parameters']}")
+                 f"{ms['tokens_per_frame']} tokens/frame, {ms['sequence']} tokens/clip")
     if any(s != "pretrain_teacher" for s in stages):
         st = cfg.student
         levels = ", ".join(f"{v:.3g}" for v in few_step_sigmas(st.denoising_steps, st.shift).tolist())
@@ -134,6 +157,8 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
             detail = (f"models={','.join(e.models + list(e.extra))} videos={e.num_videos} frames={cfg.data.frames} and "
                       f"{cfg.data.frames * e.long_factor}")
         lines.append(f"stage {s}: {state} {detail}".rstrip())
+        if s in ("pretrain_teacher", "init_student", "distill"):
+            lines.append(memory_line(cfg, s, ms, num_processes, backend, zero))
     return "\n".join(lines)
 
 
@@ -148,7 +173,7 @@ def main(argv=None) -> int:
         child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
         backend = accelerate_backend(args.accelerate_config) if args.accelerate_config else None
         if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
-            print(plan(cfg, stages, args.num_processes, backend))
+            print(plan(cfg, stages, args.num_processes, backend, args.accelerate_config))
         if args.dry_run:
             return 0
         if (args.num_processes > 1 or args.accelerate_config) and not child:
