@@ -5,6 +5,7 @@
 #   ./launch.sh CONFIG [--stages a,b] [--num-processes N] [--accelerate-config F] [--dry-run] [--force] [k=v ...]
 #   ./launch.sh sample SOURCE --out FILE.safetensors [--n N] [--frames F] [--steps K] [--seed S] [--guidance G]
 #   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--part P] [--dtype D] [--force]
+#   ./launch.sh prepare_data CONFIG [--force] [k=v ...]   videos or prompts -> latent / prompt-embedding shards
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -36,6 +37,7 @@ case "$cmd" in
   test)    exec $PY -m pytest -q tests "$@" ;;
   sample)  exec $PY -m stages.sample "$@" ;;
   convert) exec $PY -m stages.convert "$@" ;;
-  -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+  prepare_data) exec $PY -m stages.prepare_data "$@" ;;
+  -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
   *)       exec $PY -m stages.launch "$cmd" "$@" ;;
 esac

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -335,7 +336,12 @@ def wan_config(model_cfg) -> dict:
 
 def build_transformer(model_cfg) -> CausalWanTransformer:
     """A randomly initialised `CausalWanTransformer` from `config.ModelConfig`, or the diffusers
-    folder `model_cfg.pretrained`."""
+    folder `model_cfg.pretrained` (a pipeline folder: its `transformer/`)."""
     if model_cfg.pretrained:
-        return CausalWanTransformer.from_pretrained(model_cfg.pretrained)
+        path = Path(model_cfg.pretrained)
+        if (path / "transformer" / "config.json").is_file():
+            path = path / "transformer"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: no diffusers transformer (config.json) at local path {path}")
+        return CausalWanTransformer.from_pretrained(path)
     return CausalWanTransformer(**wan_config(model_cfg))

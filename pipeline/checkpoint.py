@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .faults import maybe_kill
+
 
 class CheckpointError(RuntimeError):
     """A missing or unreadable checkpoint, reported as one line."""
@@ -89,6 +91,7 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
     tmp.mkdir()
     names = [n for n, _ in model.named_parameters()]
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+    maybe_kill("checkpoint", step)  # crash tests: a half-written checkpoint must never be picked up
     save_file(_contiguous(dict(zip(names, ema.shadow_params))), str(tmp / "ema.safetensors"))
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

@@ -35,11 +35,17 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "sprites"  # sprites | latents
-    size: int = 16  # sprites frame size S (16 or 32)
+    kind: str = "sprites"  # sprites | latents (encoded videos + prompts) | prompts (prompt embeddings only)
+    size: int = 16  # sprites frame size S (16 or 32); latents/prompts: square latent size when latent_size is unset
     frames: int = 12  # training clip length (latent frames)
     frames_per_chunk: int = 3  # the causal unit
-    path: Optional[str] = None  # latents: folder of safetensors shards
+    path: Optional[str] = None  # latents/prompts: folder of safetensors shards (prepare_data writes it)
+    # The real-scale path (`stages/prepare_data.py`; pipeline/data.py: latent_shape):
+    latent_size: Optional[List[int]] = None  # [H, W] of the latents (None = [size, size]); Wan 480x832 -> [60, 104]
+    videos: Optional[str] = None  # prepare_data, kind=latents: folder of .mp4/.gif videos, a same-named .txt caption each
+    prompts: Optional[str] = None  # prepare_data, kind=prompts: text file, one prompt per line
+    pixel_size: Optional[List[int]] = None  # prepare_data: [H, W] videos are resized (short side) and centre-cropped to
+    pixel_frames: Optional[int] = None  # prepare_data: frames taken from each video's start (Wan: 81 -> 21 latent)
     num_classes: int = 6
     cond_tokens: int = 4  # prompt-embedding sequence length of the class stand-in
     cond_seed: int = 1234  # seed of the fixed class-embedding table
@@ -96,6 +102,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     log_every: int = 25
     preview_n: int = 12
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
 
 
 @dataclass
@@ -166,7 +173,6 @@ class DistillConfig(TrainingConfig):
     sigma_max: float = 0.98
     sigma_shift: float = 5.0
     exit_step: str = "per_rollout"  # sf_dmd: one exit step for all chunks | per_chunk
-    gradient_checkpointing: bool = False  # recompute the exit step's activations in the backward pass
     clean_source: str = "data"  # df_dmd: data (the training videos) | ode_pairs (init_student's ODE end points)
 
 
@@ -184,12 +190,43 @@ class EvaluateConfig:
     real_seed: int = 1_000_003  # their stream (training reads run.seed's)
     preview_videos: int = 12
     benchmarks: List[str] = field(default_factory=list)  # scripts of benchmarks/ to run too (see BENCHMARKS)
+    # Text runs (data.kind latents / prompts): no sprites metrics; each model's decoded videos are written in
+    # VBench's layout, <evaluate>/vbench/<model>/<prompt>-<i>.mp4, for VBench to score (components.vae decodes).
+    prompts: Optional[str] = None  # prompt file, one per line (e.g. VBench's prompt suite)
+    videos_per_prompt: int = 5  # VBench's standard protocol samples 5 per prompt
+
+
+@dataclass
+class ComponentsConfig:
+    """The frozen text encoder and VAE of the real-scale path, from LOCAL folders (never downloaded):
+    a diffusers Wan pipeline folder (with `text_encoder/`, `tokenizer/`, `vae/`) or the component folders
+    themselves. Used by `prepare_data` (offline encoding) and by sampling text models (`sample --prompts`)."""
+
+    text_encoder: Optional[str] = None  # UMT5EncoderModel folder, or a pipeline folder holding text_encoder/
+    tokenizer: Optional[str] = None  # tokenizer folder (None: the pipeline's tokenizer/, or beside text_encoder/)
+    vae: Optional[str] = None  # AutoencoderKLWan folder, or a pipeline folder holding vae/
+    text_encoder_dtype: str = "bf16"  # fp32 | bf16 | fp16 (Wan's T5 runs in bf16)
+    vae_dtype: str = "fp32"  # fp32 | bf16 | fp16 (diffusers' Wan examples keep the VAE in fp32)
+    text_encoder_offload: bool = True  # keep the encoder on the CPU, on the device only while encoding a batch
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda: where encoding runs
+    max_sequence_length: int = 512  # prompt tokens (WanPipeline's default; embeddings past each prompt zeroed)
+
+
+@dataclass
+class PrepareDataConfig:
+    """`stages/prepare_data.py`: videos or prompts -> safetensors shards in `data.path`."""
+
+    shard_size: int = 64  # samples per shard (a crash loses at most one shard)
+    batch_size: int = 4  # videos / prompts per encoder call
+    cache_dir: Optional[str] = None  # prompt-embedding cache (None: <data.path>/.cache)
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    prepare_data: PrepareDataConfig = field(default_factory=PrepareDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     pretrain_teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -271,7 +308,29 @@ def validate(cfg: Config) -> None:
          f"run.mixed_precision: expected auto, no or bf16, got '{cfg.run.mixed_precision}'")
     for s in cfg.run.stages:
         need(s in STAGES, f"run.stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
-    need(cfg.data.kind in ("sprites", "latents"), f"data.kind: expected sprites or latents, got '{cfg.data.kind}'")
+    need(cfg.data.kind in ("sprites", "latents", "prompts"),
+         f"data.kind: expected sprites, latents or prompts, got '{cfg.data.kind}'")
+    if cfg.data.latent_size is not None:
+        need(len(cfg.data.latent_size) == 2 and min(cfg.data.latent_size) > 0,
+             f"data.latent_size: expected [H, W] of positive ints, got {cfg.data.latent_size}")
+    if cfg.data.pixel_size is not None:
+        need(len(cfg.data.pixel_size) == 2 and min(cfg.data.pixel_size) > 0,
+             f"data.pixel_size: expected [H, W] of positive ints, got {cfg.data.pixel_size}")
+    need(cfg.data.pixel_frames is None or cfg.data.pixel_frames > 0,
+         f"data.pixel_frames must be positive, got {cfg.data.pixel_frames}")
+    if cfg.data.kind == "prompts":  # prompt embeddings only: nothing to regress or noise
+        need(cfg.distill.method != "df_dmd", "distill.method=df_dmd needs videos: data.kind=prompts has none "
+                                             "(use data.kind=latents, or distill.method=sf_dmd)")
+        need("pretrain_teacher" not in cfg.run.stages, "run.stages: pretrain_teacher needs videos (data.kind=latents); "
+                                                       "data.kind=prompts has none")
+    for key in ("text_encoder_dtype", "vae_dtype"):
+        need(getattr(cfg.components, key) in ("fp32", "bf16", "fp16"),
+             f"components.{key}: expected fp32, bf16 or fp16, got '{getattr(cfg.components, key)}'")
+    need(cfg.components.device in ("auto", "cpu", "cuda"),
+         f"components.device: expected auto, cpu or cuda, got '{cfg.components.device}'")
+    need(cfg.components.max_sequence_length > 0, "components.max_sequence_length must be positive")
+    need(cfg.prepare_data.shard_size > 0 and cfg.prepare_data.batch_size > 0,
+         "prepare_data.shard_size and batch_size must be positive")
     if cfg.data.kind == "sprites":
         need(cfg.data.size in (16, 32), f"data.size: sprites frames are 16 or 32 pixels, got {cfg.data.size}")
     need(cfg.data.frames % cfg.data.frames_per_chunk == 0,

@@ -10,6 +10,11 @@ label dropout and guidance. Its `state_dict()` makes the stream resumable.
   path: a VAE and a text encoder run once, offline), each shard holding `latents [N, C, F, H, W]`,
   `prompt_embeds [N, L, D]`; `null_embeds.safetensors` holds `prompt_embeds [1, L, D]` of the empty
   prompt.
+- `PromptSource`: prompt embeddings only (`data.kind=prompts`; Self-Forcing's SF+DMD needs no videos):
+  shards holding `prompt_embeds [N, L, D]` (a latent folder works too), read row by row from disk.
+  Its batches have no "x0": stages that need videos refuse it.
+
+`stages/prepare_data.py` writes both kinds of folders.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from safetensors import safe_open
 
 from .checkpoint import read_safetensors
 from .conditioning import embed_labels, make_class_table
@@ -48,7 +55,30 @@ class SpritesSource:
         self.stream.load_state_dict(state)
 
 
-class LatentSource:
+class _ShuffledRows:
+    """A seeded random order over the rows of a source (one shuffled pass after another), resumable by
+    `drawn`; subclasses set `seed`, `drawn`, `null [1, L, D]` and `__len__`."""
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def _next_indices(self, n: int) -> torch.Tensor:
+        size = len(self)
+        idx = torch.stack([self._order(i // size)[i % size] for i in range(self.drawn, self.drawn + n)])
+        self.drawn += n
+        return idx
+
+    def null_context(self, n: int) -> torch.Tensor:
+        return self.null.float().expand(n, *self.null.shape[1:])
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn, self.seed = state["drawn"], state["seed"]
+
+
+class LatentSource(_ShuffledRows):
     """Pre-encoded latents and prompt embeddings from `*.safetensors` shards in a folder, in a seeded
     random order (one shuffled pass after another)."""
 
@@ -68,24 +98,93 @@ class LatentSource:
         self.null = read_safetensors(path / "null_embeds.safetensors")["prompt_embeds"]
         self.seed, self.drawn = seed, 0
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.latents), generator=torch.Generator().manual_seed(self.seed + epoch))
+    def __len__(self) -> int:
+        return len(self.latents)
 
     def next_batch(self, n: int, device="cpu") -> dict[str, torch.Tensor]:
-        size = len(self.latents)
-        idx = torch.stack([self._order(i // size)[i % size] for i in range(self.drawn, self.drawn + n)])
-        self.drawn += n
+        idx = self._next_indices(n)
         return {"x0": self.latents[idx].float().to(device), "context": self.embeds[idx].float().to(device),
                 "labels": torch.full((n,), -1, dtype=torch.long)}
 
-    def null_context(self, n: int) -> torch.Tensor:
-        return self.null.float().expand(n, *self.null.shape[1:])
 
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn, "seed": self.seed}
+class PromptBatch(dict):
+    """A prompts-only batch: asking it for videos ("x0") is a one-line error, not a KeyError deep inside a
+    trainer (`"x0" in batch` stays False, which is how sf_dmd tells it has no videos)."""
 
-    def load_state_dict(self, state: dict) -> None:
-        self.drawn, self.seed = state["drawn"], state["seed"]
+    def __missing__(self, key):
+        if key == "x0":
+            raise ValueError("data.kind=prompts has prompt embeddings only; this stage needs videos "
+                             "(pretrain_teacher, distill.method=df_dmd): use data.kind=latents")
+        raise KeyError(key)
+
+
+class EmbeddingRows:
+    """The `prompt_embeds` rows of several shards as one table, read from disk on demand (Wan's are
+    512 x 4096 per prompt: a large prompt set does not fit in memory). `rows[idx]` → `[n, L, D]`."""
+
+    def __init__(self, shards: list[Path]):
+        self.shards, counts = shards, []
+        for p in shards:
+            with safe_open(str(p), "pt") as f:
+                if "prompt_embeds" not in f.keys():
+                    raise ValueError(f"{p}: a prompt shard needs a 'prompt_embeds' tensor")
+                shape = f.get_slice("prompt_embeds").get_shape()
+            if len(shape) != 3:
+                raise ValueError(f"{p}: prompt_embeds must be [N, L, D], got {shape}")
+            counts.append(shape[0])
+            self.row_shape = tuple(shape[1:])
+        self.starts = torch.tensor([0, *counts]).cumsum(0)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx).reshape(-1)
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        out = [None] * len(idx)
+        for s in shard.unique().tolist():
+            where = (shard == s).nonzero().flatten().tolist()
+            with safe_open(str(self.shards[s]), "pt") as f:
+                sl = f.get_slice("prompt_embeds")
+                for w in where:
+                    r = int(idx[w] - self.starts[s])
+                    out[w] = sl[r:r + 1]
+        return torch.cat(out)
+
+
+class PromptSource(_ShuffledRows):
+    """Prompt embeddings from `*.safetensors` shards in a folder (`prompt_embeds [N, L, D]` each, plus
+    `null_embeds.safetensors`), in a seeded random order (one shuffled pass after another).
+
+    Batches: `{"context": [B, L, D] float32, "labels": [B] of -1}` — no "x0" (see `PromptBatch`)."""
+
+    def __init__(self, path: str | Path, seed: int):
+        path = Path(path)
+        shards = sorted(p for p in path.glob("*.safetensors") if p.name != "null_embeds.safetensors")
+        if not shards:
+            raise FileNotFoundError(f"no prompt shards (*.safetensors) in {path}")
+        if not (path / "null_embeds.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: null_embeds.safetensors (the empty prompt's embeddings) is missing")
+        self.embeds = EmbeddingRows(shards)  # also what init_student's ODE pairs index
+        self.null = read_safetensors(path / "null_embeds.safetensors")["prompt_embeds"]
+        if tuple(self.null.shape[1:]) != self.embeds.row_shape:
+            raise ValueError(f"{path}: null_embeds {list(self.null.shape)} do not match prompt rows "
+                             f"{list(self.embeds.row_shape)}")
+        self.seed, self.drawn = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def next_batch(self, n: int, device="cpu") -> dict[str, torch.Tensor]:
+        idx = self._next_indices(n)
+        return PromptBatch(context=self.embeds[idx].float().to(device), labels=torch.full((n,), -1, dtype=torch.long))
+
+
+def latent_shape(cfg) -> tuple[int, int, int, int]:
+    """`(C, F, H, W)` of one training video in the model's space: sprites are `(3, frames, size, size)`;
+    latents `(model.in_channels, data.frames, *data.latent_size)` (`latent_size` None: `[size, size]`)."""
+    h, w = cfg.data.latent_size or (cfg.data.size, cfg.data.size)
+    return (cfg.model.in_channels, cfg.data.frames, h, w)
 
 
 def class_table(cfg) -> torch.Tensor:
@@ -94,9 +193,14 @@ def class_table(cfg) -> torch.Tensor:
 
 
 def build_source(cfg, seed: int):
-    """The configured data source (`data.kind`: sprites or latents)."""
+    """The configured data source (`data.kind`: sprites, latents or prompts)."""
     if cfg.data.kind == "sprites":
         return SpritesSource(cfg.data.size, cfg.data.frames, seed, class_table(cfg))
     if cfg.data.path is None:
-        raise ValueError("data.path must name a folder of latent shards when data.kind=latents")
+        raise ValueError(f"data.path must name a folder of {cfg.data.kind} shards when data.kind={cfg.data.kind} "
+                         "(stages.prepare_data writes it)")
+    if not Path(cfg.data.path).is_dir():
+        raise FileNotFoundError(f"data.path: local path not found: {cfg.data.path} (run prepare_data first)")
+    if cfg.data.kind == "prompts":
+        return PromptSource(cfg.data.path, seed)
     return LatentSource(cfg.data.path, seed)

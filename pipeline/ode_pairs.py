@@ -56,8 +56,12 @@ def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
 @torch.no_grad()
 def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Conditions, uncond: torch.Tensor | None,
                     num_pairs: int, shard_size: int, latent_shape: tuple, student_sigmas: torch.Tensor, sampler,
-                    seed: int, device="cpu") -> list[Path]:
+                    seed: int, device="cpu", rank: int = 0, world: int = 1) -> list[Path]:
     """Sample `num_pairs` teacher ODE trajectories into shards, skipping shards already on disk.
+
+    With `world` processes, process `rank` makes shards `rank, rank + world, ...` (a shard's noise
+    depends on its index only, so the shards are the same whatever the process count); the caller
+    waits for all processes before reading them.
 
     Args:
         teacher: the teacher's denoiser (its attention, `clip_x0`).
@@ -75,8 +79,8 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
     keep = torch.cat([student_sigmas.float(), torch.zeros(1)])
     counts = [min(shard_size, num_pairs - s) for s in range(0, num_pairs, shard_size)]
     paths = [shard_path(folder, i) for i in range(len(counts))]
-    todo = [i for i, (p, n) in enumerate(zip(paths, counts)) if not _complete(p, keep, n)]
-    for i in tqdm(todo, desc="ODE pairs (shards)", disable=not todo):
+    todo = [i for i, (p, n) in enumerate(zip(paths, counts)) if i % world == rank and not _complete(p, keep, n)]
+    for i in tqdm(todo, desc="ODE pairs (shards)", disable=not todo or rank != 0):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         context, labels = conditions(i * shard_size, counts[i])
         noise = torch.randn((counts[i], *latent_shape), generator=gen)

@@ -1,5 +1,6 @@
 """Generated videos in the layout VBench reads, so text-conditioned models can be scored with VBench
-(not installed here).
+(not installed here), and the sampling of text-conditioned latent models into it: prompt embeddings ->
+latents (`sample_text_latents`) -> the VAE (`decode_videos`) -> MP4s (`write_text_samples`).
 
 VBench's prompt suite asks for `<out>/<prompt>-<index>.mp4`, `index` = 0, 1, ... per prompt (5 samples
 per prompt in its standard protocol), one folder per model (and per dimension, if sampling per
@@ -12,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from .media import save_video_grid
 
 MAX_NAME = 180
 
@@ -40,6 +39,66 @@ def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str
     paths = [out / vbench_name(p, int(i)) for p, i in zip(prompts, indices)]
     if len(set(paths)) != len(paths):
         raise ValueError("two videos map to the same VBench file name (same prompt and index)")
-    for v, path in zip(videos, paths):
-        save_video_grid(v[None], path, fps=fps, scale=1, pad=0)
+    import imageio.v2 as iio2
+
+    for v, path in zip(videos, paths):  # frames as they are (any H x W), [F, H, W, 3] uint8
+        frames = ((v.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        iio2.mimwrite(path, list(frames), fps=fps, macro_block_size=2)  # libx264: even sizes (odd ones padded)
     return paths
+
+
+def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, latent_shape: tuple, seed: int,
+                        denoising_steps=None, steps: int | None = None, guidance: float | None = None,
+                        batch_size: int = 8, on_chunk=None, few_step: bool | None = None) -> torch.Tensor:
+    """Latents `[N, C, F, H, W]` of a text-conditioned model for prompt embeddings `context [N, L, D]`.
+
+    A student (its config has `denoising_steps`) samples with the few-step chunk-wise sampler (`cfg.student`,
+    `denoising_steps` replacing its list); a teacher with its many-step sampler
+    (`cfg.pretrain_teacher.sampler`, `steps` / `guidance` replacing its own), guided against `null [1, L, D]`
+    (the empty prompt's embeddings). `latent_shape` is `(C, F, H, W)`; noise is seeded by `seed`.
+    `few_step=True` runs a teacher through the student's sampler (the no-distillation baseline).
+    """
+    from dataclasses import replace
+
+    from .sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+
+    model.eval()
+    fpc, pred = cfg.data.frames_per_chunk, cfg.model.prediction
+    if few_step or (few_step is None and "denoising_steps" in model.config):
+        st = cfg.student
+        den = Denoiser(model, "block_causal", fpc, pred, st.clip_x0)
+        sigmas = few_step_sigmas(denoising_steps or st.denoising_steps, st.shift)
+        return generate_few_step(den, context, latent_shape, sigmas, st.context_sigma, seed, batch_size,
+                                 st.max_context_frames, st.sink_frames, on_chunk=on_chunk)
+    sp = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(steps=steps, guidance=guidance).items()
+                                                    if v is not None})
+    den = Denoiser(model, cfg.pretrain_teacher.attention, fpc, pred, sp.clip_x0)
+    uncond = null.float().expand(len(context), *null.shape[1:])
+    return generate(den, context, uncond, latent_shape, sp.kind, sp.steps, sp.guidance, sp.shift, sp.context_sigma,
+                    seed, batch_size, lag=sp.lag, max_context_frames=sp.max_context_frames,
+                    sink_frames=sp.sink_frames, on_chunk=on_chunk)
+
+
+def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Decode normalised latents `[N, C, F, h, w]` with a `pipeline.vae.WanVAE` into videos
+    `[N, T, 3, H, W]` in [-1, 1] (the samples-file / VBench layout), `batch_size` videos at a time."""
+    out = [vae.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)]
+    return torch.cat(out).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, null: torch.Tensor, vae,
+                       out: str | Path, videos_per_prompt: int = 5, latent_shape: tuple | None = None,
+                       seed: int = 0, batch_size: int = 8, fps: int = 16, **sampler) -> list[Path]:
+    """Sample `videos_per_prompt` videos for each prompt (`context [P, L, D]` its embeddings), decode them
+    with the VAE and write `<out>/<prompt>-<i>.mp4` (VBench's layout). `sampler` goes to
+    `sample_text_latents` (denoising_steps / steps / guidance / on_chunk). Returns the paths, prompt-major."""
+    from .data import latent_shape as config_latent_shape
+
+    if len(prompts) != len(context):
+        raise ValueError(f"need one embedding row per prompt, got {len(prompts)} prompts, {len(context)} rows")
+    idx = torch.arange(len(prompts)).repeat_interleave(videos_per_prompt)
+    lat = sample_text_latents(model, cfg, context[idx].float(), null, latent_shape or config_latent_shape(cfg), seed,
+                              batch_size=batch_size, **sampler)
+    videos = decode_videos(vae, lat)
+    names = [prompts[i] for i in idx.tolist()]
+    return write_vbench_videos(out, videos, names, list(range(videos_per_prompt)) * len(prompts), fps=fps)

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import save_training_checkpoint
 from pipeline.config import Config, to_yaml
-from pipeline.data import build_source
+from pipeline.data import build_source, latent_shape
 from pipeline.dmd import DFDMD, SelfForcingDMD
+from pipeline.faults import maybe_kill
 from pipeline.ode_pairs import OdePairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
@@ -66,7 +67,7 @@ class Batches:
                 raise FileNotFoundError(f"distill.clean_source=ode_pairs: no ODE pairs in {folder}")
             self.pairs = OdePairs(folder)
         self.gen, self.device, self.n = gen, device, dc.batch_size
-        self.shape = (cfg.model.in_channels, cfg.data.frames, cfg.data.size, cfg.data.size)
+        self.shape = latent_shape(cfg)
         self.null = self.source.null_context(self.n).to(device)
 
     def next(self) -> dict:
@@ -100,7 +101,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     generator.train().requires_grad_(True)
     critic.train().requires_grad_(True)
     teacher.eval().requires_grad_(False)
-    if dc.gradient_checkpointing:  # only the exit step runs with gradients: it is the one recomputed
+    if dc.gradient_checkpointing:  # sf_dmd: only the exit step runs with gradients; it is the one recomputed
         generator.enable_gradient_checkpointing()
     ema = EMAModel(generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
     gen_opt, gen_sched = make_optimizer(generator, dc,
@@ -179,6 +180,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         c_loss, _, c_norm, _ = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
                                       dc.critic_grad_clip, reuse)
         step += 1
+        maybe_kill("step", step)
         bar.update(1)
         if step % dc.log_every == 0 or step == dc.steps:
             c_loss = accelerator.reduce(c_loss.detach(), "mean")

@@ -19,6 +19,9 @@ Outputs in `<run.dir>/evaluate/`: `samples/<model>.safetensors` (training length
 `report.md`, `plots/{drift,modes,speed_quality}.png`. A model whose stage has not run is skipped with
 a note; a finished model is not sampled again when the stage resumes (`samples/<model>.json` records
 its result and what it was computed from).
+
+Text runs (`data.kind` latents / prompts) have no such metrics here: `run_text` writes every model's
+videos for `evaluate.prompts`, decoded by the VAE, in VBench's layout under `<evaluate>/vbench/<model>/`.
 """
 
 from __future__ import annotations
@@ -200,11 +203,67 @@ def real_reference(cfg: Config) -> tuple[dict, dict]:
                       "long": quality(row["videos"], row["labels"], features["long"])}
 
 
+def run_text(cfg: Config, force: bool = False) -> StageDir:
+    """Text runs (data.kind latents / prompts): every model's videos for `evaluate.prompts`, decoded by
+    `components.vae`, in VBench's layout `<evaluate>/vbench/<model>/<prompt>-<i>.mp4` (VBench, not installed
+    here, scores them). Resumable per model (`vbench/<model>.json` records what its videos came from)."""
+    from pipeline.data import latent_shape
+    from pipeline.text_encoder import TextEncoder
+    from pipeline.vae import WanVAE
+    from pipeline.vbench import write_text_samples
+    from stages.prepare_data import read_prompts
+
+    e = cfg.evaluate
+    if e.prompts is None:
+        raise ConfigError("evaluate.prompts must name a prompt file (one per line) for a text run "
+                          f"(data.kind={cfg.data.kind}): evaluate writes each model's videos in VBench's layout")
+    prompts = read_prompts(e.prompts)
+    stage = StageDir(cfg.run.dir, "evaluate")
+    if stage.done and not force:
+        print(f"[evaluate] done already: {stage.path} (use --force to rerun)")
+        return stage
+    seed = cfg.run.seed if e.seed is None else e.seed
+    models = entries(cfg)
+    stage.begin(to_yaml(cfg), {m.name: _weights_of(m.source) for m in models})
+    hashes = stage.manifest()["inputs"]
+    folder = stage.path / "vbench"
+    folder.mkdir(exist_ok=True)
+    encoder = TextEncoder.from_config(cfg)
+    context = encoder.encode_cached(prompts, folder / ".cache")
+    null = encoder.encode_cached([""], folder / ".cache")
+    del encoder
+    vae = WanVAE.from_config(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    outputs = {}
+    with torch.no_grad():
+        for m in models:
+            fingerprint = {"sha256": hashes[m.name]["sha256"], "prompts": prompts, "few_step": m.few_step,
+                           "per_prompt": e.videos_per_prompt, "seed": seed, "student": repr(cfg.student)}
+            record = folder / f"{m.name}.json"
+            if not force and record.is_file() and json.loads(record.read_text()) == fingerprint:
+                print(f"[evaluate] {m.name}: done already ({record.name})")
+            else:
+                model, _, mcfg = load_source(m.source)
+                if not (m.source / "manifest.json").is_file():  # a bare folder: the run's samplers
+                    mcfg = cfg
+                few = m.few_step and mcfg.pretrain_teacher.attention == "block_causal"  # else: no KV cache
+                if few:
+                    mcfg = replace(mcfg, student=cfg.student)
+                print(f"[evaluate] {m.name}: {len(prompts)} prompts × {e.videos_per_prompt} videos from {m.source}")
+                write_text_samples(model.to(device), mcfg, prompts, context, null, vae, folder / m.name,
+                                   e.videos_per_prompt, latent_shape(cfg), seed, e.batch_size,
+                                   few_step=True if few else None)
+                write_atomic(record, json.dumps(fingerprint))
+            outputs[m.name] = str(folder / m.name)
+    stage.finish(outputs, {"prompts": len(prompts), "videos_per_prompt": e.videos_per_prompt})
+    print(f"[evaluate] wrote VBench folders under {folder}")
+    return stage
+
+
 def run(cfg: Config, force: bool = False) -> StageDir:
     """Evaluate every model of the run; returns the stage folder."""
     if cfg.data.kind != "sprites":
-        raise ConfigError("evaluate scores sprites runs (data.kind=sprites); latent models: write their videos with "
-                          "pipeline.vbench and score them with VBench")
+        return run_text(cfg, force)
     stage = StageDir(cfg.run.dir, "evaluate")
     if stage.done and not force:
         print(f"[evaluate] done already: {stage.path} (use --force to rerun)")

@@ -26,14 +26,16 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import save_training_checkpoint
 from pipeline.config import Config, to_yaml
-from pipeline.data import build_source
+from pipeline.data import build_source, latent_shape
+from pipeline.faults import maybe_kill
 from pipeline.losses import ode_regression_loss, pick_ode_states
 from pipeline.ode_pairs import OdePairs, write_ode_pairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
 from pipeline.sprites import NULL_CLASS
-from stages.common import (finished_already, load_source, make_accelerator, make_optimizer, optimizer_step, preview,
-                           resume, save_weights, stage_main, student_config)
+from stages.common import (check_replicas, finished_already, full_optimizer_state, load_source, make_accelerator,
+                           make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state, resume,
+                           save_weights, shared_generator, stage_main, student_config)
 
 STAGE = "init_student"
 
@@ -43,7 +45,8 @@ def teacher_path(cfg: Config) -> Path:
 
 
 def pair_conditions(cfg: Config, table: torch.Tensor | None):
-    """The prompts of ODE pairs: classes in turn for sprites, the shards' prompt embeddings for latents."""
+    """The prompts of ODE pairs: classes in turn for sprites, the shards' prompt embeddings for latents and
+    prompts (a `PromptSource` reads its rows from disk)."""
     if cfg.data.kind == "sprites":
         def conditions(start, n):
             labels = torch.arange(start, start + n) % cfg.data.num_classes
@@ -57,17 +60,20 @@ def pair_conditions(cfg: Config, table: torch.Tensor | None):
     return conditions, source.null_context(1)
 
 
-def make_pairs(cfg: Config, stage: StageDir, teacher, table, prediction: str, device) -> Path:
-    """Sample (or finish sampling) the teacher's ODE pairs into `<stage>/ode_pairs/`."""
+def make_pairs(cfg: Config, stage: StageDir, teacher, table, prediction: str, accelerator: Accelerator) -> Path:
+    """Sample (or finish sampling) the teacher's ODE pairs into `<stage>/ode_pairs/`, the shards shared out
+    over the processes."""
+    device = accelerator.device
     ic, tc = cfg.init_student, cfg.pretrain_teacher
     folder = stage.path / "ode_pairs"
     denoiser = Denoiser(teacher.to(device).eval(), tc.attention, cfg.data.frames_per_chunk, prediction,
                         tc.sampler.clip_x0)
     conditions, uncond = pair_conditions(cfg, table)
-    c, f, s = cfg.model.in_channels, cfg.data.frames, cfg.data.size
     write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None, ic.ode_pairs,
-                    ic.ode_shard_size, (c, f, s, s), few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift),
-                    tc.sampler, seed=cfg.run.seed, device=device)
+                    ic.ode_shard_size, latent_shape(cfg), few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift),
+                    tc.sampler, seed=cfg.run.seed, device=device, rank=accelerator.process_index,
+                    world=accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process trains on all shards
     return folder
 
 
@@ -79,28 +85,36 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     source = teacher_path(cfg)
     teacher, table, teacher_cfg = load_source(source)  # EMA weights
     prediction = teacher_cfg.model.prediction  # the student predicts what the teacher does
-    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=ic.grad_accum)
-    stage.begin(to_yaml(cfg), inputs={"teacher": source / "transformer_ema" if (source / "manifest.json").is_file()
+    accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=ic.grad_accum, batch_size=ic.batch_size,
+                                                models={"model": ic.grad_clip})
+    if accelerator.is_main_process:
+        stage.begin(to_yaml(cfg), inputs={"teacher": source / "transformer_ema" if (source / "manifest.json").is_file()
                                       else source})
     torch.manual_seed(cfg.run.seed)
-    if force:  # pairs belong to the run being redone
+    if force and accelerator.is_main_process:  # pairs belong to the run being redone
         shutil.rmtree(stage.path / "ode_pairs", ignore_errors=True)
+    accelerator.wait_for_everyone()
 
     with torch.no_grad():
-        folder = make_pairs(cfg, stage, teacher, table, prediction, accelerator.device)
+        folder = make_pairs(cfg, stage, teacher, table, prediction, accelerator)
     pairs = OdePairs(folder)
 
     model = teacher.train()  # the student starts as the teacher's EMA weights
     model.requires_grad_(True)
+    if ic.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=ic.ema_decay)
     optimizer, scheduler = make_optimizer(model, ic)
-    gen = torch.Generator().manual_seed(cfg.run.seed + 2)  # pair draws and step indices
+    gen = shared_generator(accelerator, cfg.run.seed + 2)  # pair draws and step indices
     ckpt_root = stage.path / "checkpoints"
-    step, extra, rng = resume(ckpt_root, model, ema, optimizer, scheduler, force)
+    step, extra, rng = resume(ckpt_root, model, ema, optimizer, scheduler, force, accelerator)
     if step:
         gen.set_state(rng["train"])
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    loaded = optimizer.state_dict()  # DeepSpeed re-creates the optimizer state
+    model, optimizer = prepare(accelerator, "model", model, optimizer)
+    if step:
+        restore_optimizer_state(accelerator, model, loaded)
     ema.to(accelerator.device)
     student = Denoiser(model, "block_causal", cfg.data.frames_per_chunk, prediction)
     accelerator.init_trackers("logs")
@@ -119,19 +133,24 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                     loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1])
                 grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", ic.grad_clip,
                                            step)
-                seen += ic.batch_size
+                seen += ic.batch_size * accelerator.num_processes
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
+        maybe_kill("step", step)
         bar.update(1)
         if step % ic.log_every == 0 or step == ic.steps:
+            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
             accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                              "samples_per_s": seen / (time.time() - t0)}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step % ic.checkpoint_every == 0 or step == ic.steps) and accelerator.is_main_process:
-            save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, optimizer,
-                                     extra={"elapsed_s": elapsed0 + time.time() - t0, "loss": loss.item()},
-                                     rng={"train": gen.get_state()}, keep=ic.keep_checkpoints)
+        if step % ic.checkpoint_every == 0 or step == ic.steps:
+            opt_state = full_optimizer_state(accelerator, model, optimizer)  # every process (DeepSpeed gathers)
+            if accelerator.is_main_process:
+                save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
+                                         extra={"elapsed_s": elapsed0 + time.time() - t0, "loss": loss.item()},
+                                         rng={"train": gen.get_state()}, keep=ic.keep_checkpoints)
     bar.close()
+    replicas = check_replicas(accelerator, model=model)
 
     outputs = {"ode_pairs": str(folder)}
     if accelerator.is_main_process:
@@ -143,7 +162,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         ema.restore(raw.parameters())
     accelerator.end_training()
     final_loss = loss.item() if loss is not None else extra.get("loss")
-    stage.finish(outputs, {"final_loss": final_loss, "steps": step, "ode_pairs": len(pairs)})
+    if accelerator.is_main_process:
+        stage.finish(outputs, {"final_loss": final_loss, "steps": step, "ode_pairs": len(pairs),
+                               "processes": accelerator.num_processes, "replicas_identical": replicas})
     return stage
 
 

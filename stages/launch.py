@@ -20,6 +20,7 @@ import yaml
 from pipeline import memory
 from pipeline.causal_wan import CausalWanTransformer, wan_config
 from pipeline.config import STAGES, Config, ConfigError, load_config
+from pipeline.data import latent_shape
 from pipeline.run_dir import StageDir
 from pipeline.sampling import few_step_sigmas
 from stages.common import USER_ERRORS, parse_with_overrides
@@ -108,10 +109,10 @@ def model_summary(cfg: Config) -> dict:
         m = CausalWanTransformer(**kw)
     params = sum(p.numel() for p in m.parameters())
     patch = kw["patch_size"]
-    s, f = cfg.data.size, cfg.data.frames
-    tokens = (s // patch[1]) * (s // patch[2])
+    _, f, h, w = latent_shape(cfg)
+    tokens = (h // patch[1]) * (w // patch[2])
     return {"class": "CausalWanTransformer (diffusers WanTransformer3DModel)" + source, "parameters": params,
-            "latent": [kw["in_channels"], f, s, s], "tokens_per_frame": tokens, "sequence": tokens * f,
+            "latent": [kw["in_channels"], f, h, w], "tokens_per_frame": tokens, "sequence": tokens * f,
             "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"]}
 
 
@@ -130,12 +131,29 @@ def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: 
     return f"  memory: {est.line()}"
 
 
+def missing_paths(cfg: Config, stages: list[str]) -> dict[str, str]:
+    """Configured local paths (weights, data, components) that do not exist, by config key. The stages'
+    own outputs (data.path when prepare_data has yet to write it) count as missing too."""
+    keys = {"model.pretrained": cfg.model.pretrained, "data.path": cfg.data.path, "data.videos": cfg.data.videos,
+            "data.prompts": cfg.data.prompts, "components.text_encoder": cfg.components.text_encoder,
+            "components.tokenizer": cfg.components.tokenizer, "components.vae": cfg.components.vae,
+            "init_student.teacher": cfg.init_student.teacher, "distill.student": cfg.distill.student,
+            "distill.teacher": cfg.distill.teacher}
+    return {k: v for k, v in keys.items() if v and not Path(v).exists()}
+
+
 def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None,
          accelerate_config: str | None = None) -> str:
     zero = zero_stage(accelerate_config) if backend == "DEEPSPEED" else 0
-    lines = [f"run dir: {cfg.run.dir}", f"processes: {num_processes} ({backend or ('DDP' if num_processes > 1 else 'single')})", f"device: {'cuda' if torch.cuda.is_available() and cfg.run.device != 'cpu' else 'cpu'}"
-             f" ({torch.cuda.device_count()} GPU visible)", f"data: {cfg.data.kind} size={cfg.data.size} "
-             f"frames={cfg.data.frames} frames_per_chunk={cfg.data.frames_per_chunk}"]
+    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    _, _, h, w = latent_shape(cfg)
+    lines = [f"run dir: {cfg.run.dir}",
+             f"processes: {num_processes} ({backend or ('DDP' if num_processes > 1 else 'single')})",
+             f"device: {device} ({torch.cuda.device_count()} GPU visible)",
+             f"data: {cfg.data.kind} {h}x{w} frames={cfg.data.frames} frames_per_chunk={cfg.data.frames_per_chunk}"]
+    missing = missing_paths(cfg, stages)
+    if missing:
+        lines.append("missing local paths: " + ", ".join(f"{k}={v}" for k, v in missing.items()))
     ms = model_summary(cfg)
     lines.append(f"model: {ms['class']}, {ms['parameters']:,} parameters, latent {ms['latent']}, "
                  f"{ms['tokens_per_frame']} tokens/frame, {ms['sequence']} tokens/clip")
@@ -182,6 +200,8 @@ def main(argv=None) -> int:
         import importlib
 
         for s in stages:
+            if s == "evaluate" and int(os.environ.get("RANK", "0")) != 0:
+                continue  # sampling and scoring run on the main process; the others would write the same files
             importlib.import_module(AVAILABLE[s]).run(cfg, force=args.force)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,8 +21,9 @@ from pipeline import shard
 from pipeline.causal_wan import build_transformer
 from pipeline.checkpoint import save_training_checkpoint
 from pipeline.conditioning import drop_prompts
-from pipeline.config import Config, to_yaml
+from pipeline.config import Config, ConfigError, to_yaml
 from pipeline.data import build_source
+from pipeline.faults import maybe_kill
 from pipeline.losses import flow_matching_loss
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
@@ -36,6 +37,8 @@ STAGE = "pretrain_teacher"
 
 def run(cfg: Config, force: bool = False) -> StageDir:
     tc = cfg.pretrain_teacher
+    if cfg.data.kind == "prompts":
+        raise ConfigError("pretrain_teacher needs videos: data.kind=prompts has none; use data.kind=latents")
     stage = StageDir(cfg.run.dir, STAGE)
     if finished_already(stage, tc, force):
         return stage
@@ -46,6 +49,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
 
     model = build_transformer(cfg.model)
+    if tc.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=tc.ema_decay)
     optimizer, scheduler = make_optimizer(model, tc)
     source = build_source(cfg, seed=cfg.run.seed)
@@ -90,6 +95,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 seen += tc.batch_size * accelerator.num_processes
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
+        maybe_kill("step", step)
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             rate = seen / (time.time() - t0)

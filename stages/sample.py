@@ -8,6 +8,15 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
+
+Text-conditioned latent models (data.kind latents / prompts):
+
+    ./launch.sh sample SOURCE --prompts FILE --vbench-dir DIR [--per-prompt 5] [--vae PATH]
+                       [--text-encoder PATH] [--tokenizer PATH] [--frames F] [--steps K] [--seed S]
+
+encode every line of FILE with the text encoder (cached in DIR/.cache), sample `--per-prompt` videos
+each, decode them with the VAE and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/vbench.py`).
+`--vae` / `--text-encoder` / `--tokenizer` default to the model's config (`components.*`).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from stages.common import USER_ERRORS, is_student, load_source, sample_student_v
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="./launch.sh sample")
     ap.add_argument("source")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="samples file (sprites models)")
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--frames", type=int)
     ap.add_argument("--steps", type=int, help="teacher: Euler steps; student: K evenly spaced denoising steps "
@@ -41,7 +50,17 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, help="teacher only (students are distilled without guidance)")
     ap.add_argument("--sampler", choices=["autoregressive", "synchronous"], help="teacher only")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    ap.add_argument("--prompts", help="text models: prompt file, one per line")
+    ap.add_argument("--vbench-dir", help="text models: folder for <prompt>-<i>.mp4")
+    ap.add_argument("--per-prompt", type=int, default=5, help="text models: videos per prompt (VBench: 5)")
+    ap.add_argument("--vae", help="text models: VAE folder (default: the config's components.vae)")
+    ap.add_argument("--text-encoder", help="text models: UMT5 or pipeline folder (default: components.text_encoder)")
+    ap.add_argument("--tokenizer", help="text models: tokenizer folder (default: components.tokenizer)")
     args = ap.parse_args(argv)
+    if args.prompts or args.vbench_dir:
+        return sample_text(args)
+    if args.out is None:
+        ap.error("--out is required (or --prompts and --vbench-dir for a text model)")
     out = Path(args.out)
     try:
         if out.suffix != ".safetensors":
@@ -82,6 +101,50 @@ def main(argv=None) -> int:
     if clock.times:
         speed += f", first chunk after {clock.times[0] * 1000:.0f} ms (batch of {min(len(videos), 64)})"
     print(speed)
+    return 0
+
+
+def sample_text(args) -> int:
+    """`sample --prompts FILE --vbench-dir DIR`: decoded videos of a text-conditioned latent model."""
+    from pipeline.data import latent_shape
+    from pipeline.text_encoder import TextEncoder
+    from pipeline.vae import WanVAE
+    from pipeline.vbench import write_text_samples
+    from stages.prepare_data import read_prompts
+
+    try:
+        if not (args.prompts and args.vbench_dir):
+            raise ValueError("text models need both --prompts FILE and --vbench-dir DIR")
+        if args.guidance is not None or args.sampler:
+            raise ValueError("--guidance and --sampler are not options of text sampling (the config's sampler is used)")
+        prompts = read_prompts(args.prompts)
+        model, _, cfg = load_source(args.source, args.raw)  # a bare folder: default config + --vae etc.
+        c = cfg.components
+        for key, val in (("text_encoder", args.text_encoder), ("tokenizer", args.tokenizer), ("vae", args.vae)):
+            if val is not None:
+                setattr(c, key, val)
+        c.text_encoder_offload = True  # the encoder runs once, before the transformer
+        frames = args.frames or cfg.data.frames
+        if frames % cfg.data.frames_per_chunk:
+            raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({cfg.data.frames_per_chunk})")
+        vae = WanVAE.from_config(cfg)
+        encoder = TextEncoder.from_config(cfg)
+        out = Path(args.vbench_dir)
+        context = encoder.encode_cached(prompts, out / ".cache")
+        null = encoder.encode_cached([""], out / ".cache")
+        del encoder
+        shape = (*latent_shape(cfg)[:1], frames, *latent_shape(cfg)[2:])
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+        steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
+        clock = ChunkClock()
+        paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
+                                   args.seed, denoising_steps=steps,
+                                   steps=args.steps if not is_student(model) else None, on_chunk=clock)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} videos ({len(prompts)} prompts × {args.per_prompt}) to {out} "
+          f"({time.perf_counter() - clock.start:.1f} s with decoding)")
     return 0
 
 

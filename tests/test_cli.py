@@ -139,3 +139,19 @@ def test_diffusers_folder_records_prediction(trained_stage):
         assert json.loads((stage_path / name / "config.json").read_text())["prediction"] == cfg.model.prediction
         _, _, folder_cfg = load_source(str(stage_path / name))
         assert folder_cfg.model.prediction == cfg.model.prediction
+
+
+def test_wan_recipe_dry_run_names_missing_paths_and_memory():
+    """The Wan2.1-T2V-1.3B recipe validates and plans without any weights: it names every missing local
+    path and prints a per-GPU memory estimate per stage and backend."""
+    for name, stages in (("teacher.yaml", ["pretrain_teacher"]), ("student.yaml", ["init_student", "distill"])):
+        path = REPO / "configs" / "wan2.1-t2v-1.3b" / name
+        r = cli("-m", "stages.launch", str(path), "--dry-run", "--num-processes", "8", "--accelerate-config",
+                str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
+        assert r.returncode == 0, r.stderr
+        assert "processes: 8 (DEEPSPEED)" in r.stdout and "1,418,996,800 parameters" in r.stdout  # Wan2.1-1.3B
+        assert "missing local paths: model.pretrained=/path/to/" in r.stdout and "data.path=/path/to/" in r.stdout
+        assert "latent [16, 21, 60, 104], 1560 tokens/frame" in r.stdout
+        for s in stages:
+            assert f"stage {s}: pending" in r.stdout
+        assert r.stdout.count("GiB per device") == len(stages)
