@@ -15,7 +15,7 @@ from .flow import add_noise, flow_target
 from .sampling import Denoiser
 
 
-def flow_matching_loss(denoiser: Denoiser, x0, context, sigma, weight, noise):
+def flow_matching_loss(denoiser: Denoiser, x0, context, sigma, weight, noise, norm: torch.Tensor | None = None):
     """Weighted per-frame L2 in the space the network predicts (flow `ε - x0`, or x0; the two differ
     by a per-level weight `1/σ²`).
 
@@ -25,13 +25,15 @@ def flow_matching_loss(denoiser: Denoiser, x0, context, sigma, weight, noise):
         x0, noise: `[B, C, F, H, W]`.
         context: `[B, L, D]` prompt embeddings.
         sigma, weight: `[B, F]` per-frame levels and loss weights (a trajectory distribution's draw).
+        norm: the denominator (default: this batch's weight sum). With several processes, pass the mean
+            over processes of their sums, so that the averaged gradient is the global batch's.
     Returns:
         scalar loss.
     """
     pred = denoiser.raw(add_noise(x0, noise, sigma), sigma, context)
     target = x0 if denoiser.prediction == "x0" else flow_target(x0, noise)
     per_frame = (pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    return (per_frame * weight).sum() / weight.sum().clamp_min(1e-8)
+    return (per_frame * weight).sum() / (weight.sum() if norm is None else norm).clamp_min(1e-8)
 
 
 def pick_ode_states(states: torch.Tensor, sigmas: torch.Tensor, frames_per_chunk: int,
@@ -55,7 +57,7 @@ def pick_ode_states(states: torch.Tensor, sigmas: torch.Tensor, frames_per_chunk
 
 
 def ode_regression_loss(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                        x0: torch.Tensor) -> torch.Tensor:
+                        x0: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
     """CausVid's regression: `mean((G_θ(x_σ, σ, prompt) - x0_teacher)²)` over frames with σ > 0,
     `G_θ` the student's x̂0 (clean frames are context only).
 
@@ -64,10 +66,12 @@ def ode_regression_loss(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor
         sigma: `[B, F]` their levels.
         context: `[B, L, D]` the prompt the teacher sampled with.
         x0: `[B, C, F, H, W]` the teacher's ODE end point from the same noise.
+        norm: the denominator (default: this batch's count of noisy frames). With several processes, pass the mean
+            over processes of their sums, so that the averaged gradient is the global batch's.
     Returns:
         scalar loss.
     """
     pred = denoiser.predict_x0(x, sigma, context)
     per_frame = (pred.float() - x0.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
     noisy = (sigma > 0).float()
-    return (per_frame * noisy).sum() / noisy.sum().clamp_min(1.0)
+    return (per_frame * noisy).sum() / (noisy.sum() if norm is None else norm).clamp_min(1.0)

@@ -165,6 +165,12 @@ def check_replicas(accelerator: Accelerator, **models) -> int:
     return accelerator.num_processes
 
 
+def global_norm(accelerator: Accelerator, weight: torch.Tensor) -> torch.Tensor:
+    """A loss denominator over the global batch: the mean over processes of `weight.sum()` (see
+    `pipeline.losses`: each process's weighted sum divided by it, averaged by DDP, is the global loss)."""
+    return accelerator.reduce(weight.sum().detach(), "mean") if accelerator.num_processes > 1 else weight.sum()
+
+
 def shared_generator(accelerator: Accelerator, seed: int) -> ShardedGenerator:
     """A generator seeded alike on every process, drawing this process's rows of the global batch
     (`pipeline/shard.py`: N processes × batch B train as one process with batch N·B)."""

@@ -33,9 +33,9 @@ from pipeline.ode_pairs import OdePairs, write_ode_pairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
 from pipeline.sprites import NULL_CLASS
-from stages.common import (check_replicas, finished_already, full_optimizer_state, load_source, make_accelerator,
-                           make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state, resume,
-                           save_weights, shared_generator, stage_main, student_config)
+from stages.common import (check_replicas, finished_already, full_optimizer_state, global_norm, load_source,
+                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state,
+                           resume, save_weights, shared_generator, stage_main, student_config)
 
 STAGE = "init_student"
 
@@ -130,7 +130,8 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 batch = pairs.next_batch(ic.batch_size, gen, accelerator.device)
                 x, sigma = pick_ode_states(batch["states"], pairs.sigmas, cfg.data.frames_per_chunk, gen)
                 with accelerator.autocast():
-                    loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1])
+                    loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1],
+                                               global_norm(accelerator, (sigma > 0).float()))
                 grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", ic.grad_clip,
                                            step)
                 seen += ic.batch_size * accelerator.num_processes

@@ -28,9 +28,9 @@ from pipeline.losses import flow_matching_loss
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
-from stages.common import (check_replicas, finished_already, full_optimizer_state, local_batch, make_accelerator,
-                           make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state, resume,
-                           save_weights, shared_generator, stage_main)
+from stages.common import (check_replicas, finished_already, full_optimizer_state, global_norm, local_batch,
+                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state,
+                           resume, save_weights, shared_generator, stage_main)
 
 STAGE = "pretrain_teacher"
 
@@ -88,8 +88,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 sigma, weight = trajectories.sample(tc.batch_size, batch["x0"].shape[2], gen)
                 noise = shard.randn(batch["x0"].shape, gen).to(accelerator.device)
                 with accelerator.autocast():
-                    loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device),
-                                              weight.to(accelerator.device), noise)
+                    weight = weight.to(accelerator.device)
+                    loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device), weight,
+                                              noise, global_norm(accelerator, weight))
                 grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", tc.grad_clip,
                                            step)
                 seen += tc.batch_size * accelerator.num_processes

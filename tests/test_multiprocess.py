@@ -22,6 +22,8 @@ from tests.conftest import TINY_OVERRIDES
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
 TOL = 1e-5
+# Teacher-forcing states weigh only some frames: the loss denominator must be the global batch's.
+TEACHER = ["pretrain_teacher.tf_prob=0.5"]
 
 
 def launch(run_dir: Path, stage: str, *extra, processes: int = 1, accelerate_config: str | None = None,
@@ -57,13 +59,14 @@ def manifest(run_dir: Path, stage: str) -> dict:
 def one_process(tmp_path_factory):
     """Teacher, student and distilled student of one process with batch 4 (the reference)."""
     run = tmp_path_factory.mktemp("one") / "run"
-    launch(run, "pretrain_teacher,init_student,distill", "pretrain_teacher.batch_size=4", "distill.batch_size=4")
+    launch(run, "pretrain_teacher,init_student,distill", "pretrain_teacher.batch_size=4", "distill.batch_size=4",
+           *TEACHER)
     return run
 
 
 def test_ddp_teacher_equals_one_process_with_the_doubled_batch(one_process, tmp_path):
     run = tmp_path / "run"
-    launch(run, "pretrain_teacher", "pretrain_teacher.batch_size=2", processes=2)
+    launch(run, "pretrain_teacher", "pretrain_teacher.batch_size=2", *TEACHER, processes=2)
     m = manifest(run, "pretrain_teacher")
     assert m["metrics"]["processes"] == 2 and m["metrics"]["replicas_identical"] == 2
     for part in ("transformer", "transformer_ema"):
@@ -129,3 +132,19 @@ def test_bad_accelerate_config_is_one_line(tmp_path):
                             "--accelerate-config", str(path), *TINY_OVERRIDES, f"run.dir={tmp_path / 'run'}"],
                            cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ddp_init_student_shares_the_ode_pairs_and_equals_one_process(one_process, tmp_path):
+    """The two processes make one ODE-pair shard each (the same shards one process makes), then regress
+    with batch 2 each: the weights of one process with batch 4."""
+    run = tmp_path / "run"
+    shutil.copytree(one_process / "pretrain_teacher", run / "pretrain_teacher")
+    launch(run, "init_student", "init_student.batch_size=2", processes=2)
+    assert manifest(run, "init_student")["metrics"]["replicas_identical"] == 2
+    shards = sorted((one_process / "init_student" / "ode_pairs").glob("shard_*.safetensors"))
+    assert len(shards) == 2
+    for ref in shards:
+        got, want = load_file(str(run / "init_student" / "ode_pairs" / ref.name)), load_file(str(ref))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    for part in ("transformer", "transformer_ema"):
+        assert max_diff(weights(run, "init_student", part), weights(one_process, "init_student", part)) <= TOL, part
