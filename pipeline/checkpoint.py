@@ -84,11 +84,29 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
             and `<name>_optimizer.safetensors`.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, model, ema, optimizer, extra, rng, others)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished mount: keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        kept = f"the last complete checkpoint ({last.name}) is kept" if last else "no earlier checkpoint exists"
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint step {step} in {root}: {reason}; {kept}") from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model, ema, optimizer, extra: dict, rng: dict, others: dict | None):
+    """The files of one checkpoint into the folder `tmp` (see `save_training_checkpoint`)."""
     names = [n for n, _ in model.named_parameters()]
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
     maybe_kill("checkpoint", step)  # crash tests: a half-written checkpoint must never be picked up
@@ -103,12 +121,6 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
         tensors, meta["others"][name] = optimizer_to_flat(other_opt)
         save_file(tensors, str(tmp / f"{name}_optimizer.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -118,10 +130,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def _load_weights(model: torch.nn.Module, path: Path, checkpoint: Path) -> None:
-    missing, unexpected = model.load_state_dict(read_safetensors(path), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(read_safetensors(path), strict=False)
+    except RuntimeError as e:  # shape mismatches: the model config changed since the checkpoint
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model ({path.name}: {detail}); "
+                              "rerun with --force or restore the config it was made with") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
+
+
+def _load_optimizer(optimizer, path: Path, meta: dict, checkpoint: Path) -> None:
+    try:
+        optimizer_from_flat(optimizer, read_safetensors(path), meta)
+    except (ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {checkpoint}: optimizer state {path.name} does not fit "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, optimizer,
@@ -140,10 +167,10 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, opti
     ema_weights = read_safetensors(path / "ema.safetensors")
     names = [n for n, _ in model.named_parameters()]
     ema.load_state_dict({**meta["ema"], "shadow_params": [ema_weights[n] for n in names]})
-    optimizer_from_flat(optimizer, read_safetensors(path / "optimizer.safetensors"), meta["optimizer"])
+    _load_optimizer(optimizer, path / "optimizer.safetensors", meta["optimizer"], path)
     for name, (other, other_opt) in (others or {}).items():
         if name not in meta.get("others", {}):
             raise CheckpointError(f"checkpoint {path} has no '{name}' (saved by another stage?)")
         _load_weights(other, path / f"{name}.safetensors", path)
-        optimizer_from_flat(other_opt, read_safetensors(path / f"{name}_optimizer.safetensors"), meta["others"][name])
+        _load_optimizer(other_opt, path / f"{name}_optimizer.safetensors", meta["others"][name], path)
     return meta["step"], meta["extra"], read_safetensors(path / "rng.safetensors")

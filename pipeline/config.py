@@ -341,6 +341,13 @@ def validate(cfg: Config) -> None:
     for name in ("pretrain_teacher", "init_student", "distill"):
         need(getattr(cfg, name).lr_schedule in ("constant", "cosine"),
              f"{name}.lr_schedule: expected constant or cosine, got '{getattr(cfg, name).lr_schedule}'")
+    for name in ("pretrain_teacher", "init_student", "distill"):
+        sec = getattr(cfg, name)
+        need(sec.lr > 0, f"{name}.lr must be positive, got {sec.lr}")
+        need(sec.grad_accum >= 1 and sec.checkpoint_every >= 1 and sec.keep_checkpoints >= 1 and sec.log_every >= 1,
+             f"{name}: grad_accum, checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        need(sec.warmup_steps >= 0 and sec.grad_clip > 0 and 0 <= sec.ema_decay < 1,
+             f"{name}: need warmup_steps >= 0, grad_clip > 0 and 0 <= ema_decay < 1")
     t = cfg.pretrain_teacher
     need(t.attention in ("block_causal", "bidirectional"),
          f"pretrain_teacher.attention: expected block_causal or bidirectional, got '{t.attention}'")
@@ -357,6 +364,10 @@ def validate(cfg: Config) -> None:
     need(i.steps > 0 and i.batch_size > 0, "init_student.steps and batch_size must be positive")
     need(i.ode_pairs > 0 and i.ode_shard_size > 0, "init_student.ode_pairs and ode_shard_size must be positive")
     d = cfg.distill
+    need(d.real_guidance >= 0 and d.fake_guidance >= 0 and t.sampler.guidance >= 0,
+         f"guidance must be >= 0: distill.real_guidance {d.real_guidance}, distill.fake_guidance {d.fake_guidance}, "
+         f"pretrain_teacher.sampler.guidance {t.sampler.guidance}")
+    need(d.critic_lr > 0, f"distill.critic_lr must be positive, got {d.critic_lr}")
     need(d.method in ("sf_dmd", "df_dmd"), f"distill.method: expected sf_dmd or df_dmd, got '{d.method}'")
     need(d.steps > 0 and d.batch_size > 0, "distill.steps and batch_size must be positive")
     need(d.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1")

@@ -23,6 +23,10 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class StaleInputError(ValueError):
+    """An input of a stage in progress changed since the stage started (e.g. the stage before was re-run)."""
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -47,13 +51,32 @@ class StageDir:
     def done(self) -> bool:
         return self.manifest().get("status") == "done"
 
-    def begin(self, config_yaml: str, inputs: dict[str, str | Path] | None = None) -> None:
-        """Mark the stage running; save the resolved config; hash its inputs."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path / "config.yaml", config_yaml)
+    def begin(self, config_yaml: str, inputs: dict[str, str | Path] | None = None, force: bool = False,
+              check_inputs: bool = True) -> None:
+        """Mark the stage running; save the resolved config; hash its inputs.
+
+        A stage that already started (resuming, or extending a finished one) refuses inputs whose hash
+        differs from the one recorded when it started, unless `force` (a rerun from scratch).
+
+        Raises:
+            StaleInputError: naming the input, its path and both hashes; nothing is written.
+            OSError: the run directory cannot be written (one line naming it).
+        """
         m = self.manifest()
         inputs = {k: str(v) for k, v in (inputs or {}).items()}
         hashes = {p: file_hash(p) for p in set(inputs.values())}  # a path read under two names is hashed once
+        if check_inputs and not force and m.get("status") in ("running", "done"):
+            for name, rec in m.get("inputs", {}).items():
+                now = hashes.get(inputs.get(name))
+                if now is not None and now != rec["sha256"]:
+                    raise StaleInputError(
+                        f"{self.stage}: input '{name}' ({rec['path']}) changed since this stage started (sha256 "
+                        f"{rec['sha256'][:12]} -> {now[:12]}); rerun it with --force to start over on the new input")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path / "config.yaml", config_yaml)
+        except OSError as e:
+            raise OSError(f"cannot write the stage folder {self.path}: {e.strerror or e}") from None
         m.update(stage=self.stage, status="running", started=m.get("started", time.time()),
                  inputs={k: {"path": p, "sha256": hashes[p]} for k, p in inputs.items()})
         write_atomic(self.manifest_path, json.dumps(m, indent=1))

@@ -4,6 +4,7 @@ loading models, sampling and previews."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 # Errors that are the user's to fix: reported as one line and a non-zero exit, never a traceback.
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, NonFiniteLoss)
+USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, NonFiniteLoss)  # OSError: unwritable/full disk
 
 
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
@@ -316,8 +317,9 @@ def load_source(source: str | Path, raw: bool = False):
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {path}")
     if (path / "manifest.json").is_file():  # a stage folder
-        if not (path / "transformer_ema").is_dir():
-            raise CheckpointError(f"{path}: stage has no finished weights (transformer_ema/); run the stage first")
+        status = json.loads((path / "manifest.json").read_text()).get("status")
+        if status != "done" or not (path / "transformer_ema").is_dir():
+            raise CheckpointError(f"{path}: the stage has not finished (status '{status}'); run it to the end first")
         cfg = load_config(path / "config.yaml")
         model = load_model(path / ("transformer" if raw else "transformer_ema"))
         table = read_safetensors(path / "conditioning.safetensors")["class_table"] if cfg.data.kind == "sprites" \

@@ -94,8 +94,6 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=dc.grad_accum, batch_size=dc.batch_size,
                                                 models={"generator": dc.grad_clip, "critic": dc.critic_grad_clip,
                                                         "teacher": None})
-    if accelerator.is_main_process:
-        stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)})
     torch.manual_seed(cfg.run.seed)
 
     generator.train().requires_grad_(True)
@@ -113,6 +111,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     ckpt_root = stage.path / "checkpoints"
     step, extra, rng = resume(ckpt_root, generator, ema, gen_opt, None, force, accelerator,
                               others={"critic": (critic, critic_opt)})
+    if accelerator.is_main_process:  # after the checkpoint was read: a failed resume writes nothing
+        stage.begin(to_yaml(cfg), inputs={"student": stage_input(student_path), "teacher": stage_input(teacher_path)},
+                    force=force)
     ratio = dc.critic_steps_per_generator_step
     replay_schedule(gen_sched, generator_updates(step, ratio))
     replay_schedule(critic_sched, step)
@@ -143,61 +144,62 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         method = DFDMD(**common)
     accelerator.init_trackers("logs")
 
-    bar = tqdm(total=dc.steps, initial=step, desc=f"{STAGE} ({dc.method})", disable=not accelerator.is_main_process)
-    t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
-    g_loss = c_loss = None
-    logs: dict = {}
-    def update(model, optimizer, scheduler, loss_fn, lr_key: str, grad_clip: float, reuse=None):
-        """One optimiser step of `model` on `loss_fn(batch, gen[, samples]) -> (loss, stats)`, over `grad_accum`
-        batches (`reuse`: the `(batch, samples)` pairs to take instead of new batches).
+    # the bar is closed on errors too, so that an error message starts its own line
+    with tqdm(total=dc.steps, initial=step, desc=f"{STAGE} ({dc.method})",
+              disable=not accelerator.is_main_process) as bar:
+        t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
+        g_loss = c_loss = None
+        logs: dict = {}
+        def update(model, optimizer, scheduler, loss_fn, lr_key: str, grad_clip: float, reuse=None):
+            """One optimiser step of `model` on `loss_fn(batch, gen[, samples]) -> (loss, stats)`, over `grad_accum`
+            batches (`reuse`: the `(batch, samples)` pairs to take instead of new batches).
 
-        Returns:
-            (loss, stats, grad norm, the `(batch, stats["samples"])` pairs seen).
-        """
-        seen = []
-        for i in range(dc.grad_accum):
-            batch, extra_args = (reuse[i][0], reuse[i][1:]) if reuse else (batches.next(), ())
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, stats = loss_fn(batch, gen, *extra_args)
-                norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, lr_key, grad_clip, step)
-            seen.append((batch, stats.pop("samples", None)))
-        return loss, stats, norm, seen
+            Returns:
+                (loss, stats, grad norm, the `(batch, stats["samples"])` pairs seen).
+            """
+            seen = []
+            for i in range(dc.grad_accum):
+                batch, extra_args = (reuse[i][0], reuse[i][1:]) if reuse else (batches.next(), ())
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, stats = loss_fn(batch, gen, *extra_args)
+                    norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, lr_key, grad_clip, step)
+                seen.append((batch, stats.pop("samples", None)))
+            return loss, stats, norm, seen
 
-    while step < dc.steps:
-        reuse = None
-        if step % ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
-            g_loss, g_stats, grad_norm, seen = update(generator, gen_opt, gen_sched, method.generator_loss,
-                                                      f"{STAGE}.lr", dc.grad_clip)
-            reuse = seen if dc.critic_samples == "generator" else None
-            ema.step(accelerator.unwrap_model(generator).parameters())
-            sigma = g_stats.pop("dmd_sigma")
-            g_loss = accelerator.reduce(g_loss.detach(), "mean")  # over the global batch
-            logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
-                        dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
-            if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
-                accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
-        c_loss, _, c_norm, _ = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
-                                      dc.critic_grad_clip, reuse)
-        step += 1
-        maybe_kill("step", step)
-        bar.update(1)
-        if step % dc.log_every == 0 or step == dc.steps:
-            c_loss = accelerator.reduce(c_loss.detach(), "mean")
-            logs.update(critic_loss=c_loss.item(), critic_grad_norm=float(c_norm))
-            accelerator.log(logs, step=step)
-            bar.set_postfix(gen=f"{logs.get('generator_loss', float('nan')):.4f}", critic=f"{c_loss.item():.4f}")
-        if step % dc.checkpoint_every == 0 or step == dc.steps:
-            opt_states = [full_optimizer_state(accelerator, m, o)  # every process: a collective under DeepSpeed
-                          for m, o in ((generator, gen_opt), (critic, critic_opt))]
-            if accelerator.is_main_process:
-                save_training_checkpoint(
-                    ckpt_root, step, accelerator.unwrap_model(generator), ema, opt_states[0],
-                    extra={"data": batches.source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
-                           "critic_loss": c_loss.item()},
-                    rng={"train": gen.get_state()}, keep=dc.keep_checkpoints,
-                    others={"critic": (accelerator.unwrap_model(critic), opt_states[1])})
-    bar.close()
+        while step < dc.steps:
+            reuse = None
+            if step % ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
+                g_loss, g_stats, grad_norm, seen = update(generator, gen_opt, gen_sched, method.generator_loss,
+                                                          f"{STAGE}.lr", dc.grad_clip)
+                reuse = seen if dc.critic_samples == "generator" else None
+                ema.step(accelerator.unwrap_model(generator).parameters())
+                sigma = g_stats.pop("dmd_sigma")
+                g_loss = accelerator.reduce(g_loss.detach(), "mean")  # over the global batch
+                logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
+                            dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
+                if accelerator.is_main_process and (step // ratio) % dc.log_every == 0:  # the levels drawn, whole
+                    accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
+            c_loss, _, c_norm, _ = update(critic, critic_opt, critic_sched, method.critic_loss, f"{STAGE}.critic_lr",
+                                          dc.critic_grad_clip, reuse)
+            step += 1
+            maybe_kill("step", step)
+            bar.update(1)
+            if step % dc.log_every == 0 or step == dc.steps:
+                c_loss = accelerator.reduce(c_loss.detach(), "mean")
+                logs.update(critic_loss=c_loss.item(), critic_grad_norm=float(c_norm))
+                accelerator.log(logs, step=step)
+                bar.set_postfix(gen=f"{logs.get('generator_loss', float('nan')):.4f}", critic=f"{c_loss.item():.4f}")
+            if step % dc.checkpoint_every == 0 or step == dc.steps:
+                opt_states = [full_optimizer_state(accelerator, m, o)  # every process: a collective under DeepSpeed
+                              for m, o in ((generator, gen_opt), (critic, critic_opt))]
+                if accelerator.is_main_process:
+                    save_training_checkpoint(
+                        ckpt_root, step, accelerator.unwrap_model(generator), ema, opt_states[0],
+                        extra={"data": batches.source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
+                               "critic_loss": c_loss.item()},
+                        rng={"train": gen.get_state()}, keep=dc.keep_checkpoints,
+                        others={"critic": (accelerator.unwrap_model(critic), opt_states[1])})
     replicas = check_replicas(accelerator, generator=generator, critic=critic)
 
     outputs = {}

@@ -89,7 +89,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                                                 models={"model": ic.grad_clip})
     if accelerator.is_main_process:
         stage.begin(to_yaml(cfg), inputs={"teacher": source / "transformer_ema" if (source / "manifest.json").is_file()
-                                      else source})
+                                      else source}, force=force)
     torch.manual_seed(cfg.run.seed)
     if force and accelerator.is_main_process:  # pairs belong to the run being redone
         shutil.rmtree(stage.path / "ode_pairs", ignore_errors=True)
@@ -119,38 +119,38 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     student = Denoiser(model, "block_causal", cfg.data.frames_per_chunk, prediction)
     accelerator.init_trackers("logs")
 
-    bar = tqdm(total=ic.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process)
-    t0, seen = time.time(), 0
-    loss = None
-    elapsed0 = extra.get("elapsed_s", 0.0)
-    while step < ic.steps:
-        model.train()
-        for _ in range(ic.grad_accum):
-            with accelerator.accumulate(model):
-                batch = pairs.next_batch(ic.batch_size, gen, accelerator.device)
-                x, sigma = pick_ode_states(batch["states"], pairs.sigmas, cfg.data.frames_per_chunk, gen)
-                with accelerator.autocast():
-                    loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1],
-                                               global_norm(accelerator, (sigma > 0).float()))
-                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", ic.grad_clip,
-                                           step)
-                seen += ic.batch_size * accelerator.num_processes
-        ema.step(accelerator.unwrap_model(model).parameters())
-        step += 1
-        maybe_kill("step", step)
-        bar.update(1)
-        if step % ic.log_every == 0 or step == ic.steps:
-            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
-            accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                             "samples_per_s": seen / (time.time() - t0)}, step=step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % ic.checkpoint_every == 0 or step == ic.steps:
-            opt_state = full_optimizer_state(accelerator, model, optimizer)  # every process (DeepSpeed gathers)
-            if accelerator.is_main_process:
-                save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
-                                         extra={"elapsed_s": elapsed0 + time.time() - t0, "loss": loss.item()},
-                                         rng={"train": gen.get_state()}, keep=ic.keep_checkpoints)
-    bar.close()
+    # the bar is closed on errors too, so that an error message starts its own line
+    with tqdm(total=ic.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process) as bar:
+        t0, seen = time.time(), 0
+        loss = None
+        elapsed0 = extra.get("elapsed_s", 0.0)
+        while step < ic.steps:
+            model.train()
+            for _ in range(ic.grad_accum):
+                with accelerator.accumulate(model):
+                    batch = pairs.next_batch(ic.batch_size, gen, accelerator.device)
+                    x, sigma = pick_ode_states(batch["states"], pairs.sigmas, cfg.data.frames_per_chunk, gen)
+                    with accelerator.autocast():
+                        loss = ode_regression_loss(student, x, sigma, batch["context"], batch["states"][:, -1],
+                                                   global_norm(accelerator, (sigma > 0).float()))
+                    grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr",
+                                               ic.grad_clip, step)
+                    seen += ic.batch_size * accelerator.num_processes
+            ema.step(accelerator.unwrap_model(model).parameters())
+            step += 1
+            maybe_kill("step", step)
+            bar.update(1)
+            if step % ic.log_every == 0 or step == ic.steps:
+                loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
+                accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                                 "samples_per_s": seen / (time.time() - t0)}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % ic.checkpoint_every == 0 or step == ic.steps:
+                opt_state = full_optimizer_state(accelerator, model, optimizer)  # every process (DeepSpeed gathers)
+                if accelerator.is_main_process:
+                    save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
+                                             extra={"elapsed_s": elapsed0 + time.time() - t0, "loss": loss.item()},
+                                             rng={"train": gen.get_state()}, keep=ic.keep_checkpoints)
     replicas = check_replicas(accelerator, model=model)
 
     outputs = {"ode_pairs": str(folder)}

@@ -44,8 +44,6 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         return stage
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=tc.grad_accum, batch_size=tc.batch_size,
                                                 models={"model": tc.grad_clip})
-    if accelerator.is_main_process:
-        stage.begin(to_yaml(cfg), inputs={"pretrained": cfg.model.pretrained} if cfg.model.pretrained else None)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
 
     model = build_transformer(cfg.model)
@@ -65,6 +63,9 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if step:
         source.load_state_dict(extra["data"])
         gen.set_state(rng["train"])
+    if accelerator.is_main_process:  # after the checkpoint was read: a failed resume writes nothing
+        stage.begin(to_yaml(cfg), inputs={"pretrained": cfg.model.pretrained} if cfg.model.pretrained else None,
+                    force=force)
 
     loaded = optimizer.state_dict()  # DeepSpeed re-creates the optimizer state
     model, optimizer = prepare(accelerator, "model", model, optimizer)
@@ -75,43 +76,43 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     null = source.null_context(tc.batch_size).to(accelerator.device)
     accelerator.init_trackers("logs")
 
-    bar = tqdm(total=tc.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process)
-    t0, seen = time.time(), 0
-    loss = None  # stays None when resuming a checkpoint of the final step (crash after it)
-    elapsed0 = extra.get("elapsed_s", 0.0)
-    while step < tc.steps:
-        model.train()
-        for _ in range(tc.grad_accum):
-            with accelerator.accumulate(model):
-                batch = local_batch(source, tc.batch_size, gen, accelerator.device)
-                context = drop_prompts(batch["context"], null, tc.label_dropout, gen)
-                sigma, weight = trajectories.sample(tc.batch_size, batch["x0"].shape[2], gen)
-                noise = shard.randn(batch["x0"].shape, gen).to(accelerator.device)
-                with accelerator.autocast():
-                    weight = weight.to(accelerator.device)
-                    loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device), weight,
-                                              noise, global_norm(accelerator, weight))
-                grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr", tc.grad_clip,
-                                           step)
-                seen += tc.batch_size * accelerator.num_processes
-        ema.step(accelerator.unwrap_model(model).parameters())
-        step += 1
-        maybe_kill("step", step)
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            rate = seen / (time.time() - t0)
-            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
-            accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                             "samples_per_s": rate}, step=step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            opt_state = full_optimizer_state(accelerator, model, optimizer)
-            if accelerator.is_main_process:
-                save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
-                                         extra={"data": source.state_dict(), "elapsed_s": elapsed0 + time.time() - t0,
-                                                "loss": loss.item()},
-                                         rng={"train": gen.get_state()}, keep=tc.keep_checkpoints)
-    bar.close()
+    # the bar is closed on errors too, so that an error message starts its own line
+    with tqdm(total=tc.steps, initial=step, desc=STAGE, disable=not accelerator.is_main_process) as bar:
+        t0, seen = time.time(), 0
+        loss = None  # stays None when resuming a checkpoint of the final step (crash after it)
+        elapsed0 = extra.get("elapsed_s", 0.0)
+        while step < tc.steps:
+            model.train()
+            for _ in range(tc.grad_accum):
+                with accelerator.accumulate(model):
+                    batch = local_batch(source, tc.batch_size, gen, accelerator.device)
+                    context = drop_prompts(batch["context"], null, tc.label_dropout, gen)
+                    sigma, weight = trajectories.sample(tc.batch_size, batch["x0"].shape[2], gen)
+                    noise = shard.randn(batch["x0"].shape, gen).to(accelerator.device)
+                    with accelerator.autocast():
+                        weight = weight.to(accelerator.device)
+                        loss = flow_matching_loss(denoiser, batch["x0"], context, sigma.to(accelerator.device), weight,
+                                                  noise, global_norm(accelerator, weight))
+                    grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr",
+                                               tc.grad_clip, step)
+                    seen += tc.batch_size * accelerator.num_processes
+            ema.step(accelerator.unwrap_model(model).parameters())
+            step += 1
+            maybe_kill("step", step)
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                rate = seen / (time.time() - t0)
+                loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss
+                accelerator.log({"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                                 "samples_per_s": rate}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                opt_state = full_optimizer_state(accelerator, model, optimizer)
+                if accelerator.is_main_process:
+                    save_training_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), ema, opt_state,
+                                             extra={"data": source.state_dict(), "loss": loss.item(),
+                                                    "elapsed_s": elapsed0 + time.time() - t0},
+                                             rng={"train": gen.get_state()}, keep=tc.keep_checkpoints)
     replicas = check_replicas(accelerator, model=model)
 
     outputs = {}

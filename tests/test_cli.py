@@ -125,7 +125,7 @@ def test_sample_other_failures_keep_existing_output(trained_stage, tmp_path, cap
     unfinished.mkdir()
     (unfinished / "manifest.json").write_text('{"status": "running"}')
     assert sample.main([str(unfinished), "--out", str(out), "--n", "6"]) != 0
-    assert "transformer_ema" in capsys.readouterr().err
+    assert "has not finished" in capsys.readouterr().err
     # wrong output suffix
     assert sample.main([str(stage_path), "--out", str(tmp_path / "x.pt"), "--n", "6"]) != 0
     assert ".safetensors" in capsys.readouterr().err
