@@ -50,8 +50,8 @@ PREVIOUS = {"pretrain_teacher": [], "init_student": ["pretrain_teacher"], "disti
 
 
 @pytest.mark.parametrize("stage,fault", [("pretrain_teacher", "checkpoint:4"), ("pretrain_teacher", "step:3"),
-                                         ("init_student", "checkpoint:4"), ("distill", "checkpoint:4"),
-                                         ("distill", "step:5")])
+                                         ("init_student", "checkpoint:4"), ("init_student", "step:3"),
+                                         ("distill", "checkpoint:4"), ("distill", "step:5")])
 def test_killed_stage_resumes_bit_identical(reference, tmp_path, stage, fault):
     run = tmp_path / "run"
     for prev in PREVIOUS[stage]:
