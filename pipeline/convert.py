@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pipeline.checkpoint import CheckpointError, read_safetensors
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, StudentConfig, load_config
 from pipeline.causal_wan import wan_config
 
 TARGETS = ("diffusers", "safetensors", "wan")
@@ -567,8 +567,7 @@ def build_model(weights: Weights):
     settings = (weights.sampling or {}).get("config", {})
     record = {"prediction": settings.get("model", {}).get("prediction", "flow")}
     if (weights.sampling or {}).get("role") == "student":
-        student = settings.get("student", {})
-        record.update(denoising_steps=student.get("denoising_steps", [1000, 750, 500, 250]),
-                      shift=student.get("shift", 5.0))
+        student = {**StudentConfig().__dict__, **settings.get("student", {})}  # unset keys: the schema's defaults
+        record.update(denoising_steps=list(student["denoising_steps"]), shift=student["shift"])
     model.register_to_config(**record)
     return model.eval()
