@@ -180,6 +180,17 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
     return "\n".join(lines)
 
 
+def exit_worker() -> None:
+    """End a process started by `accelerate launch` once its stages have finished and written everything
+    (each stage's `end_training` closed its trackers and process group). Without a GPU, tearing down
+    gloo's threads at interpreter shutdown aborts now and then ("terminate called without an active
+    exception", SIGABRT, about one 2-process run in ten here), which would fail a run that succeeded;
+    so the worker leaves without that teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv=None) -> int:
     args = parse(argv if argv is not None else sys.argv[1:])
     try:
@@ -203,6 +214,8 @@ def main(argv=None) -> int:
             if s == "evaluate" and int(os.environ.get("RANK", "0")) != 0:
                 continue  # sampling and scoring run on the main process; the others would write the same files
             importlib.import_module(AVAILABLE[s]).run(cfg, force=args.force)
+        if child:
+            exit_worker()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,9 +36,10 @@ def launch(run_dir: Path, stage: str, *extra, processes: int = 1, accelerate_con
         cmd += ["--accelerate-config", str(ACCEL / accelerate_config)]
     cmd += [*TINY_OVERRIDES, f"run.dir={run_dir}", *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")  # tracebacks on aborts
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    if r.returncode != 0:  # pytest.fail does not cut its message, so the cause shows in CI's log
+        pytest.fail(f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-8000:]}")
     return r
 
 
