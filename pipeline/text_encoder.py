@@ -160,6 +160,14 @@ class TextEncoder:
         return emb
 
 
+def prompt_embeds(cfg, prompts: list[str], cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' embeddings `[N, L, D]` and the null prompt's `[1, L, D]` (through the cache in
+    `cache_dir`), with the encoder of the config's `components`; the encoder is freed on return, before
+    the transformer and the VAE need the memory."""
+    encoder = TextEncoder.from_config(cfg)
+    return encoder.encode_cached(prompts, cache_dir), encoder.encode_cached([""], cache_dir)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` → cuda when available, else cpu."""
     if name == "auto":

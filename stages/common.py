@@ -4,7 +4,6 @@ loading models, sampling and previews."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,6 +25,7 @@ from pipeline.data import class_table
 from pipeline.media import save_video_grid
 from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
 from pipeline.shard import ShardedGenerator
+from pipeline.run_dir import StageDir
 from pipeline.sprites import NULL_CLASS, balanced_labels
 
 
@@ -35,6 +35,19 @@ class NonFiniteLoss(RuntimeError):
 
 # Errors that are the user's to fix: reported as one line and a non-zero exit, never a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, NonFiniteLoss)  # OSError: unwritable/full disk
+
+
+def run_device(cfg: Config) -> torch.device:
+    """The device of the run: cuda when one is visible and `run.device` is not `cpu`."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+
+
+def mixed_precision(cfg: Config) -> str:
+    """`run.mixed_precision` with `auto` resolved: bf16 on a GPU that supports it, else no."""
+    mp = cfg.run.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if run_device(cfg).type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return mp
 
 
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
@@ -47,10 +60,8 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_s
     optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before preparing it.
     Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed asks for.
     """
-    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
-    mp = cfg.run.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    cpu = run_device(cfg).type == "cpu"
+    mp = mixed_precision(cfg)
     kwargs = {}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         kwargs["deepspeed_plugins"] = deepspeed_plugins(models or {"model": 1.0}, batch_size, grad_accum)
@@ -317,7 +328,7 @@ def load_source(source: str | Path, raw: bool = False):
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {path}")
     if (path / "manifest.json").is_file():  # a stage folder
-        status = json.loads((path / "manifest.json").read_text()).get("status")
+        status = StageDir(path.parent, path.name).manifest().get("status")
         if status != "done" or not (path / "transformer_ema").is_dir():
             raise CheckpointError(f"{path}: the stage has not finished (status '{status}'); run it to the end first")
         cfg = load_config(path / "config.yaml")

@@ -44,7 +44,7 @@ from pipeline.report import SCHEMA_VERSION, write_report
 from pipeline.run_dir import StageDir, write_atomic
 from pipeline.speed import SpeedMeter
 from pipeline.sprites import SpritesStream, balanced_labels
-from stages.common import is_student, load_source, sample_student_videos, sample_videos, stage_main
+from stages.common import is_student, load_source, run_device, sample_student_videos, sample_videos, stage_main
 
 
 @dataclass
@@ -208,7 +208,7 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
     `components.vae`, in VBench's layout `<evaluate>/vbench/<model>/<prompt>-<i>.mp4` (VBench, not installed
     here, scores them). Resumable per model (`vbench/<model>.json` records what its videos came from)."""
     from pipeline.data import latent_shape
-    from pipeline.text_encoder import TextEncoder
+    from pipeline.text_encoder import prompt_embeds
     from pipeline.vae import WanVAE
     from pipeline.vbench import write_text_samples
     from stages.prepare_data import read_prompts
@@ -228,12 +228,9 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
     hashes = stage.manifest()["inputs"]
     folder = stage.path / "vbench"
     folder.mkdir(exist_ok=True)
-    encoder = TextEncoder.from_config(cfg)
-    context = encoder.encode_cached(prompts, folder / ".cache")
-    null = encoder.encode_cached([""], folder / ".cache")
-    del encoder
+    context, null = prompt_embeds(cfg, prompts, folder / ".cache")
     vae = WanVAE.from_config(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    device = run_device(cfg)
     outputs = {}
     with torch.no_grad():
         for m in models:
@@ -280,7 +277,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
         for p in (out / "samples").glob("*.json"):
             p.unlink()
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    device = run_device(cfg)
     features, real = real_reference(cfg)
     results = {}
     with torch.no_grad():

@@ -23,7 +23,7 @@ from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.data import latent_shape
 from pipeline.run_dir import StageDir
 from pipeline.sampling import few_step_sigmas
-from stages.common import USER_ERRORS, parse_with_overrides
+from stages.common import USER_ERRORS, mixed_precision, parse_with_overrides, run_device
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",
@@ -42,8 +42,9 @@ def parse(argv):
     return parse_with_overrides(ap, argv)
 
 
-def accelerate_backend(config_file: str) -> str:
-    """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...)."""
+def accelerate_backend(config_file: str) -> tuple[str, int]:
+    """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...) and its ZeRO
+    stage (0 unless DeepSpeed)."""
     path = Path(config_file)
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate-config: file not found: {path}")
@@ -55,9 +56,10 @@ def accelerate_backend(config_file: str) -> str:
     if kind not in BACKENDS:
         raise ConfigError(f"--accelerate-config {path}: distributed_type must be one of {', '.join(BACKENDS)}, "
                           f"got '{conf.get('distributed_type')}'")
-    if kind == "DEEPSPEED" and int((conf.get("deepspeed_config") or {}).get("zero_stage", 2)) not in (0, 1, 2, 3):
+    zero = int((conf.get("deepspeed_config") or {}).get("zero_stage", 2)) if kind == "DEEPSPEED" else 0
+    if zero not in (0, 1, 2, 3):
         raise ConfigError(f"--accelerate-config {path}: deepspeed_config.zero_stage must be 0..3")
-    return kind
+    return kind, zero
 
 
 def accelerate_command(num_processes: int, config_file: str | None, backend: str | None) -> tuple[list, dict]:
@@ -116,22 +118,16 @@ def model_summary(cfg: Config) -> dict:
             "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"]}
 
 
-def zero_stage(config_file: str | None) -> int:
-    conf = yaml.safe_load(Path(config_file).read_text()) if config_file else {}
-    return int(((conf or {}).get("deepspeed_config") or {}).get("zero_stage", 2))
-
-
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int) -> str:
     section = getattr(cfg, stage)
-    bf16 = cfg.run.mixed_precision == "bf16" or (cfg.run.mixed_precision == "auto" and torch.cuda.is_available()
-                                                  and cfg.run.device != "cpu")
+    bf16 = mixed_precision(cfg) == "bf16"
     est = memory.estimate(stage, ms["parameters"], ms["dim"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
                           section.batch_size, cfg.student.max_context_frames, backend or "DDP", stage_zero,
                           num_processes, bool(getattr(section, "gradient_checkpointing", False)), bf16)
     return f"  memory: {est.line()}"
 
 
-def missing_paths(cfg: Config, stages: list[str]) -> dict[str, str]:
+def missing_paths(cfg: Config) -> dict[str, str]:
     """Configured local paths (weights, data, components) that do not exist, by config key. The stages'
     own outputs (data.path when prepare_data has yet to write it) count as missing too."""
     keys = {"model.pretrained": cfg.model.pretrained, "data.path": cfg.data.path, "data.videos": cfg.data.videos,
@@ -142,16 +138,14 @@ def missing_paths(cfg: Config, stages: list[str]) -> dict[str, str]:
     return {k: v for k, v in keys.items() if v and not Path(v).exists()}
 
 
-def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None,
-         accelerate_config: str | None = None) -> str:
-    zero = zero_stage(accelerate_config) if backend == "DEEPSPEED" else 0
-    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None, zero: int = 0) -> str:
+    device = run_device(cfg).type
     _, _, h, w = latent_shape(cfg)
     lines = [f"run dir: {cfg.run.dir}",
              f"processes: {num_processes} ({backend or ('DDP' if num_processes > 1 else 'single')})",
              f"device: {device} ({torch.cuda.device_count()} GPU visible)",
              f"data: {cfg.data.kind} {h}x{w} frames={cfg.data.frames} frames_per_chunk={cfg.data.frames_per_chunk}"]
-    missing = missing_paths(cfg, stages)
+    missing = missing_paths(cfg)
     if missing:
         lines.append("missing local paths: " + ", ".join(f"{k}={v}" for k, v in missing.items()))
     ms = model_summary(cfg)
@@ -200,9 +194,9 @@ def main(argv=None) -> int:
             if s not in STAGES:
                 raise ConfigError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
         child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
-        backend = accelerate_backend(args.accelerate_config) if args.accelerate_config else None
+        backend, zero = accelerate_backend(args.accelerate_config) if args.accelerate_config else (None, 0)
         if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
-            print(plan(cfg, stages, args.num_processes, backend, args.accelerate_config))
+            print(plan(cfg, stages, args.num_processes, backend, zero))
         if args.dry_run:
             return 0
         if (args.num_processes > 1 or args.accelerate_config) and not child:

@@ -34,7 +34,7 @@ from pipeline.media import save_samples
 from pipeline.sampling import uniform_denoising_steps
 from pipeline.speed import ChunkClock
 from pipeline.sprites import balanced_labels
-from stages.common import USER_ERRORS, is_student, load_source, sample_student_videos, sample_videos
+from stages.common import USER_ERRORS, is_student, load_source, run_device, sample_student_videos, sample_videos
 
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 def sample_text(args) -> int:
     """`sample --prompts FILE --vbench-dir DIR`: decoded videos of a text-conditioned latent model."""
     from pipeline.data import latent_shape
-    from pipeline.text_encoder import TextEncoder
+    from pipeline.text_encoder import prompt_embeds
     from pipeline.vae import WanVAE
     from pipeline.vbench import write_text_samples
     from stages.prepare_data import read_prompts
@@ -128,13 +128,10 @@ def sample_text(args) -> int:
         if frames % cfg.data.frames_per_chunk:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({cfg.data.frames_per_chunk})")
         vae = WanVAE.from_config(cfg)
-        encoder = TextEncoder.from_config(cfg)
         out = Path(args.vbench_dir)
-        context = encoder.encode_cached(prompts, out / ".cache")
-        null = encoder.encode_cached([""], out / ".cache")
-        del encoder
+        context, null = prompt_embeds(cfg, prompts, out / ".cache")
         shape = (*latent_shape(cfg)[:1], frames, *latent_shape(cfg)[2:])
-        device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+        device = run_device(cfg)
         steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
         clock = ChunkClock()
         paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
