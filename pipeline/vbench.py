@@ -1,6 +1,7 @@
 """Generated videos in the layout VBench reads, so text-conditioned models can be scored with VBench
 (not installed here), and the sampling of text-conditioned latent models into it: prompt embeddings ->
-latents (`sample_text_latents`) -> the VAE (`decode_videos`) -> MP4s (`write_text_samples`).
+latents (`sample_text_latents`) -> the VAE, chunk by chunk as the sampler finishes them (`ChunkDecodeSink`;
+or whole videos, `decode_videos`) -> MP4s (`write_text_samples`).
 
 VBench's prompt suite asks for `<out>/<prompt>-<index>.mp4`, `index` = 0, 1, ... per prompt (5 samples
 per prompt in its standard protocol), one folder per model (and per dimension, if sampling per
@@ -86,19 +87,94 @@ def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tens
     return torch.cat(out).permute(0, 2, 1, 3, 4).contiguous()
 
 
+class ChunkDecodeSink:
+    """An `on_chunk(index, chunk)` callback for the samplers that VAE-decodes each latent chunk as soon as it is
+    finished (`pipeline.vae.StreamingDecoder`), instead of decoding the finished videos afterwards.
+
+    The samplers call `on_chunk(index, chunk [B, C, fpc, h, w])` per chunk, `index` restarting at 0 in every
+    batch of videos (the synchronous sampler: once per batch, index 0, the whole video); index 0 therefore
+    starts a new batch (the decoder is reset). `on_frames(index, frames [B, T, 3, H, W])`, if given, receives
+    each chunk's pixel frames in [-1, 1] (float32, CPU) as they are decoded. `batch_size` caps the videos per
+    decoder call (1, as `decode_videos`, bounds the VAE's memory).
+
+    `videos()` returns everything decoded so far, `[N, T, 3, H, W]` in sampling order; `times` the seconds
+    each chunk's decode took (the "VAE decode time per block"), `latent_frames` the latent frames each had.
+    """
+
+    def __init__(self, vae, on_frames=None, batch_size: int | None = 1):
+        self.decoder = vae.stream(batch_size)
+        self.on_frames = on_frames
+        self.batches: list[list[torch.Tensor]] = []  # per batch: its chunks' frames [B, 3, T, H, W]
+        self.latent_frames: list[int] = []
+        self.next_index = 0
+
+    @property
+    def times(self) -> list[float]:
+        return self.decoder.times
+
+    def __call__(self, index: int, chunk: torch.Tensor) -> None:
+        if index == 0:
+            self.decoder.reset()
+            self.batches.append([])
+        elif index != self.next_index:  # a skipped or repeated chunk would shift every later frame
+            raise RuntimeError(f"chunk {index} arrived after chunk {self.next_index - 1}: chunks must come in order")
+        frames = self.decoder.decode_chunk(chunk)
+        self.batches[-1].append(frames)
+        self.latent_frames.append(chunk.shape[2])
+        self.next_index = index + 1
+        if self.on_frames is not None:
+            self.on_frames(index, frames.permute(0, 2, 1, 3, 4))
+
+    def summary(self) -> str:
+        """The per-chunk decode times in one line: "N chunks, mean X ms (first Y ms, max Z ms)"."""
+        t = self.times
+        if not t:
+            return "no chunks decoded"
+        return (f"{len(t)} chunks, mean {1000 * sum(t) / len(t):.1f} ms (first {1000 * t[0]:.1f} ms, "
+                f"max {1000 * max(t):.1f} ms)")
+
+    def videos(self) -> torch.Tensor:
+        """The decoded videos `[N, T, 3, H, W]` in [-1, 1] (the samples-file / VBench layout)."""
+        if not self.batches:
+            raise RuntimeError("no chunk was decoded (the sampler never called on_chunk)")
+        return torch.cat([torch.cat(b, 2) for b in self.batches]).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, null: torch.Tensor, vae,
                        out: str | Path, videos_per_prompt: int = 5, latent_shape: tuple | None = None,
-                       seed: int = 0, batch_size: int = 8, fps: int = 16, **sampler) -> list[Path]:
+                       seed: int = 0, batch_size: int = 8, fps: int = 16, stream_decode: bool = True,
+                       sink: ChunkDecodeSink | None = None, **sampler) -> list[Path]:
     """Sample `videos_per_prompt` videos for each prompt (`context [P, L, D]` its embeddings), decode them
     with the VAE and write `<out>/<prompt>-<i>.mp4` (VBench's layout). `sampler` goes to
-    `sample_text_latents` (denoising_steps / steps / guidance / on_chunk). Returns the paths, prompt-major."""
+    `sample_text_latents` (denoising_steps / steps / guidance / on_chunk). Returns the paths, prompt-major.
+
+    With `stream_decode` (default) every chunk is decoded as soon as the sampler finishes it, through `sink`
+    (a `ChunkDecodeSink`; pass one to get frames per chunk via its `on_frames`, or to read its per-chunk
+    decode `times` afterwards) after the caller's own `on_chunk`; the videos equal those of decoding the
+    finished latents (`stream_decode=False`, `decode_videos`)."""
     from .data import latent_shape as config_latent_shape
 
     if len(prompts) != len(context):
         raise ValueError(f"need one embedding row per prompt, got {len(prompts)} prompts, {len(context)} rows")
     idx = torch.arange(len(prompts)).repeat_interleave(videos_per_prompt)
+    if stream_decode:
+        sink = sink or ChunkDecodeSink(vae)
+        user = sampler.pop("on_chunk", None)
+
+        def on_chunk(index, chunk):
+            if user is not None:  # first: the caller's clock times the latents, not the decode
+                user(index, chunk)
+            sink(index, chunk)
+
+        sampler["on_chunk"] = on_chunk
     lat = sample_text_latents(model, cfg, context[idx].float(), null, latent_shape or config_latent_shape(cfg), seed,
                               batch_size=batch_size, **sampler)
-    videos = decode_videos(vae, lat)
+    if stream_decode:
+        videos = sink.videos()
+        if len(videos) != len(lat) or sum(sink.latent_frames) != len(sink.batches) * lat.shape[2]:
+            raise RuntimeError(f"streamed decode saw {len(videos)} videos of {sum(sink.latent_frames)} latent "
+                               f"frames in {len(sink.batches)} batches; sampled {list(lat.shape)}")
+    else:
+        videos = decode_videos(vae, lat)
     names = [prompts[i] for i in idx.tolist()]
     return write_vbench_videos(out, videos, names, list(range(videos_per_prompt)) * len(prompts), fps=fps)

@@ -210,7 +210,7 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
     from pipeline.data import latent_shape
     from pipeline.text_encoder import prompt_embeds
     from pipeline.vae import WanVAE
-    from pipeline.vbench import write_text_samples
+    from pipeline.vbench import ChunkDecodeSink, write_text_samples
     from stages.prepare_data import read_prompts
 
     e = cfg.evaluate
@@ -247,9 +247,11 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
                 if few:
                     mcfg = replace(mcfg, student=cfg.student)
                 print(f"[evaluate] {m.name}: {len(prompts)} prompts × {e.videos_per_prompt} videos from {m.source}")
+                sink = ChunkDecodeSink(vae)  # each chunk decoded as the sampler finishes it
                 write_text_samples(model.to(device), mcfg, prompts, context, null, vae, folder / m.name,
                                    e.videos_per_prompt, latent_shape(cfg), seed, e.batch_size,
-                                   few_step=True if few else None)
+                                   few_step=True if few else None, sink=sink)
+                print(f"[evaluate] {m.name}: VAE decode per chunk: {sink.summary()}")
                 write_atomic(record, json.dumps(fingerprint))
             outputs[m.name] = str(folder / m.name)
     stage.finish(outputs, {"prompts": len(prompts), "videos_per_prompt": e.videos_per_prompt})

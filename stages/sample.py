@@ -15,7 +15,8 @@ Text-conditioned latent models (data.kind latents / prompts):
                        [--text-encoder PATH] [--tokenizer PATH] [--frames F] [--steps K] [--seed S]
 
 encode every line of FILE with the text encoder (cached in DIR/.cache), sample `--per-prompt` videos
-each, decode them with the VAE and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/vbench.py`).
+each, decode them with the VAE chunk by chunk as the sampler finishes them (the mean decode time per chunk is
+printed) and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/vbench.py`).
 `--vae` / `--text-encoder` / `--tokenizer` default to the model's config (`components.*`).
 """
 
@@ -109,7 +110,7 @@ def sample_text(args) -> int:
     from pipeline.data import latent_shape
     from pipeline.text_encoder import prompt_embeds
     from pipeline.vae import WanVAE
-    from pipeline.vbench import write_text_samples
+    from pipeline.vbench import ChunkDecodeSink, write_text_samples
     from stages.prepare_data import read_prompts
 
     try:
@@ -134,14 +135,16 @@ def sample_text(args) -> int:
         device = run_device(cfg)
         steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
         clock = ChunkClock()
+        sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
         paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
-                                   steps=args.steps if not is_student(model) else None, on_chunk=clock)
+                                   steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} videos ({len(prompts)} prompts × {args.per_prompt}) to {out} "
           f"({time.perf_counter() - clock.start:.1f} s with decoding)")
+    print(f"VAE decode per chunk (decoded as each finished): {sink.summary()}")
     return 0
 
 
