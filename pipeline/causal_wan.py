@@ -21,69 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from .attention import attend, block_causal, block_causal_mask, check_backend, dispatch_backend  # noqa: F401
+
+from .kv_cache import KVCache, StaticKVCache, StaticPass, rope_at  # noqa: F401 (KVCache: re-exported)
+from .kv_cache import apply_rotary as _apply_rotary
+
 ATTENTION_MODES = ("bidirectional", "block_causal")
-
-
-@dataclass
-class KVCache:
-    """Keys/values of finished frames, one entry per transformer block, optionally a rolling window.
-
-    Keys are kept *before* RoPE: positions are re-indexed inside the cache at every call (cached
-    frames take positions `0 .. num_frames-1`, the new chunk follows), so a stream of any length never
-    leaves the RoPE table and a bounded window means a bounded cost per chunk. Without eviction the
-    positions equal the absolute frame indices, i.e. exactly a block-causal forward over all frames.
-
-    Attributes:
-        keys, values: per block, `[B, L_cached, heads, head_dim]` (keys after q/k-norm, before RoPE).
-        num_frames: latent frames held (the RoPE offset of the next chunk).
-        max_frames: window size in latent frames (`local_attn_frames`); None = keep everything.
-            With block-causal attention it and `sink_frames` must be multiples of frames_per_chunk.
-        sink_frames: the first frames of the video, always kept when the window rolls.
-        seen_frames: frames ever written (absolute position of the next chunk).
-    """
-
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    num_frames: int = 0
-    max_frames: int | None = None
-    sink_frames: int = 0
-    seen_frames: int = 0
-
-    def __post_init__(self):
-        if self.max_frames is not None and not 0 <= self.sink_frames < self.max_frames:
-            raise ValueError(f"sink_frames ({self.sink_frames}) must be < max_frames ({self.max_frames})")
-
-    def __len__(self) -> int:
-        return self.num_frames
-
-    def evict(self, new_frames: int, tokens_per_frame: int, block_index: int) -> None:
-        """Drop the oldest non-sink frames of one block's entry so it holds at most `max_frames`."""
-        held = self.num_frames + new_frames
-        if self.max_frames is None or held <= self.max_frames:
-            return
-        sink = self.sink_frames * tokens_per_frame
-        recent = (self.max_frames - self.sink_frames) * tokens_per_frame
-        for store in (self.keys, self.values):
-            t = store[block_index]
-            store[block_index] = torch.cat([t[:, :sink], t[:, t.shape[1] - recent:]], dim=1)
-
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Same real-valued rotation as diffusers' WanAttnProcessor (interleaved pairs).
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class CausalWanAttnProcessor(WanAttnProcessor):
@@ -99,7 +48,8 @@ class CausalWanAttnProcessor(WanAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  cache: KVCache | None = None, block_index: int = 0, write_cache: bool = False,
-                 tokens_per_frame: int = 1, context_tokens: int = 0, context: tuple | None = None):
+                 tokens_per_frame: int = 1, context_tokens: int = 0, context: tuple | None = None,
+                 static_passes: tuple[StaticPass, ...] = ()):
         if encoder_hidden_states is not None:  # cross-attention goes through the stock processor
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -108,7 +58,9 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         n = context_tokens
-        if n:
+        if static_passes:
+            out = self._attend_static(query, key, value, cache, block_index, static_passes)
+        elif n:
             ctx_out = self._attend(query[:, :n], key[:, :n], value[:, :n], *context, cache, block_index, True,
                                    tokens_per_frame)
             out = self._attend(query[:, n:], key[:, n:], value[:, n:], attention_mask, rotary_emb, cache, block_index,
@@ -119,6 +71,21 @@ class CausalWanAttnProcessor(WanAttnProcessor):
                                tokens_per_frame)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _attend_static(self, query, key, value, cache: StaticKVCache, block_index: int, passes):
+        """Attention through a `StaticKVCache`: the call's tokens are split into `passes` (a fused context
+        chunk, then the rest), each rotated once at its absolute positions, attending over the buffer."""
+        outs, start = [], 0
+        for p in passes:
+            n = p.frames * cache.tokens_per_frame
+            q = _apply_rotary(query[:, start:start + n], *p.rope)
+            k = _apply_rotary(key[:, start:start + n], *p.rope)
+            v = value[:, start:start + n]
+            keys, values = cache.attend_inputs(block_index, p, k, v)
+            outs.append(attend(q, keys, values, p.mask, backend=self._attention_backend))
+            cache.commit(block_index, p, k, v)
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _attend(self, query, key, value, mask, rotary_emb, cache, block_index, write_cache, tokens_per_frame):
         """Attention of `query [B, Lq, heads, d]` over `[cached keys, key]` (RoPE over all key positions,
@@ -139,21 +106,8 @@ class CausalWanAttnProcessor(WanAttnProcessor):
             lq = query.shape[1]
             query = _apply_rotary(query, cos[:, -lq:], sin[:, -lq:])
             key = _apply_rotary(key, cos, sin)
-        return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend)
-
-
-def block_causal_mask(q_frames: torch.Tensor, k_frames: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
-    """Boolean attention mask: query token may attend key token iff chunk(key) <= chunk(query).
-
-    Args:
-        q_frames: `[Lq]` latent-frame index of each query token (position inside the attention window).
-        k_frames: `[Lk]` latent-frame index of each key token.
-        frames_per_chunk: latent frames per chunk.
-    Returns:
-        `[Lq, Lk]` bool, True where attention is allowed.
-    """
-    return (k_frames[None, :] // frames_per_chunk) <= (q_frames[:, None] // frames_per_chunk)
+        # `_attention_backend`: our `attention.BACKENDS` name (set by `set_attention_backend`; None = auto).
+        return attend(query, key, value, mask, backend=self._attention_backend)
 
 
 class CausalWanTransformer(WanTransformer3DModel):
@@ -168,6 +122,30 @@ class CausalWanTransformer(WanTransformer3DModel):
         super().__init__(*args, **kwargs)
         for block in self.blocks:
             block.attn1.set_processor(CausalWanAttnProcessor())
+        self.attention_backend = "auto"
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose how attention is computed: a name of `attention.BACKENDS` (auto, dense, flex, flash,
+        cudnn, ...; `model.attention_backend` in the config).
+
+        Replaces diffusers' method of the same name, which knows neither our masked path (dense or
+        FlexAttention) nor our names, and also sets a process-wide default. Self-attention processors get
+        the name; the stock cross-attention ones the diffusers backend of unmasked calls.
+
+        Raises:
+            ValueError: an unknown backend, or one whose package is not installed (one line).
+        """
+        try:
+            name = check_backend(backend)
+        except ValueError as e:
+            raise ValueError(f"attention backend: {e}") from None
+        for module in self.modules():
+            processor = getattr(module, "processor", None)
+            if isinstance(processor, CausalWanAttnProcessor):
+                processor._attention_backend = None if name == "auto" else name  # None: diffusers' own default
+            elif processor is not None and hasattr(processor, "_attention_backend"):
+                processor._attention_backend = dispatch_backend(name)
+        self.attention_backend = name
 
     def _rope(self, num_frames: int, height: int, width: int, device):
         """RoPE (cos, sin) `[1, F*h*w, 1, head_dim]` for latent frames `0 .. num_frames-1`."""
@@ -178,12 +156,26 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     @staticmethod
     def _mask(offset: int, frames: int, cached: bool, frames_per_chunk: int, tokens_per_frame: int, device):
-        """Block-causal mask of `frames` query frames starting at `offset` over the cache and themselves
-        (None when every key is visible: plain attention, faster)."""
-        q_frames = torch.arange(offset, offset + frames, device=device).repeat_interleave(tokens_per_frame)
-        k_frames = torch.arange(0, offset + frames, device=device).repeat_interleave(tokens_per_frame)
-        mask = block_causal_mask(q_frames, q_frames if not cached else k_frames, frames_per_chunk)
-        return None if bool(mask.all()) else mask
+        """Block-causal mask description (`attention.BlockCausalMask`) of `frames` query frames starting at
+        `offset` over the cache and themselves (None when every key is visible: plain attention, faster).
+        Only a description: each backend realises it (dense boolean mask, FlexAttention block mask) on the
+        device of the attention call; `device` is unused."""
+        return block_causal(q_offset=offset if cached else 0, q_frames=frames, frames_per_chunk=frames_per_chunk,
+                            tokens_per_frame=tokens_per_frame)
+
+    def _static_passes(self, cache: StaticKVCache, frames: int, context_frames: int, write_cache: bool,
+                       attention: str, frames_per_chunk: int, pph: int, ppw: int, device) -> tuple:
+        """The attention passes of one call over a `StaticKVCache` (the fused context chunk first), with
+        their RoPE tables, masks and cache slots; advances the cache's frame counts."""
+        tpf = pph * ppw
+
+        def mask_fn(held, n):
+            return self._mask(held, n, True, frames_per_chunk, tpf, device) if attention == "block_causal" else None
+
+        kw = dict(rope_fn=lambda pos: rope_at(self.rope, pos, pph, ppw), mask_fn=mask_fn, pph=pph, ppw=ppw,
+                  rope_module=self.rope, tokens_per_frame=tpf, device=device)
+        passes = [cache.plan(context_frames, True, **kw)] if context_frames else []
+        return (*passes, cache.plan(frames - context_frames, write_cache, **kw))
 
     def forward(
         self,
@@ -244,29 +236,37 @@ class CausalWanTransformer(WanTransformer3DModel):
             raise ValueError(f"a rolling window must hold whole chunks: max_frames ({kv_cache.max_frames}) and "
                              f"sink_frames ({kv_cache.sink_frames}) must be multiples of {frames_per_chunk}")
 
+        static = isinstance(kv_cache, StaticKVCache)
+        if static and torch.is_grad_enabled():
+            raise ValueError("a StaticKVCache is for inference (its buffers are written in place): use KVCache "
+                             "when gradients flow")
         # Frames after the context ones see the cache as the context write leaves it (rolled).
         offset_after = offset + cf if kv_cache is None or kv_cache.max_frames is None else \
             min(offset + cf, kv_cache.max_frames)
-        if max(offset + cf, offset_after + ppf - cf) > self.config.rope_max_seq_len:
+        absolute = kv_cache is not None and kv_cache.rope == "absolute"
+        if not (static or absolute) and max(offset + cf, offset_after + ppf - cf) > self.config.rope_max_seq_len:
             raise ValueError(f"{offset_after + ppf - cf} latent frames in attention exceed rope_max_seq_len "
                              f"({self.config.rope_max_seq_len}); stream with a rolling KVCache(max_frames=...)")
         # keys: cached + this call's (non-context) frames
-        rotary_emb = self._rope(offset_after + ppf - cf, h, w, hidden_states.device)
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
-
-        # Per-frame modulation: temb [B, F, D], timestep_proj [B, F, 6, D].
-        temb, timestep_proj, context, _ = self.condition_embedder(
-            timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=ppf)
-        timestep_proj = timestep_proj.unflatten(2, (6, -1))
-
+        rotary_emb = static_passes = None
+        if static:
+            static_passes = self._static_passes(kv_cache, ppf, cf, write_cache, attention, frames_per_chunk,
+                                                pph, ppw, hidden_states.device)
+        elif absolute:  # cached frames at their absolute indices: sinks, then the window shifted by evictions
+            shift = kv_cache.seen_frames + cf - offset_after
+            rotary_emb = rope_at(self.rope, _key_positions(offset_after, ppf - cf, shift, kv_cache.sink_frames),
+                                 pph, ppw)
+        else:
+            rotary_emb = self._rope(offset_after + ppf - cf, h, w, hidden_states.device)
+        device = hidden_states.device
         mask = None
-        if attention == "block_causal":
-            mask = self._mask(offset_after, ppf - cf, kv_cache is not None, frames_per_chunk, tokens_per_frame,
-                              x.device)
+        if attention == "block_causal" and not static:
+            mask = self._mask(offset_after, ppf - cf, kv_cache is not None, frames_per_chunk, tokens_per_frame, device)
         context_attn = None
-        if cf:
-            context_attn = (self._mask(offset, cf, True, frames_per_chunk, tokens_per_frame, x.device),
-                            self._rope(offset + cf, h, w, hidden_states.device))
+        if cf and not static:
+            ctx_rope = self._rope(offset + cf, h, w, device) if not absolute else rope_at(
+                self.rope, _key_positions(offset, cf, kv_cache.seen_frames - offset, kv_cache.sink_frames), pph, ppw)
+            context_attn = (self._mask(offset, cf, True, frames_per_chunk, tokens_per_frame, device), ctx_rope)
 
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         cache = kv_cache
@@ -275,19 +275,56 @@ class CausalWanTransformer(WanTransformer3DModel):
             # recompute against the entries this call saw (a shallow copy; entries are replaced, never
             # modified in place).
             cache = dataclasses.replace(kv_cache, keys=list(kv_cache.keys), values=list(kv_cache.values))
+        denoise = self._denoise
+        if static and self._steady_step is not None and kv_cache.steady(static_passes):
+            denoise = self._steady_step  # the window is full: every call of this kind has the same shapes
+        out = denoise(hidden_states, timestep, encoder_hidden_states, rotary_emb, mask, context_attn,
+                      static_passes or (), cache, write_cache, cf)
+        if kv_cache is not None and not static and (write_cache or cf):
+            written = ppf if write_cache else cf
+            kv_cache.seen_frames += written
+            kv_cache.num_frames = min(kv_cache.num_frames + written, kv_cache.max_frames or 1 << 62)
+        return out
+
+    def compile_steady_state(self, mode: str | None = None) -> None:
+        """Compile the network pass that streaming calls make once a `StaticKVCache` window is full.
+
+        From then on every call of a kind (the fused context + chunk call, a denoising call, a cache
+        write) has the same shapes, and everything that changes between calls (RoPE tables, cache
+        slots) arrives as tensors prepared outside it, so `torch.compile` traces it once per kind.
+        `mode`: torch.compile's; default "reduce-overhead" on CUDA (CUDA-graph capture; the cache
+        buffers are marked static addresses), None elsewhere. Other calls run eagerly.
+        """
+        if mode is None and next(self.parameters()).device.type == "cuda":
+            mode = "reduce-overhead"
+        self._steady_step = torch.compile(self._denoise, mode=mode, dynamic=False)
+
+    _steady_step = None
+
+    def _denoise(self, hidden_states, timestep, encoder_hidden_states, rotary_emb, mask, context_attn, static_passes,
+                 cache, write_cache: bool, cf: int) -> torch.Tensor:
+        """The network pass of `forward` once positions, masks and cache slots are prepared: patch
+        embedding, per-frame modulation, the blocks, the output head. Shapes as `forward`."""
+        b, _, f, h, w = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        ppf, pph, ppw = f // p_t, h // p_h, w // p_w
+        tokens_per_frame = pph * ppw
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
+
+        # Per-frame modulation: temb [B, F, D], timestep_proj [B, F, 6, D].
+        temb, timestep_proj, context, _ = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=ppf)
+        timestep_proj = timestep_proj.unflatten(2, (6, -1))
         for i, block in enumerate(self.blocks):
             attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
                                tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
-                               context=context_attn)
+                               context=context_attn, static_passes=static_passes)
             if checkpointing:
                 x = self._gradient_checkpointing_func(
                     _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
             else:
                 x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
-        if kv_cache is not None and (write_cache or cf):
-            written = ppf if write_cache else cf
-            kv_cache.seen_frames += written
-            kv_cache.num_frames = min(kv_cache.num_frames + written, kv_cache.max_frames or 1 << 62)
 
         # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb[:, cf:].unsqueeze(2)).chunk(2, dim=2)
@@ -298,6 +335,14 @@ class CausalWanTransformer(WanTransformer3DModel):
         x = x.reshape(b, ppf - cf, pph, ppw, p_t, p_h, p_w, -1)
         out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return out
+
+
+def _key_positions(held: int, new: int, shift: int, sinks: int) -> torch.Tensor:
+    """Absolute frame index of every key frame `[held + new]`: the cache's frames (the first `sinks` at
+    their own index, the window `shift` frames later than its place) then the `new` ones."""
+    pos = torch.arange(held + new)
+    pos[sinks:] += shift
+    return pos
 
 
 def _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, num_frames):
@@ -336,12 +381,16 @@ def wan_config(model_cfg) -> dict:
 
 def build_transformer(model_cfg) -> CausalWanTransformer:
     """A randomly initialised `CausalWanTransformer` from `config.ModelConfig`, or the diffusers
-    folder `model_cfg.pretrained` (a pipeline folder: its `transformer/`)."""
+    folder `model_cfg.pretrained` (a pipeline folder: its `transformer/`), attending with
+    `model_cfg.attention_backend`."""
     if model_cfg.pretrained:
         path = Path(model_cfg.pretrained)
         if (path / "transformer" / "config.json").is_file():
             path = path / "transformer"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.pretrained: no diffusers transformer (config.json) at local path {path}")
-        return CausalWanTransformer.from_pretrained(path)
-    return CausalWanTransformer(**wan_config(model_cfg))
+        model = CausalWanTransformer.from_pretrained(path)
+    else:
+        model = CausalWanTransformer(**wan_config(model_cfg))
+    model.set_attention_backend(getattr(model_cfg, "attention_backend", "auto"))
+    return model

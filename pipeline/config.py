@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .kv_cache import CACHE_KINDS, ROPE_MODES
+
 STAGES = ("pretrain_teacher", "init_student", "distill", "evaluate")
 EVALUATED = ("teacher", "teacher_few_step", "student_init", "student")  # the models a run produces
 BENCHMARKS = ("stream_cost", "forward_flops", "skyreels_stream", "dmd_step_cost")  # evaluate.benchmarks
@@ -68,6 +70,9 @@ class ModelConfig:
     rope_max_seq_len: int = 1024
     pretrained: Optional[str] = None  # a diffusers folder to start from
     prediction: str = "flow"  # what the network outputs: flow (ε - x0, Wan's) | x0
+    # How attention is computed (pipeline/attention.py BACKENDS): auto (CPU: dense mask + SDPA; CUDA:
+    # FlexAttention block mask for masked calls, SDPA otherwise) | dense | native | flex | flash | cudnn | ...
+    attention_backend: str = "auto"
 
 
 @dataclass
@@ -81,6 +86,8 @@ class SamplerConfig:
     lag: int = 0  # autoregressive: frame j of a chunk starts j*lag Euler iterations late (0 = synchronous)
     max_context_frames: Optional[int] = None  # rolling KV window in latent frames (None = all finished frames)
     sink_frames: int = 0  # first frames kept when the window rolls
+    rope: str = "relative"  # cached frames' RoPE positions: relative (re-indexed in the window) | absolute (SF, LongLive)
+    kv_cache: str = "auto"  # static (preallocated, in place) | dynamic (reference) | auto: static on CUDA
 
 
 @dataclass
@@ -103,6 +110,7 @@ class TrainingConfig:
     log_every: int = 25
     preview_n: int = 12
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
+    ema_device: str = "same"  # where the EMA copy lives: same (the model's device) | cpu (frees 4 bytes/param on the GPU)
 
 
 @dataclass
@@ -133,6 +141,8 @@ class StudentConfig:
     clip_x0: float = 0.0  # clamp x̂0 to ±clip_x0 while sampling (0 = off)
     max_context_frames: Optional[int] = None  # rolling KV window in latent frames (None = all)
     sink_frames: int = 0  # first frames kept when the window rolls
+    rope: str = "relative"  # cached frames' RoPE positions: relative (re-indexed in the window) | absolute (SF, LongLive)
+    kv_cache: str = "auto"  # inference: static (preallocated, in place) | dynamic (reference) | auto: static on CUDA
 
 
 @dataclass
@@ -338,6 +348,11 @@ def validate(cfg: Config) -> None:
     need(cfg.model.prediction in ("flow", "x0"), f"model.prediction: expected flow or x0, got '{cfg.model.prediction}'")
     need(len(cfg.model.patch_size) == 3, f"model.patch_size: expected 3 ints, got {cfg.model.patch_size}")
     need(cfg.model.patch_size[0] == 1, "model.patch_size: the temporal patch must be 1 (per-frame causality)")
+    from .attention import check_backend  # here: diffusers loads only when a config is validated
+    try:
+        cfg.model.attention_backend = check_backend(cfg.model.attention_backend)
+    except ValueError as e:
+        raise ConfigError(f"model.attention_backend: {e}") from None
     for name in ("pretrain_teacher", "init_student", "distill"):
         need(getattr(cfg, name).lr_schedule in ("constant", "cosine"),
              f"{name}.lr_schedule: expected constant or cosine, got '{getattr(cfg, name).lr_schedule}'")
@@ -348,6 +363,7 @@ def validate(cfg: Config) -> None:
              f"{name}: grad_accum, checkpoint_every, keep_checkpoints and log_every must be >= 1")
         need(sec.warmup_steps >= 0 and sec.grad_clip > 0 and 0 <= sec.ema_decay < 1,
              f"{name}: need warmup_steps >= 0, grad_clip > 0 and 0 <= ema_decay < 1")
+        need(sec.ema_device in ("same", "cpu"), f"{name}.ema_device: expected same or cpu, got '{sec.ema_device}'")
     t = cfg.pretrain_teacher
     need(t.attention in ("block_causal", "bidirectional"),
          f"pretrain_teacher.attention: expected block_causal or bidirectional, got '{t.attention}'")
@@ -397,6 +413,9 @@ def validate(cfg: Config) -> None:
             need(window % fpc == 0 and sinks % fpc == 0 and window > sinks,
                  f"{name}.max_context_frames ({window}) and sink_frames ({sinks}) must be multiples of "
                  f"data.frames_per_chunk ({fpc}), the window larger than the sinks")
+    for name, sec in (("pretrain_teacher.sampler", t.sampler), ("student", st)):
+        need(sec.rope in ROPE_MODES, f"{name}.rope: expected {' or '.join(ROPE_MODES)}, got '{sec.rope}'")
+        need(sec.kv_cache in CACHE_KINDS, f"{name}.kv_cache: expected {', '.join(CACHE_KINDS)}, got '{sec.kv_cache}'")
 
 
 def to_yaml(cfg: Config) -> str:

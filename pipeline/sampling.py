@@ -19,6 +19,7 @@ import torch
 
 from . import shard
 from .causal_wan import CausalWanTransformer, KVCache
+from .kv_cache import StaticKVCache, new_kv_cache
 from .flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
                    x0_from_flow)
 
@@ -36,6 +37,8 @@ class Denoiser:
         prediction: what the network outputs: "flow" (`ε - x0`, Wan's own) or "x0" (the clean
             latents; converted here to the flow `(x_σ - x̂0)/σ` so every caller sees flows).
         clip_x0: clamp x̂0 to [-clip_x0, clip_x0] (known data range; 0 = off).
+        rope: RoPE positions of cached frames, "relative" or "absolute" (see `kv_cache.py`).
+        kv_cache: the streaming cache, "static", "dynamic" or "auto" (`kv_cache.new_kv_cache`).
     """
 
     model: CausalWanTransformer
@@ -43,6 +46,14 @@ class Denoiser:
     frames_per_chunk: int = 1
     prediction: str = "flow"
     clip_x0: float = 0.0
+    rope: str = "relative"
+    kv_cache: str = "auto"
+
+    def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache | StaticKVCache:
+        """An empty KV cache for one stream of this denoiser (kind and RoPE semantics as configured)."""
+        device = next(self.model.parameters()).device
+        return new_kv_cache(self.kv_cache, max_frames=max_frames, sink_frames=sink_frames, rope=self.rope,
+                            device=device)
 
     def raw(self, x, sigma, context, kv_cache=None, write_cache=False, cache_first=None) -> torch.Tensor:
         """The network's own output (flow or x0, by `prediction`).
@@ -129,7 +140,16 @@ def _as_context(x: torch.Tensor, context_sigma: float, generator: torch.Generato
     sigma = torch.full((x.shape[0], x.shape[2]), float(context_sigma), device=x.device)
     if context_sigma == 0:
         return x, sigma
-    return add_noise(x, shard.randn(x.shape, generator).to(x.device), sigma), sigma
+    return add_noise(x, _noise(x, generator), sigma), sigma
+
+
+def _noise(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped and placed like `like`, drawn from `generator`: on the device itself
+    when the generator lives there (no host copy inside a chunk), else drawn where it lives and moved."""
+    gen = shard.base(generator)
+    if gen is not None and gen.device.type == like.device.type:
+        return shard.randn(like.shape, generator, device=like.device)
+    return shard.randn(like.shape, generator).to(like.device)
 
 
 def schedule_through(sigmas: torch.Tensor, stops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -193,7 +213,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
     sigmas, keep = sampling_sigmas(steps, shift), ()
     if keep_sigmas is not None:
         sigmas, keep = schedule_through(sigmas, keep_sigmas)
-    cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
+    cache = denoiser.new_cache(max_context_frames, sink_frames)
     chunks, kept = [], []
     for start in range(0, f, fpc):
         x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag, keep)
@@ -242,14 +262,21 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
 
 def _in_batches(denoiser: Denoiser, n: int, latent_shape: tuple, seed: int, batch_size: int, sample) -> torch.Tensor:
     """Draw the noise of `n` videos from `seed` at once (so a video's noise does not depend on the batch
-    size), then `sample(noise [b, ...] on the model's device, slice, generator)` batch by batch."""
+    size), then `sample(noise [b, ...] on the model's device, slice, generator)` batch by batch.
+
+    The generator handed on (re-noising inside the sampler) is the CPU one on a CPU; on an accelerator
+    it is a generator on that device seeded from the CPU one, so no draw inside a chunk waits on the host.
+    """
     gen = torch.Generator().manual_seed(seed)
     device = next(denoiser.model.parameters()).device
     noise = torch.randn((n, *latent_shape), generator=gen)
+    step_gen = gen
+    if device.type != "cpu":
+        step_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
     out = []
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        out.append(sample(noise[sl].to(device), sl, gen).cpu())
+        out.append(sample(noise[sl].to(device), sl, step_gen).cpu())
     return torch.cat(out)
 
 
@@ -305,7 +332,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
     if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
         raise ValueError(f"exit_steps must hold {f // fpc} indices into {len(sigmas)} levels, got {list(exit_steps)}")
-    cache = KVCache(max_frames=max_context_frames, sink_frames=sink_frames)
+    cache = denoiser.new_cache(max_context_frames, sink_frames)
     chunks, pending = [], None  # pending: the previous chunk as context, not yet in the cache
 
     def step(x, k):
@@ -325,7 +352,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
             for k in range(exit_k):
                 x0 = step(x, k)
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
-                x = add_noise(x0, shard.randn(x0.shape, generator).to(x.device), nxt)
+                x = add_noise(x0, _noise(x0, generator), nxt)
         x0 = step(x, exit_k)
         chunks.append(x0)
         if on_chunk is not None:

@@ -1,0 +1,307 @@
+"""A static KV cache for streaming inference: preallocated, written in place, keys rotated once.
+
+`causal_wan.KVCache` (the reference) keeps keys *before* RoPE and concatenates every call: each call
+copies every block's whole K/V and re-rotates every cached key. `StaticKVCache` holds, per block, one
+preallocated buffer `[B, slots, heads, head_dim]` laid out as
+
+    [ sink frames | rolling window (a ring of whole chunks) | scratch: this call's frames ]
+
+Keys are stored *after* RoPE, rotated once at their absolute frame index `a` (the frames ever seen
+before them). A call writes its own keys/values into the scratch slots that follow the held frames,
+attends over the buffer's prefix, and, when it writes the cache, copies them into the ring slots of
+the oldest chunk (`slot = sinks + (a - sinks) mod (window - sinks)`): only the new chunk is copied.
+The order of keys inside the buffer does not matter to attention; the block-causal mask only has to
+separate the scratch frames, which sit after every cached one.
+
+Two RoPE semantics (`rope`):
+- "relative" (ours, `KVCache`'s): cached frames take positions `0 .. held-1` inside the window, the
+  new frames follow. Once the window has rolled by `shift = seen - held` frames, a window frame's
+  position is `a - shift` and a query's `a_q - shift`: the same *differences* as the absolute indices,
+  so queries and window keys are rotated at absolute indices. Only the sink frames (position `a`,
+  not `a - shift`) need a correction: they are kept unrotated-by-shift in a small side store and
+  rotated by `shift` frames into the sink slots when the shift changes (sink tokens only).
+- "absolute" (Self-Forcing's and LongLive's caches): every key keeps its absolute index; no correction.
+  Their `local_attn_size` counts the current chunk: our `max_frames` = `local_attn_size - frames_per_chunk`.
+
+Frame positions past the model's RoPE table (`rope_max_seq_len`) are computed with diffusers'
+`get_1d_rotary_pos_embed`, the function that built the table, so a stream never runs out of positions.
+For training rollouts (gradients through the current chunk, block recomputation) use `KVCache`: it
+never modifies a tensor that autograd saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROPE_MODES = ("relative", "absolute")
+CACHE_KINDS = ("auto", "static", "dynamic")
+
+
+def new_kv_cache(kind: str = "auto", *, max_frames: int | None = None, sink_frames: int = 0, rope: str = "relative",
+                 device=None):
+    """A cache for one stream: `static` (`StaticKVCache`), `dynamic` (`KVCache`, the reference), or `auto`:
+    static on CUDA, dynamic elsewhere (CPU runs stay bit-identical to the reference). A rollout that
+    carries gradients (grad mode on when the cache is made) always gets the dynamic one."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kv_cache must be one of {CACHE_KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = "static" if device is not None and torch.device(device).type == "cuda" else "dynamic"
+    if kind == "static" and not torch.is_grad_enabled():
+        return StaticKVCache(max_frames=max_frames, sink_frames=sink_frames, rope=rope)
+    return KVCache(max_frames=max_frames, sink_frames=sink_frames, rope=rope)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `x [B, L, heads, d]` with `cos, sin [1, L, 1, d]`: diffusers' WanAttnProcessor rotation
+    (interleaved pairs)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: bool = False):
+    """(cos, sin) `[1, len(frames)·pph·ppw, 1, head_dim]` float64 for latent frames at positions `frames [n]`.
+
+    `rope_module`: diffusers' `WanRotaryPosEmbed`. The frame rows come from its table (extended with
+    the same function when a position is past it); `identity_hw`: the height/width parts are the
+    identity (cos 1, sin 0), i.e. a rotation along the frame axis only (a position shift).
+    """
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    t_dim, h_dim, w_dim = rope_module.t_dim, rope_module.h_dim, rope_module.w_dim
+    cos_all, sin_all = rope_module.freqs_cos, rope_module.freqs_sin
+    need = int(frames.max()) + 1 if len(frames) else 0
+    if need > cos_all.shape[0]:  # past the table: the frame rows of a longer table (same function, theta)
+        ext = getattr(rope_module, "_frame_rows", None)
+        if ext is None or ext[0].shape[0] < need:
+            size = max(need, 2 * cos_all.shape[0])
+            c, s = get_1d_rotary_pos_embed(t_dim, size, 10000.0, use_real=True, repeat_interleave_real=True,
+                                           freqs_dtype=cos_all.dtype)
+            rope_module._frame_rows = ext = (c.to(cos_all.device), s.to(cos_all.device))
+        cos_t, sin_t = ext
+    else:
+        cos_t, sin_t = cos_all[:, :t_dim], sin_all[:, :t_dim]
+    idx = frames.to(cos_t.device)
+    cf, sf = cos_t[idx][:, None, None], sin_t[idx][:, None, None]  # [n, 1, 1, t_dim]
+    n = len(frames)
+    if identity_hw:
+        ones = cf.new_ones(n, pph, ppw, h_dim + w_dim)
+        parts_c = [cf.expand(n, pph, ppw, -1), ones]
+        parts_s = [sf.expand(n, pph, ppw, -1), torch.zeros_like(ones)]
+    else:
+        ch, sh = cos_all[:pph, t_dim:t_dim + h_dim], sin_all[:pph, t_dim:t_dim + h_dim]
+        cw, sw = cos_all[:ppw, t_dim + h_dim:], sin_all[:ppw, t_dim + h_dim:]
+        parts_c = [cf.expand(n, pph, ppw, -1), ch[None, :, None].expand(n, pph, ppw, -1),
+                   cw[None, None].expand(n, pph, ppw, -1)]
+        parts_s = [sf.expand(n, pph, ppw, -1), sh[None, :, None].expand(n, pph, ppw, -1),
+                   sw[None, None].expand(n, pph, ppw, -1)]
+    cos = torch.cat(parts_c, dim=-1).reshape(1, n * pph * ppw, 1, -1)
+    sin = torch.cat(parts_s, dim=-1).reshape(1, n * pph * ppw, 1, -1)
+    return cos, sin
+
+
+@dataclass
+class KVCache:
+    """Keys/values of finished frames, one entry per transformer block, optionally a rolling window.
+
+    Keys are kept *before* RoPE: positions are re-indexed inside the cache at every call (cached
+    frames take positions `0 .. num_frames-1`, the new chunk follows), so a stream of any length never
+    leaves the RoPE table and a bounded window means a bounded cost per chunk. Without eviction the
+    positions equal the absolute frame indices, i.e. exactly a block-causal forward over all frames.
+
+    Attributes:
+        keys, values: per block, `[B, L_cached, heads, head_dim]` (keys after q/k-norm, before RoPE).
+        num_frames: latent frames held (the RoPE offset of the next chunk).
+        max_frames: window size in latent frames (`local_attn_frames`); None = keep everything.
+            With block-causal attention it and `sink_frames` must be multiples of frames_per_chunk.
+        sink_frames: the first frames of the video, always kept when the window rolls.
+        seen_frames: frames ever written (absolute position of the next chunk).
+        rope: "relative" (the above) or "absolute": cached keys keep their absolute frame index, as in
+            Self-Forcing's and LongLive's caches (see `kv_cache.py`).
+    """
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    num_frames: int = 0
+    max_frames: int | None = None
+    sink_frames: int = 0
+    seen_frames: int = 0
+    rope: str = "relative"
+
+    def __post_init__(self):
+        if self.rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {self.rope!r}")
+        if self.max_frames is not None and not 0 <= self.sink_frames < self.max_frames:
+            raise ValueError(f"sink_frames ({self.sink_frames}) must be < max_frames ({self.max_frames})")
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def evict(self, new_frames: int, tokens_per_frame: int, block_index: int) -> None:
+        """Drop the oldest non-sink frames of one block's entry so it holds at most `max_frames`."""
+        held = self.num_frames + new_frames
+        if self.max_frames is None or held <= self.max_frames:
+            return
+        sink = self.sink_frames * tokens_per_frame
+        recent = (self.max_frames - self.sink_frames) * tokens_per_frame
+        for store in (self.keys, self.values):
+            t = store[block_index]
+            store[block_index] = torch.cat([t[:, :sink], t[:, t.shape[1] - recent:]], dim=1)
+
+
+@dataclass
+class StaticPass:
+    """One attention pass over a `StaticKVCache` (prepared outside the blocks, so a compiled step sees
+    tensors of fixed shapes only).
+
+    Attributes:
+        held: frames in the cache when this pass attends (its scratch starts at `held·T`).
+        frames: query frames of the pass.
+        rope: (cos, sin) `[1, frames·T, 1, d]` at the frames' absolute positions (queries and new keys).
+        sink_rope: relative mode, window rolled: the frame shift rotation of the sink keys, else None.
+        commit: write the pass's keys/values into the cache after attending.
+        commit_index: `[frames·T]` token slots to copy them to (None: they stay where the scratch is).
+        sink_tokens: tokens of this pass that are sink frames (also written to the side store) ...
+        sink_start: ... from this token of the store.
+        mask: block-causal mask over `[0, (held + frames)·T)`, or None.
+    """
+
+    held: int
+    frames: int
+    rope: tuple
+    sink_rope: tuple | None
+    commit: bool
+    commit_index: torch.Tensor | None
+    sink_tokens: int
+    sink_start: int
+    mask: object
+
+
+class StaticKVCache:
+    """Preallocated per-block K/V for streaming (see the module docstring). Same constructor arguments
+    and `num_frames` / `seen_frames` / `max_frames` / `sink_frames` meaning as `causal_wan.KVCache`.
+
+    Buffers `keys[i], values[i]` `[B, slots, heads, head_dim]` are allocated at the first call (batch,
+    dtype and device of the model) and grow (rarely; never in a full rolling window) when a call needs
+    more slots.
+    """
+
+    def __init__(self, max_frames: int | None = None, sink_frames: int = 0, rope: str = "relative"):
+        if max_frames is not None and not 0 <= sink_frames < max_frames:
+            raise ValueError(f"sink_frames ({sink_frames}) must be < max_frames ({max_frames})")
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+        self.max_frames, self.sink_frames, self.rope = max_frames, sink_frames, rope
+        self.num_frames = 0  # frames held
+        self.seen_frames = 0  # frames ever written
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.sink_keys: list[torch.Tensor] = []  # relative mode: sinks rotated at their own positions
+        self.tokens_per_frame = 0
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    @property
+    def full(self) -> bool:
+        """The window holds `max_frames`: every later call has the same shapes (a compiled step's state)."""
+        return self.max_frames is not None and self.num_frames == self.max_frames
+
+    def steady(self, passes) -> bool:
+        """Whether a call's `passes` are of the steady state: the window full (and, with relative RoPE and
+        sinks, rolled, so the sinks get their shift rotation): every such call has the same shapes."""
+        rotate = self.rope == "relative" and self.sink_frames > 0
+        return self.max_frames is not None and all(
+            p.held == self.max_frames and (p.sink_rope is not None) == rotate for p in passes)
+
+    def _slot(self, a: int) -> int:
+        """Frame slot of absolute frame `a` (sinks first, then a ring of the window)."""
+        s = self.sink_frames
+        if self.max_frames is None or a < s:
+            return a
+        return s + (a - s) % (self.max_frames - s)
+
+    def _buffers(self, block_index: int, like: torch.Tensor, need: int):
+        """Block `block_index`'s buffers with room for `need` tokens, allocated (or grown) after `like`
+        `[B, L, H, d]`: a window's whole size at once, an unbounded cache doubling."""
+        if block_index < len(self.keys) and self.keys[block_index].shape[1] >= need:
+            return self.keys[block_index], self.values[block_index]
+        b, _, h, d = like.shape
+        old = self.keys[block_index].shape[1] if block_index < len(self.keys) else 0
+        if self.max_frames is None:
+            size = max(need, 2 * old)
+        else:
+            size = max(need, (self.max_frames + like.shape[1] // self.tokens_per_frame) * self.tokens_per_frame)
+        for store in (self.keys, self.values):
+            new = like.new_zeros(b, size, h, d)
+            if new.device.type == "cuda":  # a compiled step's CUDA graphs may keep reading this address
+                torch._dynamo.mark_static_address(new)
+            if block_index < len(store):
+                new[:, :old] = store[block_index]
+                store[block_index] = new
+            else:
+                if block_index != len(store):
+                    raise ValueError(f"StaticKVCache: block {block_index} written before block {len(store)}")
+                store.append(new)
+        if self.rope == "relative" and self.sink_frames and block_index == len(self.sink_keys):
+            self.sink_keys.append(like.new_zeros(b, self.sink_frames * self.tokens_per_frame, h, d))
+        return self.keys[block_index], self.values[block_index]
+
+    def plan(self, frames: int, commit: bool, *, rope_fn, mask_fn, pph: int, ppw: int, rope_module,
+             tokens_per_frame: int, device) -> StaticPass:
+        """The next pass of `frames` frames, and (when `commit`) the cache state after it.
+
+        `rope_fn(positions [n]) -> (cos, sin)` at absolute frame positions; `mask_fn(held, frames)` the
+        block-causal mask (or None).
+        """
+        if self.tokens_per_frame and tokens_per_frame != self.tokens_per_frame:
+            raise ValueError(f"a StaticKVCache holds frames of {self.tokens_per_frame} tokens, got {tokens_per_frame}")
+        self.tokens_per_frame = t = tokens_per_frame
+        held, seen = self.num_frames, self.seen_frames
+        positions = torch.arange(seen, seen + frames)
+        sink_rope = None
+        shift = seen - held
+        if self.rope == "relative" and self.sink_frames and shift and held >= self.sink_frames:
+            sink_rope = rope_at(rope_module, torch.full((self.sink_frames,), shift), pph, ppw, identity_hw=True)
+        index = None
+        sink_tokens = max(0, min(self.sink_frames, seen + frames) - seen) * t
+        if commit:
+            slots = [self._slot(a) for a in range(seen, seen + frames)]
+            if self.max_frames is not None and frames > self.max_frames - self.sink_frames and seen + frames > \
+                    self.max_frames:
+                raise ValueError(f"a StaticKVCache write of {frames} frames overflows its window "
+                                 f"({self.max_frames} frames, {self.sink_frames} sinks)")
+            if slots != list(range(held, held + frames)):
+                index = (torch.tensor(slots)[:, None] * t + torch.arange(t)[None]).flatten().to(device)
+            self.seen_frames = seen + frames
+            self.num_frames = min(held + frames, self.max_frames or 1 << 62)
+        return StaticPass(held=held, frames=frames, rope=rope_fn(positions), sink_rope=sink_rope, commit=commit,
+                          commit_index=index, sink_tokens=sink_tokens, sink_start=seen * t if sink_tokens else 0, mask=mask_fn(held, frames))
+
+    def attend_inputs(self, block_index: int, p: StaticPass, key: torch.Tensor, value: torch.Tensor):
+        """Write this pass's rotated `key`, `value` `[B, frames·T, H, d]` into the scratch slots and return
+        the keys/values to attend over, `[B, (held + frames)·T, H, d]` (views of the buffers)."""
+        t = self.tokens_per_frame
+        s0, n = p.held * t, key.shape[1]
+        keys, values = self._buffers(block_index, key, s0 + n)
+        if p.sink_rope is not None:  # relative positions: sinks sit `shift` frames further than stored
+            keys[:, :self.sink_frames * t] = apply_rotary(self.sink_keys[block_index], *p.sink_rope)
+        keys[:, s0:s0 + n] = key
+        values[:, s0:s0 + n] = value
+        return keys[:, :s0 + n], values[:, :s0 + n]
+
+    def commit(self, block_index: int, p: StaticPass, key: torch.Tensor, value: torch.Tensor) -> None:
+        """After attending: keep the pass's keys/values (`attend_inputs`' arguments) in their cache slots."""
+        if not p.commit:
+            return
+        if p.sink_tokens and self.sink_keys:
+            self.sink_keys[block_index][:, p.sink_start:p.sink_start + p.sink_tokens] = key[:, :p.sink_tokens]
+        if p.commit_index is not None:
+            index = p.commit_index.to(key.device)
+            self.keys[block_index].index_copy_(1, index, key)
+            self.values[block_index].index_copy_(1, index, value)

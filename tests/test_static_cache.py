@@ -1,0 +1,168 @@
+"""The static KV cache (`pipeline/kv_cache.py`): equal to the reference cache and to direct computations,
+in both RoPE semantics, written in place."""
+
+import pytest
+import torch
+
+from pipeline.causal_wan import CausalWanTransformer, KVCache
+from pipeline.kv_cache import StaticKVCache, new_kv_cache, rope_at
+from pipeline.sampling import Denoiser, few_step_sigmas, sample_autoregressive, sample_few_step
+
+FPC, B = 3, 2
+
+
+def model_of(layers: int = 2, rope_max_seq_len: int = 1024) -> CausalWanTransformer:
+    torch.manual_seed(0)
+    return CausalWanTransformer(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=layers,
+                                rope_max_seq_len=rope_max_seq_len).eval()
+
+
+def stream(model, cache, x, ctx, fused: bool) -> torch.Tensor:
+    """A sampler's call pattern: per chunk, the previous chunk written as context (fused into the call or
+    a call of its own), then the chunk denoised once at level 500."""
+    outs, pending = [], None
+    for c in range(x.shape[2] // FPC):
+        xs = x[:, :, c * FPC:(c + 1) * FPC]
+        t = torch.full((B, FPC), 500.0)
+        if pending is not None and fused:
+            out = model(torch.cat([pending, xs], 2), torch.cat([torch.zeros(B, FPC), t], 1), ctx,
+                        frames_per_chunk=FPC, kv_cache=cache, context_frames=FPC)
+        else:
+            if pending is not None:
+                model(pending, torch.zeros(B, FPC), ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True)
+            out = model(xs, t, ctx, frames_per_chunk=FPC, kv_cache=cache)
+        outs.append(out)
+        pending = 0.5 * xs
+    return torch.cat(outs, 2)
+
+
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+@pytest.mark.parametrize("window,sinks", [(None, 0), (6, 0), (9, 3), (12, 6)])
+def test_static_equals_reference_cache_over_4x_the_training_length(rope, window, sinks):
+    model = model_of()
+    x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)  # 24 = 4 x a 6-frame training clip
+    with torch.no_grad():
+        for fused in (False, True):
+            ref = stream(model, KVCache(max_frames=window, sink_frames=sinks, rope=rope), x, ctx, fused)
+            static = StaticKVCache(max_frames=window, sink_frames=sinks, rope=rope)
+            out = stream(model, static, x, ctx, fused)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            assert (static.seen_frames, static.num_frames) == (21, min(21, window or 21))
+
+
+def test_static_equals_one_block_causal_forward():
+    model = model_of()
+    x, ctx = torch.randn(B, 4, 12, 4, 4), torch.randn(B, 3, 16)
+    t = torch.rand(B, 12) * 1000
+    with torch.no_grad():
+        full = model(x, t, ctx, frames_per_chunk=FPC)
+        cache, outs = StaticKVCache(), []
+        for c in range(4):
+            sl = slice(c * FPC, (c + 1) * FPC)
+            outs.append(model(x[:, :, sl], t[:, sl], ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True))
+    torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_rope_semantics_equal_a_direct_computation(rope):
+    """One layer: a cached frame's keys depend on that frame alone, so the last chunk's output equals one
+    forward over [sinks, window, chunk] with the positions each semantics gives them (relative: 0..n-1;
+    absolute: every frame its index in the stream)."""
+    model = model_of(layers=1)
+    window, sinks, written = 9, 3, 18
+    x, ctx = torch.randn(B, 4, written + FPC, 4, 4), torch.randn(B, 3, 16)
+    with torch.no_grad():
+        cache = StaticKVCache(max_frames=window, sink_frames=sinks, rope=rope)
+        for c in range(written // FPC):
+            sl = slice(c * FPC, (c + 1) * FPC)
+            model(x[:, :, sl], torch.zeros(B, FPC), ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True)
+        t = torch.full((B, FPC), 700.0)
+        out = model(x[:, :, written:], t, ctx, frames_per_chunk=FPC, kv_cache=cache)
+
+        kept = list(range(sinks)) + list(range(written - (window - sinks), written))
+        frames = kept + list(range(written, written + FPC))
+        if rope == "absolute":
+            positions = torch.tensor(frames)
+            model._rope = lambda n, h, w, device: rope_at(model.rope, positions, h // 2, w // 2)
+        else:
+            assert kept != list(range(len(kept)))  # the window has rolled: the two semantics differ here
+        direct = model(x[:, :, frames], torch.cat([torch.zeros(B, len(kept)), t], 1), ctx, frames_per_chunk=FPC)
+    torch.testing.assert_close(out, direct[:, :, -FPC:], atol=1e-5, rtol=0)
+
+
+def test_positions_past_the_rope_table():
+    """Absolute indices past `rope_max_seq_len` extend the table with diffusers' own function: a stream of
+    48 frames through a 16-row table equals the reference (whose relative positions stay inside it)."""
+    model = model_of(rope_max_seq_len=16)
+    x, ctx = torch.randn(B, 4, 48, 4, 4), torch.randn(B, 3, 16)
+    with torch.no_grad():
+        ref = stream(model, KVCache(max_frames=6, sink_frames=3), x, ctx, True)
+        out = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    rows = rope_at(model.rope, torch.arange(16), 1, 1)
+    table = model._rope(16, 2, 2, "cpu")
+    torch.testing.assert_close(rows[0], table[0])
+
+
+def test_written_in_place_once_the_window_is_full():
+    model = model_of()
+    x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)
+    cache = StaticKVCache(max_frames=6, sink_frames=3)
+    seen = {}
+    with torch.no_grad():
+        for c in range(8):
+            sl = slice(c * FPC, (c + 1) * FPC)
+            model(x[:, :, sl], torch.zeros(B, FPC), ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True)
+            if cache.full:
+                seen.setdefault("ptr", [t.data_ptr() for t in cache.keys])
+                assert [t.data_ptr() for t in cache.keys] == seen["ptr"]  # no reallocation, no concatenation
+    assert cache.num_frames == 6 and cache.seen_frames == 24
+
+
+def test_samplers_equal_with_either_cache():
+    model = model_of()
+    noise, cond = torch.randn(B, 4, 12, 4, 4), torch.randn(B, 3, 16)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    out = {}
+    for kind in ("dynamic", "static"):
+        den = Denoiser(model, "block_causal", FPC, "flow", kv_cache=kind)
+        out[kind] = (sample_few_step(den, noise, cond, few_step_sigmas(), context_sigma=0.1, generator=gen(),
+                                     max_context_frames=6, sink_frames=3),
+                     sample_autoregressive(den, noise, cond, None, steps=3, max_context_frames=6, sink_frames=3))
+    for a, b in zip(out["dynamic"], out["static"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_cache_kinds():
+    assert isinstance(new_kv_cache("auto", device="cpu"), KVCache)  # the CPU path stays the reference
+    with torch.no_grad():
+        assert isinstance(new_kv_cache("static", max_frames=6), StaticKVCache)
+    assert isinstance(new_kv_cache("static", max_frames=6), KVCache)  # gradients flow: the dynamic cache
+    model = model_of()
+    with pytest.raises(ValueError, match="StaticKVCache is for inference"):
+        model(torch.randn(1, 4, 3, 4, 4), torch.zeros(1), torch.randn(1, 3, 16), frames_per_chunk=FPC,
+              kv_cache=StaticKVCache())
+    with pytest.raises(ValueError, match="rope must be one of"):
+        StaticKVCache(rope="alibi")
+
+
+def test_compiled_steady_state_step_equals_eager():
+    """`compile_steady_state`: once the window is full (and rolled) the sampler's fused call (context
+    write into the ring, sinks rotated, the chunk denoised) runs through `torch.compile` (inductor here),
+    traced once; equal to the eager stream."""
+    from torch._dynamo.utils import counters
+
+    model = model_of(layers=1)  # one block: compile time on a 2-core CPU
+    x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)
+    calls = []
+    with torch.no_grad():
+        ref = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
+        model.compile_steady_state()
+        compiled = model._steady_step
+        model._steady_step = lambda *a: calls.append(1) or compiled(*a)
+        counters.clear()
+        out = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
+    assert len(calls) == 4  # chunks 4..7: the window (6 frames) is full from chunk 3 on, rolled from chunk 4
+    assert counters["stats"]["unique_graphs"] == 1  # no recompilation between steady calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
