@@ -29,3 +29,37 @@ def run_timed(main) -> None:
     rc = main()
     print(f"({time.time() - t0:.0f} s)")
     sys.exit(rc)
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a host clock measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device, repeats: int = 5, inner: int = 1) -> float:
+    """FLOP/s of an n×n @ n×n matmul (2n³ FLOPs) in `dtype` on `device`: the best of `repeats` timings of
+    `inner` back-to-back products (several on a GPU, so the launch gap does not count)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / inner)
+    return 2 * n ** 3 / best
+
+
+def register_cpu_sdpa_flops() -> None:
+    """Give `FlopCounterMode` torch's SDPA formula for the CPU attention kernel, which it counts as 0
+    (idempotent; forward_flops.py does the same at import)."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op, get_raw=True)(flop_counter.sdpa_flop)

@@ -67,13 +67,13 @@ def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, l
     fpc, pred = cfg.data.frames_per_chunk, cfg.model.prediction
     if few_step or (few_step is None and "denoising_steps" in model.config):
         st = cfg.student
-        den = Denoiser(model, "block_causal", fpc, pred, st.clip_x0)
+        den = Denoiser(model, "block_causal", fpc, pred, st.clip_x0, rope=st.rope, kv_cache=st.kv_cache)
         sigmas = few_step_sigmas(denoising_steps or st.denoising_steps, st.shift)
         return generate_few_step(den, context, latent_shape, sigmas, st.context_sigma, seed, batch_size,
                                  st.max_context_frames, st.sink_frames, on_chunk=on_chunk)
     sp = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(steps=steps, guidance=guidance).items()
                                                     if v is not None})
-    den = Denoiser(model, cfg.pretrain_teacher.attention, fpc, pred, sp.clip_x0)
+    den = Denoiser(model, cfg.pretrain_teacher.attention, fpc, pred, sp.clip_x0, rope=sp.rope, kv_cache=sp.kv_cache)
     uncond = null.float().expand(len(context), *null.shape[1:])
     return generate(den, context, uncond, latent_shape, sp.kind, sp.steps, sp.guidance, sp.shift, sp.context_sigma,
                     seed, batch_size, lag=sp.lag, max_context_frames=sp.max_context_frames,
