@@ -7,37 +7,45 @@
 #   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--part P] [--dtype D] [--force]
 #   ./launch.sh prepare_data CONFIG [--force] [k=v ...]   videos or prompts -> latent / prompt-embedding shards
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+# The checkout (package, .venv, default config), found by absolute path. The commands run where the user
+# stands, so every relative path (CONFIG, SOURCE, DEST, --out, run.dir, data.path, ...) resolves there;
+# only `test` runs inside the checkout.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # Use the current interpreter if it already has the package; else bootstrap .venv (torch first, pinned,
 # so that nothing pulls a CUDA build), then the package with its test extras.
 setup() {
   if python3 -c "import importlib.metadata as m; m.version('causal-video-distill')" >/dev/null 2>&1 \
-      && [ -z "${FORCE_VENV:-}" ] && [ ! -x .venv/bin/python ]; then
+      && [ -z "${FORCE_VENV:-}" ] && [ ! -x "$ROOT/.venv/bin/python" ]; then
     PY=python3; return
   fi
-  if [ ! -x .venv/bin/python ]; then
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
     echo "[launch] creating .venv" >&2
-    python3 -m venv .venv
+    python3 -m venv "$ROOT/.venv"
   fi
-  PY=.venv/bin/python
-  local stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+  PY="$ROOT/.venv/bin/python"
+  local stamp="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     echo "[launch] installing torch==2.13.0 and the package into .venv" >&2
-    $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
-    $PY -m pip install -q --disable-pip-version-check -e ".[test]"
-    rm -f .venv/.installed-*; touch "$stamp"
+    "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+    "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+    rm -f "$ROOT"/.venv/.installed-*; touch "$stamp"
   fi
 }
 
-cmd=${1:-configs/tiny.yaml}
+cmd=${1:-$ROOT/configs/tiny.yaml}
 [ $# -gt 0 ] && shift
 setup
+if [ "$cmd" = test ]; then
+  cd "$ROOT"
+  exec "$PY" -m pytest -q tests "$@"
+fi
+# This checkout's code, and not a same-named folder where the user stands (PYTHONSAFEPATH: Python >= 3.11).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 case "$cmd" in
-  test)    exec $PY -m pytest -q tests "$@" ;;
-  sample)  exec $PY -m stages.sample "$@" ;;
-  convert) exec $PY -m stages.convert "$@" ;;
-  prepare_data) exec $PY -m stages.prepare_data "$@" ;;
+  sample)  exec "$PY" -m stages.sample "$@" ;;
+  convert) exec "$PY" -m stages.convert "$@" ;;
+  prepare_data) exec "$PY" -m stages.prepare_data "$@" ;;
   -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-  *)       exec $PY -m stages.launch "$cmd" "$@" ;;
+  *)       exec "$PY" -m stages.launch "$cmd" "$@" ;;
 esac

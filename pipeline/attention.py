@@ -48,7 +48,10 @@ _ALIASES = {unmasked: name for name, (unmasked, _) in BACKENDS.items() if unmask
 
 # Compiled once; `dynamic=False` specialises on shapes (a handful per run: the full-sequence training
 # forwards). Uncompiled flex_attention materialises the full score matrix.
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
+@functools.cache
+def _compiled_flex():
+    # Built on first use: creating it imports the compiler stack (seconds per process).
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def backend_name(backend) -> str:
@@ -220,7 +223,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Bl
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if masked_method(name, query.device, requires_grad) == "flex":
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, d]
-        return _compiled_flex(q, k, v, block_mask=mask.block_mask(query.device)).transpose(1, 2)
+        return _compiled_flex()(q, k, v, block_mask=mask.block_mask(query.device)).transpose(1, 2)
     # The reference path. A 4-D mask: diffusers reads a 2-D [Lq, Lk] one as a [B, Lk] padding mask when B == Lq.
     if unmasked not in (None, AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH,
                         AttentionBackendName._NATIVE_EFFICIENT):

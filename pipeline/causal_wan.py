@@ -19,7 +19,6 @@ mask and the cache, and so modulation can stay per frame.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -91,16 +90,10 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         """Attention of `query [B, Lq, heads, d]` over `[cached keys, key]` (RoPE over all key positions,
         the queries being the last ones); appends `key`/`value` to the cache when `write_cache`."""
         if cache is not None:
-            if block_index < len(cache.keys):
-                key = torch.cat([cache.keys[block_index], key], dim=1)
-                value = torch.cat([cache.values[block_index], value], dim=1)
-            if write_cache:
-                if block_index < len(cache.keys):
-                    cache.keys[block_index], cache.values[block_index] = key.detach(), value.detach()
-                else:
-                    cache.keys.append(key.detach())
-                    cache.values.append(value.detach())
-                cache.evict(query.shape[1] // tokens_per_frame, tokens_per_frame, block_index)
+            new_key, new_value = key, value
+            key, value = cache.read(block_index, key, value)
+            if write_cache:  # after reading: this call still sees the frames the write evicts
+                cache.write(block_index, new_key, new_value, tokens_per_frame)
         if rotary_emb is not None:  # (cos, sin) over all key positions; the queries are the last ones
             cos, sin = rotary_emb
             lq = query.shape[1]
@@ -274,7 +267,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             # The backward pass recomputes these blocks after later chunks have changed the cache:
             # recompute against the entries this call saw (a shallow copy; entries are replaced, never
             # modified in place).
-            cache = dataclasses.replace(kv_cache, keys=list(kv_cache.keys), values=list(kv_cache.values))
+            cache = kv_cache.snapshot()
         denoise = self._denoise
         if static and self._steady_step is not None and kv_cache.steady(static_passes):
             denoise = self._steady_step  # the window is full: every call of this kind has the same shapes

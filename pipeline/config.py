@@ -152,6 +152,7 @@ class InitStudentConfig(TrainingConfig):
     teacher: Optional[str] = None  # a teacher stage or diffusers folder (default: <run.dir>/pretrain_teacher)
     ode_pairs: int = 1024  # teacher ODE trajectories to sample
     ode_shard_size: int = 64  # pairs per safetensors shard (a crash loses at most one shard)
+    ode_batch_size: Optional[int] = None  # videos the teacher samples at once (None: a whole shard); bounds its KV cache
 
 
 @dataclass
@@ -280,7 +281,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            where = "" if path.is_absolute() else f" (relative paths resolve where the command runs: {Path.cwd()})"
+            raise ConfigError(f"config file not found: {path}{where}")
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry multi-line messages
@@ -379,6 +381,8 @@ def validate(cfg: Config) -> None:
     i = cfg.init_student
     need(i.steps > 0 and i.batch_size > 0, "init_student.steps and batch_size must be positive")
     need(i.ode_pairs > 0 and i.ode_shard_size > 0, "init_student.ode_pairs and ode_shard_size must be positive")
+    need(i.ode_batch_size is None or i.ode_batch_size > 0,
+         f"init_student.ode_batch_size must be positive, got {i.ode_batch_size}")
     d = cfg.distill
     need(d.real_guidance >= 0 and d.fake_guidance >= 0 and t.sampler.guidance >= 0,
          f"guidance must be >= 0: distill.real_guidance {d.real_guidance}, distill.fake_guidance {d.fake_guidance}, "

@@ -33,12 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pickle
 import re
-import shutil
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +48,7 @@ from safetensors.torch import save_file
 
 from pipeline.checkpoint import CheckpointError, read_safetensors
 from pipeline.config import ConfigError, StudentConfig, load_config
+from pipeline.guard import Lock, check_output, replacing
 from pipeline.causal_wan import wan_config
 
 TARGETS = ("diffusers", "safetensors", "wan")
@@ -456,36 +454,6 @@ def _read_distributed_checkpoint(path: Path) -> Weights:
 
 # --------------------------------------------------------------------------------------------- targets
 
-@contextmanager
-def atomic_destination(dest: Path, force: bool):
-    """Yield a temporary path beside `dest`; on success it replaces `dest`, on failure it is removed.
-    An existing `dest` is an error without `force`, and is kept until the new one is complete."""
-    if dest.exists() and not force:
-        raise ConvertError(f"{dest} exists; pass --force to replace it")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        _remove(old)
-    else:
-        os.replace(tmp, dest)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def write_diffusers(weights: Weights, dest: Path, max_shard_size: str = "10GB") -> None:
     """A folder `WanTransformer3DModel.from_pretrained` loads with no missing or unexpected keys, plus
     `sampling.json` (the sampling settings) where known."""
@@ -509,7 +477,8 @@ def write_file(weights: Weights, dest: Path, names: str) -> None:
 
 
 def convert(source: str | Path, dest: str | Path, to: str, ema: bool = False, dtype: str | None = None,
-            part: str = "generator", force: bool = False, model_config: str | Path | None = None) -> Weights:
+            part: str = "generator", force: bool = False, model_config: str | Path | None = None,
+            command: str | None = None) -> Weights:
     """Read `source`, write it to `dest` as `to` ("diffusers", "safetensors" or "wan").
 
     Args:
@@ -523,24 +492,24 @@ def convert(source: str | Path, dest: str | Path, to: str, ema: bool = False, dt
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     dest = Path(dest)
-    if dest.exists() and not force:  # before reading anything large
-        raise ConvertError(f"{dest} exists; pass --force to replace it")
     if to != "diffusers" and dest.suffix != ".safetensors":
         raise ConvertError(f"--to {to} writes one file: DEST must end in .safetensors, got {dest}")
-    if Path(source).resolve() == dest.resolve():
-        raise ConvertError("SOURCE and DEST are the same path")
-    weights = read_source(source, ema, part)
-    if model_config is not None:
-        path = Path(model_config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--model-config not found: {path}")
-        weights = dataclasses.replace(weights, config=clean_config(json.loads(path.read_text())))
-    weights = weights.cast(DTYPES.get(dtype))
-    with atomic_destination(dest, force) as tmp:
-        if to == "diffusers":
-            write_diffusers(weights, tmp)
-        else:
-            write_file(weights, tmp, "wan" if to == "wan" else "diffusers")
+    inputs = {"SOURCE": source, "--model-config": model_config}
+    check_output(dest, inputs, force, "DEST")  # before reading anything large
+    with Lock(dest, command or f"convert {source} {dest} --to {to}"):  # one command at a time per DEST
+        check_output(dest, inputs, force, "DEST")  # again, now that no other command can be writing it
+        weights = read_source(source, ema, part)
+        if model_config is not None:
+            path = Path(model_config)
+            if not path.is_file():
+                raise FileNotFoundError(f"--model-config not found: {path}")
+            weights = dataclasses.replace(weights, config=clean_config(json.loads(path.read_text())))
+        weights = weights.cast(DTYPES.get(dtype))
+        with replacing(dest, force, "DEST") as tmp:
+            if to == "diffusers":
+                write_diffusers(weights, tmp)
+            else:
+                write_file(weights, tmp, "wan" if to == "wan" else "diffusers")
     return weights
 
 

@@ -31,6 +31,7 @@ never modifies a tensor that autograd saved.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -114,19 +115,25 @@ class KVCache:
     leaves the RoPE table and a bounded window means a bounded cost per chunk. Without eviction the
     positions equal the absolute frame indices, i.e. exactly a block-causal forward over all frames.
 
+    Each block's entry is a list of segments, one per write (a chunk), concatenated when read: a
+    training rollout whose exit calls recompute their blocks in the backward pass (gradient
+    checkpointing) keeps the segments each call read alive (`snapshot`), and segments are shared
+    between snapshots, so that costs one cache, not one cache per chunk.
+
     Attributes:
-        keys, values: per block, `[B, L_cached, heads, head_dim]` (keys after q/k-norm, before RoPE).
+        k_segments, v_segments: per block, a list of `[B, L_i, heads, head_dim]` (keys after q/k-norm,
+            before RoPE); `keys` / `values` give them concatenated, `[B, L_cached, heads, head_dim]`.
         num_frames: latent frames held (the RoPE offset of the next chunk).
         max_frames: window size in latent frames (`local_attn_frames`); None = keep everything.
             With block-causal attention it and `sink_frames` must be multiples of frames_per_chunk.
         sink_frames: the first frames of the video, always kept when the window rolls.
         seen_frames: frames ever written (absolute position of the next chunk).
         rope: "relative" (the above) or "absolute": cached keys keep their absolute frame index, as in
-            Self-Forcing's and LongLive's caches (see `kv_cache.py`).
+            Self-Forcing's and LongLive's caches.
     """
 
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
+    k_segments: list = field(default_factory=list)
+    v_segments: list = field(default_factory=list)
     num_frames: int = 0
     max_frames: int | None = None
     sink_frames: int = 0
@@ -142,16 +149,56 @@ class KVCache:
     def __len__(self) -> int:
         return self.num_frames
 
-    def evict(self, new_frames: int, tokens_per_frame: int, block_index: int) -> None:
-        """Drop the oldest non-sink frames of one block's entry so it holds at most `max_frames`."""
-        held = self.num_frames + new_frames
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [torch.cat(s, dim=1) for s in self.k_segments]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [torch.cat(s, dim=1) for s in self.v_segments]
+
+    def snapshot(self) -> "KVCache":
+        """A copy that keeps reading the segments held now (later writes and evictions replace list
+        entries, never modify a segment), for recomputation in the backward pass."""
+        return dataclasses.replace(self, k_segments=[list(s) for s in self.k_segments],
+                                   v_segments=[list(s) for s in self.v_segments])
+
+    def read(self, block_index: int, key: torch.Tensor, value: torch.Tensor):
+        """`[cached, key]` and `[cached, value]` of one block, `[B, L_cached + L, heads, head_dim]`."""
+        if block_index >= len(self.k_segments):
+            return key, value
+        return (torch.cat([*self.k_segments[block_index], key], dim=1),
+                torch.cat([*self.v_segments[block_index], value], dim=1))
+
+    def write(self, block_index: int, key: torch.Tensor, value: torch.Tensor, tokens_per_frame: int) -> None:
+        """Append one block's new `key`/`value` `[B, L, heads, head_dim]` (detached), then drop the oldest
+        non-sink frames beyond `max_frames` (before `num_frames` is advanced by the caller)."""
+        if block_index == len(self.k_segments):
+            self.k_segments.append([])
+            self.v_segments.append([])
+        self.k_segments[block_index].append(key.detach())
+        self.v_segments[block_index].append(value.detach())
+        held = self.num_frames + key.shape[1] // tokens_per_frame
         if self.max_frames is None or held <= self.max_frames:
             return
         sink = self.sink_frames * tokens_per_frame
         recent = (self.max_frames - self.sink_frames) * tokens_per_frame
-        for store in (self.keys, self.values):
-            t = store[block_index]
-            store[block_index] = torch.cat([t[:, :sink], t[:, t.shape[1] - recent:]], dim=1)
+        for store in (self.k_segments, self.v_segments):
+            store[block_index] = _token_range(store[block_index], 0, sink) + \
+                _token_range(store[block_index], held * tokens_per_frame - recent, held * tokens_per_frame)
+
+
+def _token_range(segments: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+    """The tokens `[start, stop)` of a list of segments (dim 1), as views of them (whole segments when
+    the range covers them)."""
+    out, pos = [], 0
+    for seg in segments:
+        n = seg.shape[1]
+        lo, hi = max(start, pos), min(stop, pos + n)
+        if lo < hi:
+            out.append(seg if (lo, hi) == (pos, pos + n) else seg[:, lo - pos:hi - pos])
+        pos += n
+    return out
 
 
 @dataclass

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .guard import replacing
+
 
 def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
     """Tile videos `[N, F, 3, S, S]` in [-1, 1] into frames `[F, H, W, 3]` uint8 (nearest upscaling)."""
@@ -23,18 +25,20 @@ def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 4, pa
     return grid.permute(0, 2, 3, 1).numpy()
 
 
-def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 6, **kw) -> Path:
-    """Write a GIF or MP4 (by suffix) preview of videos `[N, F, 3, S, S]`."""
+def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 6, force: bool = True, **kw) -> Path:
+    """Write a GIF or MP4 (by suffix) preview of videos `[N, F, 3, S, S]` (under a temporary name, then
+    renamed; an existing file is replaced only with `force`, see `pipeline.guard.replacing`)."""
     import imageio.v3 as iio
 
     path = Path(path)
     frames = video_grid(videos, **kw)
-    if path.suffix == ".gif":
-        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    else:  # mp4 through imageio-ffmpeg (libx264 needs even sizes: padded)
-        import imageio.v2 as iio2
+    with replacing(path, force, "preview") as tmp:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, frames, duration=1000 / fps, loop=0, extension=".gif")
+        else:  # mp4 through imageio-ffmpeg (libx264 needs even sizes: padded)
+            import imageio.v2 as iio2
 
-        iio2.mimwrite(path, list(frames), fps=fps, macro_block_size=2)
+            iio2.mimwrite(tmp, list(frames), fps=fps, macro_block_size=2)
     return path
 
 
@@ -54,16 +58,20 @@ def save_curves(path: str | Path, x, curves: dict[str, list], xlabel: str, ylabe
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
-def save_samples(path: str | Path, videos: torch.Tensor, labels: torch.Tensor, preview: int = 36) -> Path:
+def save_samples(path: str | Path, videos: torch.Tensor, labels: torch.Tensor, preview: int = 36,
+                 force: bool = True) -> Path:
     """A samples file (INTERFACE.md: `videos [N, F, 3, S, S]` float32 in [-1, 1], `labels [N]` int64) and a
-    GIF grid of its first `preview` videos next to it; returns the GIF's path."""
+    GIF grid of its first `preview` videos next to it; returns the GIF's path. Both are written under
+    temporary names and renamed; existing ones are replaced only with `force`."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file({"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}, str(path))
-    return save_video_grid(videos[:preview], path.with_suffix(".gif"))
+    with replacing(path, force, "--out") as tmp:
+        save_file({"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}, str(tmp))
+    return save_video_grid(videos[:preview], path.with_suffix(".gif"), force=force)

@@ -1,4 +1,6 @@
-"""A per-GPU memory estimate for `--dry-run`: what each stage holds, under DDP or DeepSpeed ZeRO.
+"""A per-device memory estimate for `--dry-run`: what each stage holds, under DDP or DeepSpeed ZeRO,
+and the tools that measure it (on the CPU: `SavedTensors`, `TensorPeak`; tests/test_checkpointing.py
+checks the estimate against them within 25 %).
 
 Model states are counted exactly from the parameter count `P` (bytes per parameter):
 
@@ -7,28 +9,66 @@ Model states are counted exactly from the parameter count `P` (bytes per paramet
 | fp32 weights (trained) | 4 | 4 | 4 | 4 | 4/N |
 | fp32 gradients | 4 | 4 | 4 | 4/N | 4/N |
 | AdamW moments (2 × fp32) | 8 | 8 | 8/N | 8/N | 8/N |
-| EMA copy (fp32, generator / teacher) | 4 | 4 | 4 | 4 | 4 |
-| frozen weights (teacher in distill, ODE teacher) | 4 (2 in bf16) | same | same | same | /N (ZeRO-3 engine) |
+| EMA copy (fp32, generator / teacher; `ema_device: cpu`: 0) | 4 | 4 | 4 | 4 | 4 |
+| frozen weights (distill's real score; bf16 runs hold its matmul weights in bf16) | 4 (2 in bf16) | same | same | same | /N (ZeRO-3 engine) |
 
-Activations are an estimate: per transformer layer and token, about 34·D bytes in 16-bit precision
-without recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", with memory-efficient attention, so no quadratic term), or 2·D bytes (the
-layer input) plus one layer's 34·D with gradient checkpointing. A Self-Forcing rollout keeps
-gradients only at each chunk's exit step, so the tokens that hold activations are those of one
-video; its KV cache adds 2 (K, V) × layers × window tokens × D × 2 bytes.
+Gradients are counted as held throughout (they are between the micro-batches of `grad_accum`).
+
+Activations follow what the code saves for the backward pass, measured on `CausalWanTransformer`
+(`SavedTensors`, CPU, fp32 and bf16 autocast; `a` = 4 bytes in fp32, 2 under bf16 autocast):
+
+| term | bytes |
+| --- | --- |
+| one block, per token (no recomputation) | α·D + β·ffn: fp32 89·D + 8·ffn, bf16 69·D + 4·ffn (many fp32 upcasts in the block) |
+| one block, dense block-causal mask (SDPA's additive bias, per video) | Lq·Lk·a, plus the boolean mask Lq·Lk once per pass |
+| one block with gradient checkpointing | its input, D·a per token |
+| patch embedding and output head, per token | 15·D |
+| backward working set | 0.1 block (no recomputation: the peak is at the end of the forward), 1.05 blocks (recomputing one) |
+| a gradient-free forward (scores, samplers) | 0.45 block, or if more 0.3 block + one dense mask's bool and bias, or + K, rotated K and V over a KV cache and the call |
+| autocast's bf16 copies of the weights of a model that requires grad | 2·P per such model in a bf16 pass |
+| KV cache | 2 (K, V) × layers × cached tokens × D × a |
+
+FlexAttention (`model.attention_backend` auto on CUDA) saves no mask: the mask terms are dropped.
+The coefficients were measured on the CPU (no GPU here); CUDA kernels may save a little differently.
+
+What each stage holds at its peak (the larger of its phases; B videos of T tokens, chunks of c tokens):
+- `pretrain_teacher`, `init_student` training: one trained pass over B·T tokens (block-causal: masked).
+- `init_student` ODE pairs (before training; the teacher samples in fp32, no autocast; weights only):
+  the KV cache over a shard's videos × 2 (guidance), autoregressive sampler, and one gradient-free call.
+- `distill` generator update, sf_dmd: every chunk's exit call keeps what it saved until the backward
+  (c tokens each, B·T in all) and the K/V of the cached tokens it attended to (chunk k: k·c tokens, a
+  window's worth at most; with checkpointing instead the cache segments the recomputations will read:
+  every chunk written, once, as `KVCache` snapshots share them); then
+  the critic's and the teacher's gradient-free DMD forwards (2·B videos with guidance) run on top,
+  with autocast's bf16 copies of the generator's and the critic's weights. df_dmd: one trained pass
+  of the generator over B·T tokens instead of the rollout.
+- `distill` critic update: a gradient-free rollout (its KV cache), then the critic's trained pass
+  over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
+  activations at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 GIB = 1024 ** 3
-ACT_BYTES_PER_TOKEN_DIM = 34  # per layer, 16-bit activations, flash/SDPA attention
+# Bytes saved per token by one block without recomputation: (per D, per ffn), by activation bytes (4: fp32, 2: bf16).
+BLOCK_BYTES = {4: (89, 8), 2: (69, 4)}
+HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
+BACKWARD_EXTRA = 0.1  # what the loss and the first gradients add on top of the saved activations, in blocks
+RECOMPUTE = 1.05  # one recomputed block's activations and its gradients (checkpointing), in blocks
+NO_GRAD_FORWARD = 0.45  # the live working set of a gradient-free forward, in blocks' worth (feed-forward) ...
+NO_GRAD_MASKED = 0.3  # ... or, with a dense mask, in attention: this much and the mask's bool and bias
 
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per GPU, by component."""
+    """Bytes per device, by component, at the stage's peak (`phase`)."""
 
     weights: float
     gradients: float
@@ -37,26 +77,31 @@ class MemoryEstimate:
     frozen: float
     activations: float
     kv_cache: float
+    phase: str = field(default="", compare=False)
+
+    COMPONENTS = ("weights", "gradients", "optimizer", "ema", "frozen", "activations", "kv_cache")
 
     @property
     def total(self) -> float:
-        return sum(vars(self).values())
+        return sum(getattr(self, k) for k in self.COMPONENTS)
 
     def line(self) -> str:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in vars(self).items() if v)
-        return f"~{self.total / GIB:.1f} GiB per device ({parts} GiB)"
+        unit, size = ("GiB", GIB) if self.total >= GIB else ("MiB", 2 ** 20)
+        parts = ", ".join(f"{k} {getattr(self, k) / size:.2f}" for k in self.COMPONENTS if getattr(self, k))
+        at = f", peak: {self.phase}" if self.phase else ""
+        return f"~{self.total / size:.1f} {unit} per device ({parts} {unit}{at})"
 
 
 def model_states(params: int, trained: int, ema: int, frozen: int, backend: str, zero_stage: int, processes: int,
-                 frozen_bytes: int = 4) -> dict:
-    """Bytes per GPU of weights, gradients, optimizer, EMA and frozen copies.
+                 frozen_bytes: float = 4) -> dict:
+    """Bytes per device of weights, gradients, optimizer, EMA and frozen copies.
 
     Args:
         params: parameters of one model.
-        trained, ema, frozen: how many models of that size are trained (with AdamW), EMA-averaged,
-            held frozen.
+        trained, ema, frozen: how many models of that size are trained (with AdamW), EMA-averaged on the
+            device, held frozen.
         backend: "DDP" (or single), "DEEPSPEED"; `zero_stage` applies to DeepSpeed.
-        frozen_bytes: 4 (fp32) or 2 (bf16) per frozen weight.
+        frozen_bytes: 4 (fp32) or about 2 (bf16) per frozen weight.
     """
     n = max(processes, 1)
     stage = zero_stage if backend == "DEEPSPEED" else 0
@@ -68,41 +113,313 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
                 ema=ema * params * 4, frozen=frozen * params * f)
 
 
-def activation_bytes(tokens: int, dim: int, layers: int, checkpointing: bool, trained_forwards: int = 1) -> float:
-    """Activations kept for the backward pass of `trained_forwards` models over `tokens` tokens."""
-    per_layer = ACT_BYTES_PER_TOKEN_DIM * tokens * dim
+@dataclass
+class Shape:
+    """The transformer and the clip, as the estimate needs them.
+
+    Args:
+        params, dim, ffn, layers: parameter count, hidden size, feed-forward size, blocks.
+        tokens_per_frame, frames, frames_per_chunk: one video's latent tokens per frame, latent frames, chunk.
+    """
+
+    params: int
+    dim: int
+    ffn: int
+    layers: int
+    tokens_per_frame: int
+    frames: int
+    frames_per_chunk: int
+
+    @property
+    def video(self) -> int:
+        return self.tokens_per_frame * self.frames
+
+    @property
+    def chunk(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk
+
+    @property
+    def chunks(self) -> int:
+        return self.frames // self.frames_per_chunk
+
+
+def block_bytes(tokens: float, shape: Shape, act: int) -> float:
+    """Bytes one block saves for the backward pass over `tokens` tokens (no mask, no recomputation)."""
+    per_dim, per_ffn = BLOCK_BYTES[act]
+    return tokens * (per_dim * shape.dim + per_ffn * shape.ffn)
+
+
+def mask_bytes(q_tokens: float, k_tokens: float, act: int, masked: str | None) -> tuple[float, float]:
+    """(per block, per pass) bytes of a dense block-causal mask: SDPA's additive bias `[Lq, Lk]` (saved by
+    every block) and the boolean mask (one per pass). FlexAttention or no mask: (0, 0)."""
+    if masked != "dense":
+        return 0.0, 0.0
+    return q_tokens * k_tokens * act, q_tokens * k_tokens
+
+
+def trained_pass(shape: Shape, videos: int, act: int, checkpointing: bool, masked: str | None) -> tuple[float, float]:
+    """A forward with gradients over `videos` whole clips (`masked`: the dense/flex block-causal mask or
+    None). Returns (bytes held until its backward, the backward's extra working set)."""
+    t = shape.video
+    block = block_bytes(videos * t, shape, act)
+    bias, boolean = mask_bytes(t, t, act, masked)
+    head = HEAD_BYTES_PER_DIM * shape.dim * videos * t
     if checkpointing:
-        return trained_forwards * (2 * tokens * dim * layers + per_layer)
-    return trained_forwards * per_layer * layers
+        return shape.layers * videos * t * shape.dim * act + head + boolean, RECOMPUTE * (block + bias)
+    return shape.layers * (block + bias) + head + boolean, BACKWARD_EXTRA * (block + bias)
 
 
-def kv_cache_bytes(tokens: int, dim: int, layers: int, bytes_per: int = 2) -> float:
-    """K and V of `tokens` cached tokens in every layer."""
+def no_grad_forward(shape: Shape, tokens: float, act: int, q_tokens: float = 0.0, k_tokens: float = 0.0,
+                    masked: str | None = None, cached: float = 0.0) -> float:
+    """The live working set of a gradient-free forward over `tokens` tokens: in the feed-forward, or in
+    attention with its extras, a dense mask (`[q_tokens, k_tokens]` per video) or the keys and values
+    over a KV cache of `cached` tokens (all rows; concatenated, the keys also rotated)."""
+    bias, boolean = mask_bytes(q_tokens, k_tokens, act, masked)
+    block = block_bytes(tokens, shape, act)
+    attention = bias + boolean + 3 * (cached + tokens) * shape.dim * act if cached else bias + boolean
+    return max(NO_GRAD_FORWARD * block, NO_GRAD_MASKED * block + attention)
+
+
+def kv_cache_bytes(tokens: float, dim: int, layers: int, bytes_per: int = 2) -> float:
+    """K and V of `tokens` cached tokens (all rows together) in every block."""
     return 2 * layers * tokens * dim * bytes_per
+
+
+def rollout_held(shape: Shape, videos: int, act: int, checkpointing: bool, window_frames: int | None
+                 ) -> tuple[float, float, float]:
+    """sf_dmd's generator rollout with gradients at every chunk's exit call.
+
+    Returns:
+        (bytes held for the backward after the rollout, the KV cache at its end (freed with it), the
+        backward's extra working set).
+    """
+    c, layers, d = shape.chunk, shape.layers, shape.dim
+    window = shape.tokens_per_frame * window_frames if window_frames else None
+    held = 0.0
+    for k in range(shape.chunks):
+        cached = k * c if window is None else min(k * c, window)
+        head = HEAD_BYTES_PER_DIM * d * videos * c
+        if checkpointing:  # the block inputs
+            held += layers * videos * c * d * act + head
+        else:  # the activations, and K and V over the cached tokens too (concatenated to the chunk's)
+            held += layers * (block_bytes(videos * c, shape, act) + 2 * videos * cached * d * act) + head
+    cached = (shape.chunks - 1) * c if window is None else min((shape.chunks - 1) * c, window)
+    block = block_bytes(videos * c, shape, act)
+    extra = RECOMPUTE * block if checkpointing else BACKWARD_EXTRA * block
+    if checkpointing:  # the recomputations read the cache segments they saw: every chunk written, once
+        # (KVCache segments are shared between snapshots; evicted ones stay alive until the backward)
+        return held + kv_cache_bytes(videos * (shape.chunks - 1) * c, d, layers, act), 0.0, extra
+    return held, kv_cache_bytes(videos * cached, d, layers, act), extra
+
+
+def no_grad_rollout(shape: Shape, videos: int, act: int, window_frames: int | None, fused: bool = True
+                    ) -> tuple[float, float]:
+    """A gradient-free chunk-wise rollout with `videos` rows (the student's few-step rollout, whose calls
+    carry the previous chunk too (`fused`), or a teacher's sampler): (its KV cache at the end, the
+    working set of its last call)."""
+    cached = shape.video - shape.chunk
+    if window_frames:
+        cached = min(cached, shape.tokens_per_frame * window_frames)
+    call = videos * shape.chunk * (2 if fused else 1)
+    return (kv_cache_bytes(videos * cached, shape.dim, shape.layers, act),
+            no_grad_forward(shape, call, act, cached=videos * cached))
+
+
+@dataclass
+class Run:
+    """What a stage runs (from the config; `estimate_config` fills it in).
+
+    Args:
+        batch: videos per process and micro-batch.
+        checkpointing, bf16: the section's gradient checkpointing; bf16 autocast.
+        masked: how masked (block-causal) attention runs: "dense" (SDPA with a boolean mask), "flex", or None.
+        attention: the trained full-clip pass's attention (pretrain_teacher: its own; distill: the
+            teacher's, for critic and real score).
+        ema_cpu: the EMA copy lives on the CPU.
+        method, window_frames, real_guidance, fake_guidance: distill's.
+        ode_videos, ode_guidance, ode_sampler: init_student's ODE-pair sampling: videos per shard, the
+            teacher sampler's guidance and kind.
+    """
+
+    batch: int
+    checkpointing: bool = False
+    bf16: bool = False
+    masked: str | None = "dense"
+    attention: str = "block_causal"
+    ema_cpu: bool = False
+    method: str = "sf_dmd"
+    window_frames: int | None = None
+    real_guidance: float = 4.0
+    fake_guidance: float = 1.0
+    ode_videos: int = 1
+    ode_guidance: float = 1.0
+    ode_sampler: str = "autoregressive"
+
+
+def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
+                   processes: int = 1) -> MemoryEstimate:
+    """Per-device memory of one training stage at its peak phase (see the module docstring)."""
+    act = 2 if run.bf16 else 4
+    p, b = shape.params, run.batch
+    ema = 0 if run.ema_cpu else 1
+    weight_copies = 2 * p if run.bf16 else 0.0  # autocast's bf16 copies of one trained model's weights
+
+    def masked(attention):  # a whole-clip pass's mask: none when bidirectional or one chunk
+        return run.masked if attention == "block_causal" and shape.chunks > 1 else None
+
+    phases = []
+    if stage in ("pretrain_teacher", "init_student"):
+        states = model_states(p, 1, ema, 0, backend, zero_stage, processes)
+        attention = run.attention if stage == "pretrain_teacher" else "block_causal"
+        held, extra = trained_pass(shape, b, act, run.checkpointing, masked(attention))
+        phases.append(("training", states, held + extra + weight_copies, 0.0))
+        if stage == "init_student":  # ODE pairs first: the teacher samples in fp32, weights only
+            rows = run.ode_videos * (2 if run.ode_guidance != 1.0 else 1)
+            pair_states = dict(weights=4.0 * p, gradients=0.0, optimizer=0.0, ema=0.0, frozen=0.0)
+            if run.ode_sampler == "synchronous":
+                work = no_grad_forward(shape, rows * shape.video, 4, shape.video, shape.video,
+                                       masked(run.attention))
+                phases.append(("ODE pairs", pair_states, work, 0.0))
+            else:
+                kv, work = no_grad_rollout(shape, rows, 4, None, fused=False)
+                phases.append(("ODE pairs", pair_states, work, kv))
+    elif stage == "distill":  # generator (EMA) + critic trained, teacher frozen
+        states = model_states(p, 2, ema, 1, backend, zero_stage, processes, 2 if run.bf16 else 4)
+        critic_masked = masked(run.attention)
+        score_rows = b * max(2 if run.real_guidance != 1.0 else 1, 2 if run.fake_guidance != 1.0 else 1)
+        # the DMD forwards (no gradients); the critic's bf16 weight copies are cached by autocast meanwhile
+        scores = no_grad_forward(shape, score_rows * shape.video, act, shape.video, shape.video,
+                                 critic_masked) + weight_copies
+        if run.method == "sf_dmd":
+            held, kv, extra = rollout_held(shape, b, act, run.checkpointing, run.window_frames)
+            _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
+            gen_kv = kv if kv + rollout_work >= max(scores, extra) else 0.0  # the cache lives during the rollout
+            during = max(kv + rollout_work, scores, extra) - gen_kv
+            phases.append(("generator update", states, held + during + weight_copies, gen_kv))
+            sample_kv, sample_work = no_grad_rollout(shape, b, act, run.window_frames)
+        else:  # df_dmd: one trained block-causal pass of the generator
+            held, extra = trained_pass(shape, b, act, run.checkpointing, masked("block_causal"))
+            phases.append(("generator update", states, held + max(extra, scores) + weight_copies, 0.0))
+            sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
+                                                          masked("block_causal"))
+        held, extra = trained_pass(shape, b, act, run.checkpointing, critic_masked)
+        # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
+        if held + extra >= sample_kv + sample_work:
+            phases.append(("critic update", states, held + extra + 2 * weight_copies, 0.0))
+        else:
+            phases.append(("critic update", states, sample_work + 2 * weight_copies, sample_kv))
+    else:
+        raise ValueError(f"no memory estimate for stage '{stage}'")
+    name, states, activations, kv = max(phases, key=lambda ph: sum(ph[1].values()) + ph[2] + ph[3])
+    return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name)
 
 
 def estimate(stage: str, params: int, dim: int, layers: int, tokens_per_frame: int, frames: int, batch: int,
              window_frames: int | None, backend: str = "DDP", zero_stage: int = 2, processes: int = 1,
-             checkpointing: bool = False, bf16: bool = False) -> MemoryEstimate:
-    """Per-GPU memory of one training stage.
+             checkpointing: bool = False, bf16: bool = False, ffn: int | None = None, frames_per_chunk: int = 1,
+             **run) -> MemoryEstimate:
+    """`stage_estimate` from plain numbers (`ffn` defaults to 4·dim; `run`: further `Run` fields)."""
+    shape = Shape(params, dim, ffn or 4 * dim, layers, tokens_per_frame, frames, frames_per_chunk)
+    return stage_estimate(stage, shape, Run(batch, checkpointing, bf16, window_frames=window_frames, **run),
+                          backend, zero_stage, processes)
 
-    Args:
-        stage: pretrain_teacher | init_student | distill (sf_dmd's three models).
-        params, dim, layers: the transformer's parameter count, hidden size and depth.
-        tokens_per_frame, frames, batch: one video's latent tokens per frame, latent frames, videos per GPU.
-        window_frames: the student's KV window (None: all frames) for distill's rollout.
+
+def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_stage: int = 2, processes: int = 1,
+                    bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None
+                    ) -> MemoryEstimate:
+    """`stage_estimate` of a `Config`'s stage (`bf16`, `masked`: the run's resolved mixed precision and
+    masked-attention method; `teacher_attention`: the loaded teacher's, default the config's)."""
+    section = getattr(cfg, stage)
+    tc, st, dc, ic = cfg.pretrain_teacher, cfg.student, cfg.distill, cfg.init_student
+    run = Run(batch=section.batch_size, checkpointing=bool(section.gradient_checkpointing), bf16=bf16, masked=masked,
+              attention=teacher_attention or tc.attention, ema_cpu=getattr(section, "ema_device", "same") == "cpu",
+              method=dc.method, window_frames=st.max_context_frames, real_guidance=dc.real_guidance,
+              fake_guidance=dc.fake_guidance, ode_videos=min(ic.ode_batch_size or ic.ode_shard_size, ic.ode_shard_size,
+                                                             ic.ode_pairs),
+              ode_guidance=tc.sampler.guidance, ode_sampler=tc.sampler.kind)
+    return stage_estimate(stage, shape, run, backend, zero_stage, processes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring, on any device (here: the CPU): what the estimate is checked against
+# (tests/test_checkpointing.py, benchmarks/memory_estimate.py).
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class SavedTensors:
+    """Bytes saved for the backward pass while active (`torch.autograd.graph.saved_tensors_hooks`): every
+    tensor autograd packs, counted once per storage; storages of `exclude` (the weights: model states,
+    not activations) are left out. Non-reentrant gradient checkpointing saves its blocks' tensor inputs
+    through the same hooks; what the recomputed blocks save is not packed (it is never kept).
+
+    Usage: `with SavedTensors(model.parameters()) as saved: loss = f(...)`, then `saved.bytes`.
     """
-    act_bytes = 1.0 if bf16 else 2.0  # the 34·D rule counts 16-bit activations
-    tokens = tokens_per_frame * frames * batch
-    frozen_bytes = 2 if bf16 else 4
-    if stage == "distill":  # generator (EMA) + critic trained, teacher frozen
-        states = model_states(params, 2, 1, 1, backend, zero_stage, processes, frozen_bytes)
-        # generator and critic updates alternate: one of them holds activations at a time
-        act = activation_bytes(tokens, dim, layers, checkpointing) * act_bytes
-        window = tokens_per_frame * (window_frames or frames) * batch
-        kv = kv_cache_bytes(window, dim, layers, 2 if bf16 else 4)
-    else:  # one trained model with EMA (init_student also samples its ODE pairs first, with the same weights)
-        states = model_states(params, 1, 1, 0, backend, zero_stage, processes, frozen_bytes)
-        act = activation_bytes(tokens, dim, layers, checkpointing) * act_bytes
-        kv = 0.0
-    return MemoryEstimate(**states, activations=act, kv_cache=kv)
+
+    def __init__(self, exclude=()):
+        self.exclude = {_storage_key(t) for t in exclude}
+        self.sizes: dict = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = _storage_key(t)
+            if key not in self.exclude:
+                self.sizes[key] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class TensorPeak(TorchDispatchMode):
+    """The peak bytes of live tensors created while active: every op's outputs are tracked by storage
+    (views and in-place results count once) until the storage is freed — what a CUDA caching
+    allocator reports as `max_memory_allocated` (without its rounding), on any device. Tensors that
+    existed before (weights, optimizer moments) are not in it: add them (`tensor_bytes`).
+
+    Usage: `with TensorPeak() as peak: ...`, then `peak.peak` (and `peak.now`: still alive).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict = {}
+        self.now = self.peak = 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key, n = st._cdata, st.nbytes()
+                old = self.live.get(key)
+                if old is None:
+                    weakref.finalize(st, self._free, key)
+                self.live[key] = n
+                self.now += n - (old or 0)
+                self.peak = max(self.peak, self.now)
+        return out
+
+
+def tensor_bytes(*groups) -> int:
+    """Bytes of the distinct storages among `groups`: iterables of tensors, or optimizers (their state)."""
+    seen = {}
+    for g in groups:
+        if isinstance(g, torch.optim.Optimizer):
+            g = [v for st in g.state.values() for v in st.values() if torch.is_tensor(v)]
+        for t in g:
+            if t is not None and t.device.type != "meta":
+                seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -56,7 +56,8 @@ def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
 @torch.no_grad()
 def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Conditions, uncond: torch.Tensor | None,
                     num_pairs: int, shard_size: int, latent_shape: tuple, student_sigmas: torch.Tensor, sampler,
-                    seed: int, device="cpu", rank: int = 0, world: int = 1) -> list[Path]:
+                    seed: int, device="cpu", rank: int = 0, world: int = 1, batch_size: int | None = None
+                    ) -> list[Path]:
     """Sample `num_pairs` teacher ODE trajectories into shards, skipping shards already on disk.
 
     With `world` processes, process `rank` makes shards `rank, rank + world, ...` (a shard's noise
@@ -71,6 +72,8 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
         student_sigmas: `[K]` the student's levels (decreasing, first usually 1).
         sampler: the teacher's `SamplerConfig` (kind, steps, shift, guidance, lag, window).
         seed: base seed; shard i uses `seed * 1_000_003 + i`.
+        batch_size: videos sampled at once (None: the whole shard); a sampler that re-noises its context
+            (`context_sigma` > 0) draws in another order with another value.
     Returns:
         the shard paths, in order.
     """
@@ -84,15 +87,20 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         context, labels = conditions(i * shard_size, counts[i])
         noise = torch.randn((counts[i], *latent_shape), generator=gen)
-        null = None if uncond is None else uncond.expand(counts[i], *uncond.shape[1:]).to(device)
-        if sampler.kind == "synchronous":
-            _, states = sample_synchronous(teacher, noise.to(device), context.to(device), null, sampler.steps,
-                                           sampler.guidance, sampler.shift, keep_sigmas=keep)
-        else:
-            _, states = sample_autoregressive(
-                teacher, noise.to(device), context.to(device), null, sampler.steps, sampler.guidance, sampler.shift,
-                sampler.context_sigma, gen, sampler.lag, sampler.max_context_frames, sampler.sink_frames,
-                keep_sigmas=keep)
+        parts, step = [], batch_size or counts[i]
+        for j in range(0, counts[i], step):  # the shard's videos in batches: the KV cache of `step` videos
+            sl = slice(j, j + step)
+            null = None if uncond is None else uncond.expand(len(noise[sl]), *uncond.shape[1:]).to(device)
+            if sampler.kind == "synchronous":
+                _, states = sample_synchronous(teacher, noise[sl].to(device), context[sl].to(device), null,
+                                               sampler.steps, sampler.guidance, sampler.shift, keep_sigmas=keep)
+            else:
+                _, states = sample_autoregressive(
+                    teacher, noise[sl].to(device), context[sl].to(device), null, sampler.steps, sampler.guidance,
+                    sampler.shift, sampler.context_sigma, gen, sampler.lag, sampler.max_context_frames,
+                    sampler.sink_frames, keep_sigmas=keep)
+            parts.append(states.cpu())
+        states = torch.cat(parts, dim=1)
         tmp = paths[i].with_name(f".tmp_{paths[i].name}")
         save_file({"states": states.transpose(0, 1).float().cpu().contiguous(), "sigmas": keep,
                    "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp))

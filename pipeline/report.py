@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .guard import replacing
 from .run_dir import write_atomic
 from .sprites import COLOUR_NAMES, NUM_CLASSES, NUM_MODES, SHAPE_NAMES
 
@@ -103,7 +104,8 @@ def plot_drift(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -125,7 +127,8 @@ def plot_modes(report: dict, path: Path) -> None:
         ax.set_yticklabels(classes if ax is axes[0][0] else [], fontsize=7)
     fig.suptitle("Motion modes per class (videos whose first transition is lawful)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -147,7 +150,8 @@ def plot_speed_quality(report: dict, path: Path) -> None:
     ax.set_title("Speed vs quality")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
+
+from .guard import GuardError, check_inputs, write_text
 
 
 def file_hash(path: str | Path) -> str:
@@ -28,10 +29,8 @@ class StaleInputError(ValueError):
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """A text file written under a temporary name, then renamed (`pipeline.guard.replacing`)."""
+    write_text(path, text)
 
 
 class StageDir:
@@ -46,6 +45,24 @@ class StageDir:
         if not self.manifest_path.is_file():
             return {}
         return json.loads(self.manifest_path.read_text())
+
+    def guard(self, inputs: dict | None = None, force: bool = False) -> None:
+        """The output rule for the stage folder, checked before the stage reads or writes anything:
+
+        - it must not be, lie inside or contain one of the stage's `inputs` (`{config key: path}`), even
+          with `force`;
+        - an existing folder that is not a stage folder (no `manifest.json`, and holding more than a
+          `config.yaml` a stage writes first) is written into only with `force`.
+
+        Raises:
+            GuardError naming the folder and the reason.
+        """
+        check_inputs(self.path, inputs, "the stage folder")
+        if self.path.is_dir() and not self.manifest_path.is_file() and not force:
+            foreign = [p.name for p in self.path.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
+            if foreign:
+                raise GuardError(f"{self.path} exists and is not a stage folder (no manifest.json; it holds "
+                                 f"{foreign[0]}); choose another run.dir or pass --force to write into it")
 
     @property
     def done(self) -> bool:

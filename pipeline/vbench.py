@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .guard import replacing
+
 MAX_NAME = 180
 
 
@@ -26,10 +28,11 @@ def vbench_name(prompt: str, index: int) -> str:
 
 
 def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str], indices: list[int],
-                        fps: int = 16) -> list[Path]:
+                        fps: int = 16, force: bool = True) -> list[Path]:
     """Write one MP4 per video: `videos [N, F, 3, H, W]` in [-1, 1], `prompts [N]`, `indices [N]`
     (the sample number of each video within its prompt). Refuses to overwrite a file written earlier in
-    the same call (two videos with the same prompt and index). Returns the paths in order."""
+    the same call (two videos with the same prompt and index), and an existing file unless `force`. Each is
+    written under a temporary name, then renamed (`pipeline.guard.replacing`). Returns the paths in order."""
     if videos.dim() != 5 or videos.shape[2] != 3:
         raise ValueError(f"videos must be [N, F, 3, H, W], got {list(videos.shape)}")
     if not len(videos) == len(prompts) == len(indices):
@@ -44,7 +47,8 @@ def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str
 
     for v, path in zip(videos, paths):  # frames as they are (any H x W), [F, H, W, 3] uint8
         frames = ((v.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        iio2.mimwrite(path, list(frames), fps=fps, macro_block_size=2)  # libx264: even sizes (odd ones padded)
+        with replacing(path, force, "--vbench-dir video") as tmp:
+            iio2.mimwrite(tmp, list(frames), fps=fps, macro_block_size=2)  # libx264: even sizes (odd ones padded)
     return paths
 
 
@@ -143,7 +147,7 @@ class ChunkDecodeSink:
 def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, null: torch.Tensor, vae,
                        out: str | Path, videos_per_prompt: int = 5, latent_shape: tuple | None = None,
                        seed: int = 0, batch_size: int = 8, fps: int = 16, stream_decode: bool = True,
-                       sink: ChunkDecodeSink | None = None, **sampler) -> list[Path]:
+                       sink: ChunkDecodeSink | None = None, force: bool = True, **sampler) -> list[Path]:
     """Sample `videos_per_prompt` videos for each prompt (`context [P, L, D]` its embeddings), decode them
     with the VAE and write `<out>/<prompt>-<i>.mp4` (VBench's layout). `sampler` goes to
     `sample_text_latents` (denoising_steps / steps / guidance / on_chunk). Returns the paths, prompt-major.
@@ -177,4 +181,4 @@ def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, nu
     else:
         videos = decode_videos(vae, lat)
     names = [prompts[i] for i in idx.tolist()]
-    return write_vbench_videos(out, videos, names, list(range(videos_per_prompt)) * len(prompts), fps=fps)
+    return write_vbench_videos(out, videos, names, list(range(videos_per_prompt)) * len(prompts), fps=fps, force=force)

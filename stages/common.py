@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -22,6 +23,7 @@ from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_trainin
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.convert import build_model, read_source, sampling_config
 from pipeline.data import class_table
+from pipeline.guard import GuardError, Lock, replacing
 from pipeline.media import save_video_grid
 from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
 from pipeline.shard import ShardedGenerator
@@ -197,6 +199,60 @@ def local_batch(source, n: int, gen: ShardedGenerator, device) -> dict:
     return {k: gen.rows(v).to(device) for k, v in batch.items()}
 
 
+def trainable(model: torch.nn.Module, section) -> torch.nn.Module:
+    """Put a model to be trained in train mode with gradients, and with gradient checkpointing when the
+    section asks for it (every trained full-sequence pass recomputes its blocks in the backward pass:
+    the same numbers, only the layer inputs kept). Returns the model."""
+    model.train().requires_grad_(True)
+    if section.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def hold_frozen(model: torch.nn.Module, mixed_precision: str) -> torch.nn.Module:
+    """A frozen model (evaluation mode, no gradients), its matmul weights held in bf16 when the run
+    computes in bf16: those of every Linear and Conv layer outside diffusers' `_keep_in_fp32_modules`
+    (norms, modulation tables, time embedding, RoPE stay fp32). Autocast casts exactly those weights
+    to bf16 at every call anyway, so the outputs are unchanged and the weights take half the memory.
+    With `mixed_precision` no, nothing changes. Returns the model."""
+    model.eval().requires_grad_(False)
+    if mixed_precision != "bf16":
+        return model
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)) and not any(k in name.split(".") for k in keep):
+            module.to(torch.bfloat16)
+    return model
+
+
+def place_ema(ema, section, device) -> None:
+    """Put the EMA copy where `section.ema_device` says: on the trained model's `device` (`same`) or on
+    the CPU (`cpu`: 4 bytes per parameter off the accelerator; `ema_step` brings the weights over)."""
+    ema.to(torch.device("cpu") if section.ema_device == "cpu" else device)
+
+
+def ema_step(ema, parameters) -> None:
+    """`ema.step(parameters)`, also when the EMA copy lives on another device than the weights
+    (`ema_device: cpu`): then the weights are copied to it first, keeping `requires_grad` (which decides
+    between averaging and copying); the same arithmetic, on the EMA's device."""
+    params = list(parameters)
+    if ema.shadow_params and any(p.device != s.device for p, s in zip(params, ema.shadow_params)):
+        import contextlib
+
+        gather = contextlib.nullcontext()
+        try:  # ZeRO-3 partitions the weights: gather them while copying, as EMAModel.step does
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+            if is_deepspeed_zero3_enabled():
+                import deepspeed
+                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        except ImportError:
+            pass
+        with gather:
+            params = [p.detach().to(s.device).requires_grad_(p.requires_grad)
+                      for p, s in zip(params, ema.shadow_params)]
+    ema.step(params)
+
+
 def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, total_steps: int | None = None):
     """AdamW and its LR schedule from a training section (lr, betas, weight_decay, warmup_steps,
     lr_schedule); `lr` overrides the section's, `total_steps` (default `section.steps`) is where a
@@ -221,7 +277,7 @@ def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, accel
     """
     main = accelerator is None or accelerator.is_main_process
     if force and main:  # a rerun from scratch: stale checkpoints must not be resumed from later
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        remove_own(ckpt_root, ("step_*", ".tmp_step_*"))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     last = latest_checkpoint(ckpt_root)
@@ -232,6 +288,17 @@ def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, accel
         replay_schedule(scheduler, step)
     print(f"resuming from {last.name} (step {step}) in {last.parent}")
     return step, extra, rng
+
+
+def remove_own(folder: Path, patterns: tuple[str, ...]) -> None:
+    """Delete the entries of `folder` matching `patterns`: what a stage itself writes there (checkpoints,
+    ODE-pair shards), never anything else a folder may hold."""
+    for pattern in patterns:
+        for p in Path(folder).glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def replay_schedule(scheduler, steps: int) -> None:
@@ -292,13 +359,49 @@ def save_weights(stage_path: Path, raw: torch.nn.Module, ema, cfg: Config, **mod
     so a bare folder still says how to sample from it.
     """
     raw.register_to_config(**model_config)
-    raw.save_pretrained(stage_path / "transformer")
+    save_model(raw, stage_path / "transformer")
     ema.store(raw.parameters())
     ema.copy_to(raw.parameters())
-    raw.save_pretrained(stage_path / "transformer_ema")
+    save_model(raw, stage_path / "transformer_ema")
     if cfg.data.kind == "sprites":
-        save_file({"class_table": class_table(cfg).contiguous()}, str(stage_path / "conditioning.safetensors"))
+        with replacing(stage_path / "conditioning.safetensors") as tmp:
+            save_file({"class_table": class_table(cfg).contiguous()}, str(tmp))
     return {"transformer": str(stage_path / "transformer"), "transformer_ema": str(stage_path / "transformer_ema")}
+
+
+def save_model(model, folder: Path) -> Path:
+    """`model.save_pretrained` into a temporary folder renamed onto `folder` (a stage's own output: an
+    earlier copy, e.g. of a killed run, is replaced whole)."""
+    with replacing(folder) as tmp:
+        model.save_pretrained(tmp)
+    return folder
+
+
+def data_inputs(cfg: Config) -> dict:
+    """The data a training stage reads from disk, by config key (sprites are generated: none)."""
+    return {"data.path": cfg.data.path} if cfg.data.kind != "sprites" else {}
+
+
+def component_inputs(cfg: Config) -> dict:
+    """The local component folders (text encoder, tokenizer, VAE) a text run reads, by config key."""
+    c = cfg.components
+    return {"components.text_encoder": c.text_encoder, "components.tokenizer": c.tokenizer, "components.vae": c.vae}
+
+
+def lock_run_dir(cfg: Config, stages: list[str], command: str) -> Lock:
+    """The lock of `run.dir` (`pipeline.guard.Lock`), taken: one command at a time per run directory.
+
+    Raises:
+        LockedError naming the holder; OSError (one line) when the run directory cannot be written.
+    """
+    lock = Lock(cfg.run.dir, command)
+    try:
+        return lock.acquire()
+    except GuardError:
+        raise
+    except OSError as e:
+        folder = Path(cfg.run.dir) / (stages[0] if stages else "")
+        raise OSError(f"cannot write the stage folder {folder}: {e.strerror or e}") from None
 
 
 def student_config(cfg: Config) -> dict:
@@ -317,13 +420,20 @@ def load_model(folder: Path) -> CausalWanTransformer:
         diffusers_logging.set_verbosity(level)
 
 
-def load_source(source: str | Path, raw: bool = False):
+def load_source(source: str | Path, raw: bool = False, attention_backend: str | None = None):
     """Model, class table and config of any source `pipeline.convert.read_source` reads.
 
     A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; any other
     source (diffusers folder, safetensors file, `.pt` checkpoint, ...) the default config under the
     sampling settings it carries (`sampling.json`, safetensors metadata, a stage folder's config.json).
+    The model attends with `attention_backend` (None: the returned config's `model.attention_backend`).
     """
+    model, table, cfg = _load_source(source, raw)
+    model.set_attention_backend(attention_backend or cfg.model.attention_backend)
+    return model, table, cfg
+
+
+def _load_source(source: str | Path, raw: bool):
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {path}")
@@ -356,7 +466,8 @@ def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, fram
     overrides its step list.
     """
     model.eval()
-    denoiser = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0)
+    denoiser = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0, rope=student.rope,
+                        kv_cache=student.kv_cache)
     sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
     lat = generate_few_step(denoiser, table[labels], (channels, frames, size, size), sigmas, student.context_sigma,
                             seed, batch_size, max_context_frames=student.max_context_frames,
@@ -370,7 +481,8 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int,
     """Sample sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]` with a many-step
     `SamplerConfig`."""
     model.eval()
-    denoiser = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0)
+    denoiser = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
+                        kv_cache=sampler.kv_cache)
     cond = table[labels]
     uncond = table[torch.full_like(labels, NULL_CLASS)]
     lat = generate(denoiser, cond, uncond, (channels, frames, size, size), sampler.kind, sampler.steps,
@@ -402,16 +514,23 @@ def parse_with_overrides(ap: argparse.ArgumentParser, argv=None) -> argparse.Nam
 
 
 def stage_main(stage: str, run, argv=None) -> int:
-    """`python -m stages.<stage> --config CONFIG [--force] [key=value ...]`."""
+    """`python -m stages.<stage> --config CONFIG [--force] [key=value ...]`, holding the lock of `run.dir`."""
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--config", required=True)
     ap.add_argument("--force", action="store_true", help="rerun even if the stage is done")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parse_with_overrides(ap, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    lock = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: rank 0 holds it for all
+            lock = lock_run_dir(cfg, [stage], f"python -m stages.{stage} {shlex.join(argv)}")
         run(cfg, force=args.force)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

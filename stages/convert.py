@@ -8,12 +8,14 @@ checkpoint folder; detected from what it holds (`pipeline/convert.py`).
 DEST: `--to diffusers` a folder (`WanTransformer3DModel.from_pretrained` loads it; `sampling.json` beside
 `config.json` keeps frames per chunk, the student's steps and shift, so `./launch.sh sample DEST` streams
 from it); `--to safetensors` one file in diffusers names; `--to wan` one file in the original Wan names.
-Written under a temporary name and renamed; an existing DEST needs `--force`.
+Written under a temporary name and renamed; an existing DEST needs `--force`; a DEST that is SOURCE, lies
+inside it or contains it is refused even with `--force`; one command at a time per DEST (`pipeline/guard.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from pipeline.convert import DTYPES, TARGETS, convert
@@ -31,11 +33,13 @@ def main(argv=None) -> int:
                     help="critic: distill's fake score (stage folders, checkpoints, .pt with a critic entry)")
     ap.add_argument("--model-config", help="a diffusers config.json for sources without one whose head count "
                                            "cannot be read off the shapes")
-    ap.add_argument("--force", action="store_true", help="replace an existing DEST")
+    ap.add_argument("--force", action="store_true", help="replace an existing DEST (never SOURCE, a folder inside "
+                                                         "it or one containing it)")
     args = ap.parse_args(argv)
+    command = f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])}"
     try:
         weights = convert(args.source, args.dest, args.to, ema=args.ema, dtype=args.dtype, part=args.part,
-                          force=args.force, model_config=args.model_config)
+                          force=args.force, model_config=args.model_config, command=command)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

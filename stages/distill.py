@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -32,9 +33,10 @@ from pipeline.ode_pairs import OdePairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
 from pipeline.shard import ShardedGenerator
-from stages.common import (check_replicas, finished_already, full_optimizer_state, load_source, local_batch,
-                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, replay_schedule, resume,
-                           restore_optimizer_state, save_weights, shared_generator, stage_main, student_config)
+from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, hold_frozen,
+                           load_source, local_batch, make_accelerator, make_optimizer, mixed_precision, optimizer_step,
+                           place_ema, prepare, preview, replay_schedule, resume, restore_optimizer_state, save_model,
+                           save_weights, shared_generator, stage_main, student_config, trainable)
 
 STAGE = "distill"
 
@@ -84,9 +86,10 @@ class Batches:
 def run(cfg: Config, force: bool = False) -> StageDir:
     dc = cfg.distill
     stage = StageDir(cfg.run.dir, STAGE)
+    student_path, teacher_path = sources(cfg)
+    stage.guard({"distill.student": student_path, "distill.teacher": teacher_path, **data_inputs(cfg)}, force)
     if finished_already(stage, dc, force):
         return stage
-    student_path, teacher_path = sources(cfg)
     generator, _, student_cfg = load_source(student_path)  # EMA weights of init_student
     teacher, _, teacher_cfg = load_source(teacher_path)
     critic = copy.deepcopy(teacher)  # the fake score starts as the real one
@@ -96,11 +99,12 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                                                         "teacher": None})
     torch.manual_seed(cfg.run.seed)
 
-    generator.train().requires_grad_(True)
-    critic.train().requires_grad_(True)
-    teacher.eval().requires_grad_(False)
-    if dc.gradient_checkpointing:  # sf_dmd: only the exit step runs with gradients; it is the one recomputed
-        generator.enable_gradient_checkpointing()
+    # With dc.gradient_checkpointing every trained pass recomputes its blocks: the generator's (sf_dmd: a
+    # chunk's exit step, the only call with gradients) and the critic's (the whole clip).
+    trainable(generator, dc)
+    trainable(critic, dc)
+    # the real score: bf16 matmul weights when the run computes in bf16 (a DeepSpeed engine casts it itself)
+    hold_frozen(teacher, "no" if accelerator.distributed_type == DistributedType.DEEPSPEED else mixed_precision(cfg))
     ema = EMAModel(generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
     gen_opt, gen_sched = make_optimizer(generator, dc,
                                         total_steps=generator_updates(dc.steps, dc.critic_steps_per_generator_step))
@@ -128,10 +132,10 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if step:
         restore_optimizer_state(accelerator, generator, loaded[0])
         restore_optimizer_state(accelerator, critic, loaded[1])
-    ema.to(accelerator.device)
+    place_ema(ema, dc, accelerator.device)
     fpc, st = cfg.data.frames_per_chunk, cfg.student
     teacher_attention = teacher_cfg.pretrain_teacher.attention
-    common = dict(generator=Denoiser(generator, "block_causal", fpc, prediction, st.clip_x0),
+    common = dict(generator=Denoiser(generator, "block_causal", fpc, prediction, st.clip_x0, rope=st.rope),
                   real=Denoiser(teacher, teacher_attention, fpc, teacher_cfg.model.prediction),
                   fake=Denoiser(critic, teacher_attention, fpc, teacher_cfg.model.prediction),
                   sigmas=few_step_sigmas(st.denoising_steps, st.shift), real_guidance=dc.real_guidance,
@@ -173,7 +177,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                 g_loss, g_stats, grad_norm, seen = update(generator, gen_opt, gen_sched, method.generator_loss,
                                                           f"{STAGE}.lr", dc.grad_clip)
                 reuse = seen if dc.critic_samples == "generator" else None
-                ema.step(accelerator.unwrap_model(generator).parameters())
+                ema_step(ema, accelerator.unwrap_model(generator).parameters())
                 sigma = g_stats.pop("dmd_sigma")
                 g_loss = accelerator.reduce(g_loss.detach(), "mean")  # over the global batch
                 logs.update(generator_loss=g_loss.item(), generator_grad_norm=float(grad_norm), **g_stats,
@@ -205,7 +209,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     outputs = {}
     if accelerator.is_main_process:
         raw_critic = accelerator.unwrap_model(critic)
-        raw_critic.save_pretrained(stage.path / "critic")
+        save_model(raw_critic, stage.path / "critic")
         outputs["critic"] = str(stage.path / "critic")
         raw = accelerator.unwrap_model(generator)
         raw.disable_gradient_checkpointing()

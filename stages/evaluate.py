@@ -44,7 +44,8 @@ from pipeline.report import SCHEMA_VERSION, write_report
 from pipeline.run_dir import StageDir, write_atomic
 from pipeline.speed import SpeedMeter
 from pipeline.sprites import SpritesStream, balanced_labels
-from stages.common import is_student, load_source, run_device, sample_student_videos, sample_videos, stage_main
+from stages.common import (component_inputs, is_student, load_source, run_device, sample_student_videos, sample_videos,
+                           stage_main)
 
 
 @dataclass
@@ -174,9 +175,9 @@ def run_benchmarks(names: list[str], stage_path: Path, student: Path | None) -> 
     their output in `benchmarks/<name>.txt`. Model-specific ones measure `student` (the distilled
     student, else student_init); the others take the stage's resolved config."""
     root = Path(__file__).resolve().parents[1]
-    config = ["--config", str(stage_path / "config.yaml")]
-    args = {"stream_cost": [str(student)] if student else config, "forward_flops": [str(student)] if student else config,
-            "skyreels_stream": config, "dmd_step_cost": config}
+    config = ["--config", os.path.abspath(stage_path / "config.yaml")]  # the scripts run in the checkout
+    model = [os.path.abspath(student)] if student else config
+    args = {"stream_cost": model, "forward_flops": model, "skyreels_stream": config, "dmd_step_cost": config}
     folder = stage_path / "benchmarks"
     folder.mkdir(exist_ok=True)
     out = {}
@@ -185,7 +186,7 @@ def run_benchmarks(names: list[str], stage_path: Path, student: Path | None) -> 
         print(f"[evaluate] benchmark: {' '.join(cmd[1:])}")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
         text = proc.stdout + proc.stderr
-        (folder / f"{name}.txt").write_text(text)
+        write_atomic(folder / f"{name}.txt", text)
         out[name] = {"command": " ".join(["python", *cmd[1:]]), "exit_status": proc.returncode,
                      "output": text.strip().splitlines()[-12:]}
     return out
@@ -224,6 +225,8 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
         return stage
     seed = cfg.run.seed if e.seed is None else e.seed
     models = entries(cfg)
+    stage.guard({**{f"model '{m.name}'": m.source for m in models}, "evaluate.prompts": e.prompts,
+                 **component_inputs(cfg)}, force)
     stage.begin(to_yaml(cfg), {m.name: _weights_of(m.source) for m in models}, check_inputs=False)
     hashes = stage.manifest()["inputs"]
     folder = stage.path / "vbench"
@@ -272,6 +275,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if cfg.evaluate.seed is None:
         cfg.evaluate.seed = cfg.run.seed
     models = entries(cfg)
+    stage.guard({f"model '{e.name}'": e.source for e in models}, force)
     stage.begin(to_yaml(cfg), {e.name: _weights_of(e.source) for e in models}, check_inputs=False)
     hashes = stage.manifest()["inputs"]  # each model's weights, hashed once by `begin`
     out = stage.path

@@ -14,7 +14,6 @@ Run: `python -m stages.init_student --config CONFIG [k=v ...]`.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,9 +32,10 @@ from pipeline.ode_pairs import OdePairs, write_ode_pairs
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser, few_step_sigmas
 from pipeline.sprites import NULL_CLASS
-from stages.common import (check_replicas, finished_already, full_optimizer_state, global_norm, load_source,
-                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state,
-                           resume, save_weights, shared_generator, stage_main, student_config)
+from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
+                           load_source, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
+                           remove_own, restore_optimizer_state, resume, save_weights, shared_generator, stage_main,
+                           student_config, trainable)
 
 STAGE = "init_student"
 
@@ -67,12 +67,12 @@ def make_pairs(cfg: Config, stage: StageDir, teacher, table, prediction: str, ac
     ic, tc = cfg.init_student, cfg.pretrain_teacher
     folder = stage.path / "ode_pairs"
     denoiser = Denoiser(teacher.to(device).eval(), tc.attention, cfg.data.frames_per_chunk, prediction,
-                        tc.sampler.clip_x0)
+                        tc.sampler.clip_x0, rope=tc.sampler.rope, kv_cache=tc.sampler.kv_cache)
     conditions, uncond = pair_conditions(cfg, table)
     write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None, ic.ode_pairs,
                     ic.ode_shard_size, latent_shape(cfg), few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift),
                     tc.sampler, seed=cfg.run.seed, device=device, rank=accelerator.process_index,
-                    world=accelerator.num_processes)
+                    world=accelerator.num_processes, batch_size=ic.ode_batch_size)
     accelerator.wait_for_everyone()  # every process trains on all shards
     return folder
 
@@ -80,9 +80,10 @@ def make_pairs(cfg: Config, stage: StageDir, teacher, table, prediction: str, ac
 def run(cfg: Config, force: bool = False) -> StageDir:
     ic = cfg.init_student
     stage = StageDir(cfg.run.dir, STAGE)
+    source = teacher_path(cfg)
+    stage.guard({"init_student.teacher": source, **data_inputs(cfg)}, force)
     if finished_already(stage, ic, force):
         return stage
-    source = teacher_path(cfg)
     teacher, table, teacher_cfg = load_source(source)  # EMA weights
     prediction = teacher_cfg.model.prediction  # the student predicts what the teacher does
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=ic.grad_accum, batch_size=ic.batch_size,
@@ -92,17 +93,14 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                                       else source}, force=force)
     torch.manual_seed(cfg.run.seed)
     if force and accelerator.is_main_process:  # pairs belong to the run being redone
-        shutil.rmtree(stage.path / "ode_pairs", ignore_errors=True)
+        remove_own(stage.path / "ode_pairs", ("shard_*.safetensors", ".tmp_shard_*"))
     accelerator.wait_for_everyone()
 
     with torch.no_grad():
         folder = make_pairs(cfg, stage, teacher, table, prediction, accelerator)
     pairs = OdePairs(folder)
 
-    model = teacher.train()  # the student starts as the teacher's EMA weights
-    model.requires_grad_(True)
-    if ic.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model = trainable(teacher, ic)  # the student starts as the teacher's EMA weights (no separate frozen copy)
     ema = EMAModel(model.parameters(), decay=ic.ema_decay)
     optimizer, scheduler = make_optimizer(model, ic)
     gen = shared_generator(accelerator, cfg.run.seed + 2)  # pair draws and step indices
@@ -115,7 +113,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     model, optimizer = prepare(accelerator, "model", model, optimizer)
     if step:
         restore_optimizer_state(accelerator, model, loaded)
-    ema.to(accelerator.device)
+    place_ema(ema, ic, accelerator.device)
     student = Denoiser(model, "block_causal", cfg.data.frames_per_chunk, prediction)
     accelerator.init_trackers("logs")
 
@@ -136,7 +134,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                     grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr",
                                                ic.grad_clip, step)
                     seen += ic.batch_size * accelerator.num_processes
-            ema.step(accelerator.unwrap_model(model).parameters())
+            ema_step(ema, accelerator.unwrap_model(model).parameters())
             step += 1
             maybe_kill("step", step)
             bar.update(1)

@@ -1,7 +1,9 @@
 """`./launch.sh CONFIG [--stages ...] [--num-processes N] [--accelerate-config F] [--dry-run] [--force] [k=v ...]`
 
 Validates the config, prints the plan, then runs the selected stages in order; stages already done are
-skipped (`--force` reruns them), an interrupted stage resumes from its last checkpoint.
+skipped (`--force` reruns them), an interrupted stage resumes from its last checkpoint. The run directory is
+locked for the whole command (`pipeline/guard.py`: a second command on it refuses, naming this one); with
+`--num-processes N` this process holds the lock and the workers it starts run under it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.data import latent_shape
 from pipeline.run_dir import StageDir
 from pipeline.sampling import few_step_sigmas
-from stages.common import USER_ERRORS, mixed_precision, parse_with_overrides, run_device
+from stages.common import USER_ERRORS, lock_run_dir, mixed_precision, parse_with_overrides, run_device
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",
@@ -115,16 +118,32 @@ def model_summary(cfg: Config) -> dict:
     tokens = (h // patch[1]) * (w // patch[2])
     return {"class": "CausalWanTransformer (diffusers WanTransformer3DModel)" + source, "parameters": params,
             "latent": [kw["in_channels"], f, h, w], "tokens_per_frame": tokens, "sequence": tokens * f,
-            "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"]}
+            "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"],
+            "ffn": kw["ffn_dim"]}
+
+
+def masked_attention(cfg: Config) -> str:
+    """How the training passes' block-causal attention runs on the run's device: "dense" (a boolean mask
+    through SDPA, which saves an `[Lq, Lk]` bias per block) or "flex" (FlexAttention block mask)."""
+    try:
+        from pipeline.attention import masked_method
+    except ImportError:  # no attention backends: SDPA with a boolean mask
+        return "dense"
+    return masked_method(getattr(cfg.model, "attention_backend", "auto"), run_device(cfg), requires_grad=True)
+
+
+def memory_estimate(cfg: Config, stage: str, ms: dict | None = None, num_processes: int = 1, backend: str | None = None,
+                    stage_zero: int = 0) -> memory.MemoryEstimate:
+    """The per-device memory estimate of a training stage (`pipeline/memory.py`); `ms`: `model_summary(cfg)`."""
+    ms = ms or model_summary(cfg)
+    shape = memory.Shape(ms["parameters"], ms["dim"], ms["ffn"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
+                         cfg.data.frames_per_chunk)
+    return memory.estimate_config(cfg, stage, shape, backend or "DDP", stage_zero, num_processes,
+                                  bf16=mixed_precision(cfg) == "bf16", masked=masked_attention(cfg))
 
 
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int) -> str:
-    section = getattr(cfg, stage)
-    bf16 = mixed_precision(cfg) == "bf16"
-    est = memory.estimate(stage, ms["parameters"], ms["dim"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
-                          section.batch_size, cfg.student.max_context_frames, backend or "DDP", stage_zero,
-                          num_processes, bool(getattr(section, "gradient_checkpointing", False)), bf16)
-    return f"  memory: {est.line()}"
+    return f"  memory: {memory_estimate(cfg, stage, ms, num_processes, backend, stage_zero).line()}"
 
 
 def missing_paths(cfg: Config) -> dict[str, str]:
@@ -187,6 +206,7 @@ def exit_worker() -> None:
 
 def main(argv=None) -> int:
     args = parse(argv if argv is not None else sys.argv[1:])
+    lock = None
     try:
         cfg = load_config(args.config, args.overrides)
         stages = args.stages.split(",") if args.stages else list(cfg.run.stages)
@@ -199,9 +219,14 @@ def main(argv=None) -> int:
             print(plan(cfg, stages, args.num_processes, backend, zero))
         if args.dry_run:
             return 0
+        argv = argv if argv is not None else sys.argv[1:]
+        if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/guard.py);
+            # the processes `accelerate launch` starts below find it held by this one (CVD_LOCKS) and go on
+            lock = lock_run_dir(cfg, stages, f"./launch.sh {shlex.join(argv)}")
         if (args.num_processes > 1 or args.accelerate_config) and not child:
             cmd, env = accelerate_command(args.num_processes, args.accelerate_config, backend)
-            return subprocess.call([*cmd, "-m", "stages.launch", *(argv if argv is not None else sys.argv[1:])], env=env)
+            env = lock.env(env) if lock is not None else env
+            return subprocess.call([*cmd, "-m", "stages.launch", *argv], env=env)
         import importlib
 
         for s in stages:
@@ -209,10 +234,15 @@ def main(argv=None) -> int:
                 continue  # sampling and scoring run on the main process; the others would write the same files
             importlib.import_module(AVAILABLE[s]).run(cfg, force=args.force)
         if child:
+            if lock is not None:
+                lock.release()
             exit_worker()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -16,8 +16,11 @@
 Both write `null_embeds.safetensors` (`prompt_embeds [1, L, D]` of the empty prompt) and `prepare.json`
 (what was encoded, with which components). Each shard is written under a temporary name, then renamed;
 a re-run keeps every finished shard (its metadata lists the inputs it holds; a shard written for other
-inputs is an error unless `--force`, which deletes the folder's shards first) and only loads the encoders
-when something is left to encode. Prompts in the shards' metadata (`prompts`, JSON) keep them readable.
+inputs is an error unless `--force`, which deletes the shards prepare_data wrote, and only those, first) and
+only loads the encoders when something is left to encode. `data.path` must not be, lie inside or contain an
+input (refused even with `--force`); an existing folder prepare_data did not write needs `--force`; one
+command at a time per `data.path` (`pipeline/guard.py`). Prompts in the shards' metadata (`prompts`, JSON)
+keep them readable.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.data import latent_shape
+from pipeline.guard import GuardError, Lock, check_output
 from pipeline.run_dir import write_atomic
 from stages.common import USER_ERRORS, parse_with_overrides
 
@@ -147,7 +152,7 @@ def check_components(cfg: Config, videos: bool) -> None:
         resolve_component(c.vae, "vae", "components.vae")
 
 
-def run(cfg: Config, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False, command: str = "prepare_data") -> Path:
     """Write (or finish writing) the shards of `data.path`; returns the folder."""
     d, pc = cfg.data, cfg.prepare_data
     if d.kind not in ("latents", "prompts"):
@@ -166,11 +171,37 @@ def run(cfg: Config, force: bool = False) -> Path:
             raise ConfigError("prepare_data with data.kind=prompts needs data.prompts (a file, one prompt per line)")
         prompts = read_prompts(d.prompts)
         names = prompts
-    check_components(cfg, videos)
     out = Path(d.path)
-    if force:
+    # The output rule (pipeline/guard.py): data.path must not be, lie inside or contain what is read; an
+    # existing folder prepare_data did not write is written into only with --force.
+    c = cfg.components
+    check_output(out, {"data.videos": d.videos if videos else None, "data.prompts": None if videos else d.prompts,
+                       "components.text_encoder": c.text_encoder, "components.tokenizer": c.tokenizer,
+                       "components.vae": c.vae if videos else None}, what="data.path", exists_ok=True)
+    if out.is_dir() and not force:
+        others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        mine = ("prepare.json", "null_embeds.safetensors")
+        if others and not any(n in mine or n.startswith("shard_") for n in others):
+            raise GuardError(f"data.path {out} exists and was not written by prepare_data (it holds {others[0]}); "
+                             "choose another folder or pass --force to write into it")
+    check_components(cfg, videos)
+    with Lock(out, command):  # one command at a time per data.path
+        return write_shards(cfg, out, names, prompts, videos, force)
+
+
+def ours(path: Path) -> bool:
+    """A shard (or null_embeds file) prepare_data wrote: its metadata lists its inputs."""
+    found = shard_items(path)
+    return found is not None and found[0] is not None
+
+
+def write_shards(cfg: Config, out: Path, names: list[str], prompts: list[str], videos: bool, force: bool) -> Path:
+    """`run` once the inputs are read and the output folder is guarded and locked."""
+    d, pc = cfg.data, cfg.prepare_data
+    if force:  # a rebuild: the shards prepare_data wrote go; anything else stays
         for p in [*out.glob("shard_*.safetensors"), out / "null_embeds.safetensors"]:
-            p.unlink(missing_ok=True)
+            if p.is_file() and ours(p):
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(pc.cache_dir) if pc.cache_dir else out / ".cache"
     enc = Encoders(cfg)
@@ -179,7 +210,7 @@ def run(cfg: Config, force: bool = False) -> Path:
     todo = []
     for i, s in enumerate(starts):
         path = shard_path(out, i)
-        if path.is_file():
+        if path.is_file() and not force:
             if shard_items(path) == (names[s:s + pc.shard_size], prompts[s:s + pc.shard_size]):
                 continue
             raise ValueError(f"{path} holds other inputs than the current {'videos' if videos else 'prompts'} "
@@ -187,10 +218,13 @@ def run(cfg: Config, force: bool = False) -> Path:
         todo.append(i)
     extra = sorted(set(out.glob("shard_*.safetensors")) - {shard_path(out, i) for i in range(len(starts))})
     if extra:
+        if not ours(extra[0]):
+            raise ValueError(f"{extra[0]} is beyond the {len(starts)} shards of the current inputs and was not "
+                             "written by prepare_data; move it out of data.path")
         raise ValueError(f"{extra[0]} is beyond the {len(starts)} shards of the current inputs; rerun with --force")
 
     null_path = out / "null_embeds.safetensors"
-    if not null_path.is_file():
+    if force or not null_path.is_file():
         _write(null_path, {"prompt_embeds": enc.text.encode_cached([""], cache)}, {"items": json.dumps([""])})
     expect = latent_shape(cfg)
     for i in tqdm(todo, desc=f"prepare_data ({d.kind} shards)", disable=not todo):
@@ -239,8 +273,9 @@ def main(argv=None) -> int:
         args.config = args.overrides.pop(0)
     if args.config is None:
         ap.error("a config is needed: prepare_data CONFIG or --config CONFIG")
+    command = f"./launch.sh prepare_data {shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])}"
     try:
-        run(load_config(args.config, args.overrides), force=args.force)
+        run(load_config(args.config, args.overrides), force=args.force, command=command)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,9 +28,9 @@ from pipeline.losses import flow_matching_loss
 from pipeline.run_dir import StageDir
 from pipeline.sampling import Denoiser
 from pipeline.trajectories import TrajectoryDistribution
-from stages.common import (check_replicas, finished_already, full_optimizer_state, global_norm, local_batch,
-                           make_accelerator, make_optimizer, optimizer_step, prepare, preview, restore_optimizer_state,
-                           resume, save_weights, shared_generator, stage_main)
+from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
+                           local_batch, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
+                           restore_optimizer_state, resume, save_weights, shared_generator, stage_main, trainable)
 
 STAGE = "pretrain_teacher"
 
@@ -40,15 +40,14 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if cfg.data.kind == "prompts":
         raise ConfigError("pretrain_teacher needs videos: data.kind=prompts has none; use data.kind=latents")
     stage = StageDir(cfg.run.dir, STAGE)
+    stage.guard({"model.pretrained": cfg.model.pretrained, **data_inputs(cfg)}, force)
     if finished_already(stage, tc, force):
         return stage
     accelerator: Accelerator = make_accelerator(cfg, stage.path, grad_accum=tc.grad_accum, batch_size=tc.batch_size,
                                                 models={"model": tc.grad_clip})
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
 
-    model = build_transformer(cfg.model)
-    if tc.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model = trainable(build_transformer(cfg.model), tc)
     ema = EMAModel(model.parameters(), decay=tc.ema_decay)
     optimizer, scheduler = make_optimizer(model, tc)
     source = build_source(cfg, seed=cfg.run.seed)
@@ -71,7 +70,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     model, optimizer = prepare(accelerator, "model", model, optimizer)
     if step:
         restore_optimizer_state(accelerator, model, loaded)
-    ema.to(accelerator.device)
+    place_ema(ema, tc, accelerator.device)
     denoiser = Denoiser(model, tc.attention, cfg.data.frames_per_chunk, cfg.model.prediction)
     null = source.null_context(tc.batch_size).to(accelerator.device)
     accelerator.init_trackers("logs")
@@ -96,7 +95,7 @@ def run(cfg: Config, force: bool = False) -> StageDir:
                     grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, f"{STAGE}.lr",
                                                tc.grad_clip, step)
                     seen += tc.batch_size * accelerator.num_processes
-            ema.step(accelerator.unwrap_model(model).parameters())
+            ema_step(ema, accelerator.unwrap_model(model).parameters())
             step += 1
             maybe_kill("step", step)
             bar.update(1)

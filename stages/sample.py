@@ -8,6 +8,8 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
+An existing FILE or GIF is replaced only with `--force`; FILE must not be SOURCE, lie inside it or contain
+it (refused even with `--force`); one command at a time per FILE (`pipeline/guard.py`).
 
 Text-conditioned latent models (data.kind latents / prompts):
 
@@ -23,6 +25,7 @@ printed) and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/vbench.py`
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
+from pipeline.guard import Lock, check_output
 from pipeline.media import save_samples
 from pipeline.sampling import uniform_denoising_steps
 from pipeline.speed import ChunkClock
@@ -57,12 +61,16 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", help="text models: VAE folder (default: the config's components.vae)")
     ap.add_argument("--text-encoder", help="text models: UMT5 or pipeline folder (default: components.text_encoder)")
     ap.add_argument("--tokenizer", help="text models: tokenizer folder (default: components.tokenizer)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out and its .gif (or existing videos "
+                                                         "in --vbench-dir); never SOURCE or anything inside it")
     args = ap.parse_args(argv)
+    command = f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])}"
     if args.prompts or args.vbench_dir:
-        return sample_text(args)
+        return sample_text(args, command)
     if args.out is None:
         ap.error("--out is required (or --prompts and --vbench-dir for a text model)")
     out = Path(args.out)
+    lock = None
     try:
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
@@ -76,6 +84,7 @@ def main(argv=None) -> int:
         if frames % fpc:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({fpc})")
         labels = balanced_labels(args.n)
+        lock = guard_outputs(out, {"SOURCE": args.source}, args.force, command)
         clock = ChunkClock()
         if is_student(model):
             if args.guidance is not None or args.sampler:
@@ -92,11 +101,13 @@ def main(argv=None) -> int:
                                    sampler, args.seed, cfg.model.prediction, on_chunk=clock)
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
         elapsed = time.perf_counter() - clock.start
+        preview = save_samples(out, videos, labels, force=args.force)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    preview = save_samples(out, videos, labels)
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"wrote {out} ({len(videos)} videos × {frames} frames) and {preview}")
     speed = f"{what}: {len(videos) * frames / elapsed:.1f} frames/s ({elapsed:.2f} s)"
     if clock.times:
@@ -105,14 +116,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def sample_text(args) -> int:
+def guard_outputs(out: Path, inputs: dict, force: bool, command: str) -> Lock:
+    """The output rule for `--out` and its `.gif` (`pipeline/guard.py`): not SOURCE, inside it or
+    containing it; not existing unless `--force`. Returns the lock of `--out`, taken (checked again under it)."""
+    paths = {"--out": out, "--out's preview": out.with_suffix(".gif")}
+    for what, p in paths.items():
+        check_output(p, inputs, force, what)
+    lock = Lock(out, command).acquire()
+    try:
+        for what, p in paths.items():
+            check_output(p, inputs, force, what)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def sample_text(args, command: str = "") -> int:
     """`sample --prompts FILE --vbench-dir DIR`: decoded videos of a text-conditioned latent model."""
     from pipeline.data import latent_shape
     from pipeline.text_encoder import prompt_embeds
     from pipeline.vae import WanVAE
-    from pipeline.vbench import ChunkDecodeSink, write_text_samples
+    from pipeline.vbench import ChunkDecodeSink, vbench_name, write_text_samples
     from stages.prepare_data import read_prompts
 
+    lock = None
     try:
         if not (args.prompts and args.vbench_dir):
             raise ValueError("text models need both --prompts FILE and --vbench-dir DIR")
@@ -128,8 +156,20 @@ def sample_text(args) -> int:
         frames = args.frames or cfg.data.frames
         if frames % cfg.data.frames_per_chunk:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({cfg.data.frames_per_chunk})")
-        vae = WanVAE.from_config(cfg)
         out = Path(args.vbench_dir)
+        # The output rule (pipeline/guard.py): the folder may exist (its .cache is reused), but must not be
+        # or hold an input; the videos it gets must not exist unless --force.
+        inputs = {"SOURCE": args.source, "--prompts": args.prompts, "components.vae (--vae)": c.vae,
+                  "components.text_encoder (--text-encoder)": c.text_encoder,
+                  "components.tokenizer (--tokenizer)": c.tokenizer}
+        check_output(out, inputs, what="--vbench-dir", exists_ok=True)
+        videos = [out / vbench_name(p, i) for p in prompts for i in range(args.per_prompt)]
+        for v in videos:
+            check_output(v, None, args.force, "--vbench-dir video")
+        lock = Lock(out, command).acquire()
+        for v in videos:
+            check_output(v, None, args.force, "--vbench-dir video")
+        vae = WanVAE.from_config(cfg)
         context, null = prompt_embeds(cfg, prompts, out / ".cache")
         shape = (*latent_shape(cfg)[:1], frames, *latent_shape(cfg)[2:])
         device = run_device(cfg)
@@ -138,10 +178,14 @@ def sample_text(args) -> int:
         sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
         paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
-                                   steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink)
+                                   steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,
+                                   force=args.force)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"wrote {len(paths)} videos ({len(prompts)} prompts × {args.per_prompt}) to {out} "
           f"({time.perf_counter() - clock.start:.1f} s with decoding)")
     print(f"VAE decode per chunk (decoded as each finished): {sink.summary()}")

@@ -24,13 +24,13 @@ B, C, H, W = 2, 3, 8, 8  # patch (1, 2, 2): 16 tokens per frame
 def flex_calls(monkeypatch):
     """Counts calls of the compiled flex_attention (so a test knows the flex path really ran)."""
     calls = []
-    compiled = attention._compiled_flex
+    compiled = attention._compiled_flex()
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return compiled(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "_compiled_flex", spy)
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: spy)
     return calls
 
 

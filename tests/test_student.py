@@ -49,7 +49,7 @@ def test_recorded_states_lie_on_the_sampled_path(lag):
         assert torch.allclose(tail, x, atol=1e-5)
 
 
-def _write(folder, model, n=6, shard=4, crash_at=None, sigmas=None):
+def _write(folder, model, n=6, shard=4, crash_at=None, sigmas=None, batch_size=None):
     calls = []
 
     def conditions(start, count):
@@ -61,8 +61,21 @@ def _write(folder, model, n=6, shard=4, crash_at=None, sigmas=None):
 
     sampler = SamplerConfig(steps=3, guidance=1.0, lag=1)
     write_ode_pairs(folder, Denoiser(model, "block_causal", 3), conditions, None, n, shard, SHAPE,
-                    sigmas if sigmas is not None else few_step_sigmas(shift=1.0), sampler, seed=0)
+                    sigmas if sigmas is not None else few_step_sigmas(shift=1.0), sampler, seed=0,
+                    batch_size=batch_size)
     return calls
+
+
+@torch.no_grad()
+def test_ode_pairs_sampled_in_smaller_batches_are_the_same(tmp_path):
+    """`init_student.ode_batch_size`: a shard's videos sampled a few at a time (a smaller KV cache) give
+    the pairs of the whole shard at once."""
+    model = make_tiny_model()
+    _write(tmp_path / "whole", model, n=6, shard=4)
+    _write(tmp_path / "batched", model, n=6, shard=4, batch_size=3)
+    a, b = OdePairs(tmp_path / "whole"), OdePairs(tmp_path / "batched")
+    torch.testing.assert_close(b.states, a.states, atol=1e-6, rtol=0)
+    assert torch.equal(a.labels, b.labels) and a.states.shape[0] == 6
 
 
 @torch.no_grad()

@@ -1,0 +1,203 @@
+"""Memory: gradient checkpointing covers every trained pass, frozen and EMA copies are held where the
+config says, and the `--dry-run` estimate (`pipeline/memory.py`) matches the peak measured on the CPU."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL_KW, assert_same_weights, crash_then_resume, make_tiny_model, weights
+
+from pipeline import memory
+from pipeline.config import ConfigError, load_config
+from pipeline.dmd import DFDMD, SelfForcingDMD
+from pipeline.losses import flow_matching_loss, ode_regression_loss, pick_ode_states
+from pipeline.sampling import Denoiser, few_step_sigmas
+from pipeline.shard import ShardedGenerator
+from pipeline.trajectories import TrajectoryDistribution
+from stages import distill, init_student, pretrain_teacher
+from stages.common import ema_step, hold_frozen, place_ema
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from memory_estimate import measure  # noqa: E402
+
+B, C, F, S, FPC = 2, 3, 6, 8, 3  # two videos of 6 frames of 4x4 tokens (patch 2), chunks of 3 frames
+SIGMAS = few_step_sigmas([1000, 750, 500, 250], 5.0)
+
+
+def models(layers: int, checkpointing: bool) -> dict:
+    """Generator, critic (trained) and teacher (frozen) of `layers` blocks, as the stages set them up."""
+    out = {}
+    for i, name in enumerate(("generator", "critic", "teacher")):
+        m = make_tiny_model(seed=i, num_layers=layers)
+        if name == "teacher":
+            out[name] = m.eval().requires_grad_(False)
+            continue
+        m.train().requires_grad_(True)
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+        out[name] = m
+    return out
+
+
+def batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    text = TINY_MODEL_KW["text_dim"]
+    return {"x0": torch.randn(B, C, F, S, S, generator=g), "context": torch.randn(B, 2, text, generator=g),
+            "null": torch.zeros(B, 2, text), "shape": (C, F, S, S)}
+
+
+def shared(seed: int = 0) -> ShardedGenerator:
+    return ShardedGenerator(torch.Generator().manual_seed(seed), 0, 1)
+
+
+def dmd(kind, m: dict):
+    common = dict(generator=Denoiser(m["generator"], "block_causal", FPC, "flow"),
+                  real=Denoiser(m["teacher"], "block_causal", FPC, "flow"),
+                  fake=Denoiser(m["critic"], "block_causal", FPC, "flow"), sigmas=SIGMAS, real_guidance=4.0)
+    return kind(**common)
+
+
+# Each trained pass as its stage calls it: (the trained model's name, loss of the models and a batch).
+def teacher_step(m, b):  # pretrain_teacher: the DF flow-matching loss
+    sigma, weight = TrajectoryDistribution("df", FPC).sample(B, F, shared(1))
+    return flow_matching_loss(Denoiser(m["generator"], "block_causal", FPC, "flow"), b["x0"], b["context"], sigma,
+                              weight, torch.randn(b["x0"].shape, generator=torch.Generator().manual_seed(2)))
+
+
+def regression_step(m, b):  # init_student: ODE regression on per-chunk states of a stored path
+    states = torch.stack([b["x0"] * (1 - s) + s for s in [*SIGMAS.tolist(), 0.0]], dim=1)
+    x, sigma = pick_ode_states(states, torch.cat([SIGMAS, torch.zeros(1)]), FPC, shared(1))
+    return ode_regression_loss(Denoiser(m["generator"], "block_causal", FPC, "flow"), x, sigma, b["context"],
+                               states[:, -1])
+
+
+def sf_dmd_step(m, b):
+    return dmd(SelfForcingDMD, m).generator_loss(b, shared(1))[0]
+
+
+def df_dmd_step(m, b):
+    return dmd(DFDMD, m).generator_loss(b, shared(1))[0]
+
+
+def critic_step(m, b):  # fresh samples (a gradient-free rollout), then the critic's denoising loss
+    return dmd(SelfForcingDMD, m).critic_loss(b, shared(1))[0]
+
+
+PASSES = {"teacher": ("generator", teacher_step), "regression": ("generator", regression_step),
+          "sf_dmd generator": ("generator", sf_dmd_step), "df_dmd generator": ("generator", df_dmd_step),
+          "critic": ("critic", critic_step)}
+
+
+def saved_bytes(step, layers: int, checkpointing: bool) -> int:
+    """Bytes saved for the backward pass of `step` (weights excluded)."""
+    m = models(layers, checkpointing)
+    with memory.SavedTensors([p for model in m.values() for p in model.parameters()]) as saved:
+        step(m, batch())
+    return saved.bytes
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_checkpointing_keeps_one_layer_input_per_layer(name):
+    """With checkpointing, the bytes saved for the backward pass grow by at most one layer input
+    `[B, L, D]` per layer (the sf_dmd rollout: one per chunk's exit call, the clip's tokens in all);
+    without it, by every activation of the block (here > 10 times more)."""
+    _, step = PASSES[name]
+    dim = TINY_MODEL_KW["num_attention_heads"] * TINY_MODEL_KW["attention_head_dim"]
+    layer_input = B * F * (S // 2) ** 2 * dim * 4  # fp32
+    growth = {ck: (saved_bytes(step, 4, ck) - saved_bytes(step, 2, ck)) / 2 for ck in (True, False)}
+    assert 0 < growth[True] <= layer_input, (name, growth, layer_input)
+    assert growth[False] > 10 * layer_input, (name, growth, layer_input)
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_checkpointing_gives_the_same_gradients(name):
+    """Recomputing the blocks changes no number: the gradients are bit-identical."""
+    trained, step = PASSES[name]
+    grads = []
+    for ck in (False, True):
+        m = models(2, ck)
+        step(m, batch()).backward()
+        grads.append([p.grad for p in m[trained].parameters()])
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_frozen_model_in_bf16_gives_the_same_outputs():
+    """`hold_frozen`: under bf16 autocast the bf16-held teacher computes exactly what the fp32 one does,
+    in about half the memory; with mixed precision off nothing changes."""
+    model = make_tiny_model()
+    held = hold_frozen(copy.deepcopy(model), "bf16")
+    assert not any(p.requires_grad for p in held.parameters())
+    assert memory.tensor_bytes(held.parameters()) < 0.6 * memory.tensor_bytes(model.parameters())
+    assert held.rope.freqs_cos.dtype == torch.float32 and held.scale_shift_table.dtype == torch.float32
+    b = batch()
+    t = torch.rand(B, F) * 1000
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for attention in ("block_causal", "bidirectional"):
+            assert torch.equal(model(b["x0"], t, b["context"], attention=attention, frames_per_chunk=FPC),
+                               held(b["x0"], t, b["context"], attention=attention, frames_per_chunk=FPC))
+    fp32 = hold_frozen(copy.deepcopy(model), "no")
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+
+
+def test_ema_on_cpu_steps_like_the_default():
+    from diffusers.training_utils import EMAModel
+
+    section = load_config(None, ["pretrain_teacher.ema_device=cpu"]).pretrain_teacher
+    model = make_tiny_model()
+    ema, ema_cpu = (EMAModel(model.parameters(), decay=0.9) for _ in range(2))
+    place_ema(ema_cpu, section, torch.device("cpu"))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+        ema.step(model.parameters())
+        ema_step(ema_cpu, model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, ema_cpu.shadow_params))
+    assert all(s.device.type == "cpu" for s in ema_cpu.shadow_params)
+    with pytest.raises(ConfigError, match="ema_device"):
+        load_config(None, ["distill.ema_device=gpu"])
+
+
+def test_distill_with_ema_on_cpu_resumes_like_the_default(distill_stage, tmp_path, monkeypatch, capsys):
+    """`ema_device: cpu` (and gradient checkpointing on generator and critic) gives the default run's
+    weights, EMA included, through a crash and resume."""
+    cfg, path = distill_stage
+    cfg = replace(cfg, distill=replace(cfg.distill, ema_device="cpu", gradient_checkpointing=True))
+    resumed = crash_then_resume(monkeypatch, capsys, distill, cfg, tmp_path / "run", ["pretrain_teacher", "init_student"])
+    for sub in ("transformer", "transformer_ema", "critic"):
+        assert_same_weights(weights(resumed, sub), weights(path, sub))
+
+
+# A small configuration whose activations dominate (256 tokens per frame, 6 frames, batch 2).
+SMALL = ["run.device=cpu", "run.mixed_precision=no", "model.num_layers=2", "model.num_attention_heads=2",
+         "model.attention_head_dim=32", "model.ffn_dim=256", "model.text_dim=16", "model.freq_dim=32",
+         "model.patch_size=[1,2,2]", "data.size=32", "data.frames=6", "data.frames_per_chunk=3", "data.cond_tokens=2",
+         "pretrain_teacher.sampler.steps=2", "init_student.ode_pairs=2", "init_student.ode_shard_size=2",
+         "distill.critic_steps_per_generator_step=2"]
+for _s in ("pretrain_teacher", "init_student", "distill"):
+    SMALL += [f"{_s}.batch_size=2", f"{_s}.steps=2", f"{_s}.warmup_steps=1", f"{_s}.preview_n=1"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_dry_run_estimate_within_25_percent_of_measured_peak(tmp_path, monkeypatch, checkpointing):
+    """Each stage's `--dry-run` estimate (`stages.launch.memory_estimate`) is within 25 % of the peak of
+    live tensors measured while it runs (weights, optimizer, EMA, activations, caches); and with
+    `gradient_checkpointing` every model a stage trains recomputes its blocks."""
+    flags = [f"{s}.gradient_checkpointing={str(checkpointing).lower()}"
+             for s in ("pretrain_teacher", "init_student", "distill")]
+    cfg = load_config(None, [*SMALL, *flags, f"run.dir={tmp_path / 'run'}"])
+    seen = set()
+    for module in (pretrain_teacher, init_student, distill):
+        def step(accelerator, model, *a, _orig=module.optimizer_step, _stage=module.STAGE, **kw):
+            seen.add((_stage, accelerator.unwrap_model(model).gradient_checkpointing))
+            return _orig(accelerator, model, *a, **kw)
+        monkeypatch.setattr(module, "optimizer_step", step)
+    rows = measure(cfg)
+    for stage, (measured, estimated, phase) in rows.items():
+        assert abs(estimated - measured) <= 0.25 * measured, (stage, measured, estimated, phase)
+    assert seen == {(s, checkpointing) for s in ("pretrain_teacher", "init_student", "distill")}
