@@ -463,7 +463,7 @@ def parse_args(argv):
     ap.add_argument("--sinks", type=int, help="sink frames (student.sink_frames)")
     ap.add_argument("--steps", type=int, help="K evenly spaced denoising steps (default: student.denoising_steps)")
     ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), help="default: student.kv_cache")
-    ap.add_argument("--compile", action="store_true", help="model.compile_steady_state() when the model has it")
+    ap.add_argument("--compile", action="store_true", help="model.compile_steady_state()")
     ap.add_argument("--compile-mode", help="mode passed to compile_steady_state (default: its own)")
     ap.add_argument("--attention-backend", help="model.attention_backend (pipeline/attention.py BACKENDS)")
     ap.add_argument("--batch", type=int, default=1, help="videos per stream")
@@ -566,14 +566,9 @@ def main(argv=None) -> int:
     flops = flops_per_block(s, stream_frames, model)
 
     if args.compile:
-        if hasattr(model, "compile_steady_state"):
-            kw = {} if args.compile_mode is None else {"mode": args.compile_mode}
-            model.compile_steady_state(**kw)
-            settings["compile"] = True
-            settings["compile_mode"] = args.compile_mode
-        else:
-            log("--compile: this model has no compile_steady_state(); running eager")
-            settings["compile"] = "unavailable (eager)"
+        model.compile_steady_state(mode=args.compile_mode)
+        settings["compile"] = True
+        settings["compile_mode"] = args.compile_mode
 
     vae, tmp = None, None
     if not args.skip_vae:

@@ -165,8 +165,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         def mask_fn(held, n):
             return self._mask(held, n, True, frames_per_chunk, tpf, device) if attention == "block_causal" else None
 
-        kw = dict(rope_fn=lambda pos: rope_at(self.rope, pos, pph, ppw), mask_fn=mask_fn, pph=pph, ppw=ppw,
-                  rope_module=self.rope, tokens_per_frame=tpf, device=device)
+        kw = dict(mask_fn=mask_fn, pph=pph, ppw=ppw, rope_module=self.rope, device=device)
         passes = [cache.plan(context_frames, True, **kw)] if context_frames else []
         return (*passes, cache.plan(frames - context_frames, write_cache, **kw))
 

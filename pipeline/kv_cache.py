@@ -299,13 +299,13 @@ class StaticKVCache:
             self.sink_keys.append(like.new_zeros(b, self.sink_frames * self.tokens_per_frame, h, d))
         return self.keys[block_index], self.values[block_index]
 
-    def plan(self, frames: int, commit: bool, *, rope_fn, mask_fn, pph: int, ppw: int, rope_module,
-             tokens_per_frame: int, device) -> StaticPass:
-        """The next pass of `frames` frames, and (when `commit`) the cache state after it.
+    def plan(self, frames: int, commit: bool, *, mask_fn, pph: int, ppw: int, rope_module, device) -> StaticPass:
+        """The next pass of `frames` frames of `pph x ppw` tokens, and (when `commit`) the cache state after it.
 
-        `rope_fn(positions [n]) -> (cos, sin)` at absolute frame positions; `mask_fn(held, frames)` the
-        block-causal mask (or None).
+        `rope_module`: the model's `WanRotaryPosEmbed` (RoPE at absolute frame positions, `rope_at`);
+        `mask_fn(held, frames)`: the block-causal mask (or None).
         """
+        tokens_per_frame = pph * ppw
         if self.tokens_per_frame and tokens_per_frame != self.tokens_per_frame:
             raise ValueError(f"a StaticKVCache holds frames of {self.tokens_per_frame} tokens, got {tokens_per_frame}")
         self.tokens_per_frame = t = tokens_per_frame
@@ -327,7 +327,7 @@ class StaticKVCache:
                 index = (torch.tensor(slots)[:, None] * t + torch.arange(t)[None]).flatten().to(device)
             self.seen_frames = seen + frames
             self.num_frames = min(held + frames, self.max_frames or 1 << 62)
-        return StaticPass(held=held, frames=frames, rope=rope_fn(positions), sink_rope=sink_rope, commit=commit,
+        return StaticPass(held=held, frames=frames, rope=rope_at(rope_module, positions, pph, ppw), sink_rope=sink_rope, commit=commit,
                           commit_index=index, sink_tokens=sink_tokens, sink_start=seen * t if sink_tokens else 0, mask=mask_fn(held, frames))
 
     def attend_inputs(self, block_index: int, p: StaticPass, key: torch.Tensor, value: torch.Tensor):
