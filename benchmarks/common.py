@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from pipeline.causal_wan import build_transformer
+from pipeline.models.causal_wan import build_transformer
 from pipeline.config import load_config
-from pipeline.data import class_table
+from pipeline.data.sources import class_table
 from stages.common import load_source
 
 

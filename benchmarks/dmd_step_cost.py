@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dmd import SelfForcingDMD  # noqa: E402
-from pipeline.losses import flow_matching_loss  # noqa: E402
-from pipeline.sampling import Denoiser, few_step_sigmas  # noqa: E402
+from pipeline.methods.dmd import SelfForcingDMD  # noqa: E402
+from pipeline.diffusion.losses import flow_matching_loss  # noqa: E402
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas  # noqa: E402
 
 
 def timed(fn, device) -> float:

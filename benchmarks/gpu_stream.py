@@ -67,11 +67,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import matmul_rate, register_cpu_sdpa_flops, sync  # noqa: E402
-from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dmd import SelfForcingDMD  # noqa: E402
-from pipeline.losses import flow_matching_loss  # noqa: E402
-from pipeline.sampling import Denoiser, few_step_sigmas, sample_few_step, uniform_denoising_steps  # noqa: E402
+from pipeline.methods.dmd import SelfForcingDMD  # noqa: E402
+from pipeline.diffusion.losses import flow_matching_loss  # noqa: E402
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, sample_few_step, uniform_denoising_steps  # noqa: E402
 
 # The built-in shape: Wan2.1-T2V-1.3B at 480 x 832, Self-Forcing's student (configs/wan2.1-t2v-1.3b/student.yaml).
 WAN21_13B = {
@@ -278,7 +278,7 @@ def make_vae(args, latent, device, dtype_name: str, tmp: Path):
     (diffusers' defaults) for a 16-channel latent of >= 32 x 32, a tiny one (z = the latent channels) otherwise."""
     from diffusers import AutoencoderKLWan
 
-    from pipeline.vae import WanVAE
+    from pipeline.models.vae import WanVAE
 
     folder = args.vae
     if folder is None and args.checkpoint and (Path(args.checkpoint) / "vae" / "config.json").is_file():
@@ -465,7 +465,7 @@ def parse_args(argv):
     ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), help="default: student.kv_cache")
     ap.add_argument("--compile", action="store_true", help="model.compile_steady_state()")
     ap.add_argument("--compile-mode", help="mode passed to compile_steady_state (default: its own)")
-    ap.add_argument("--attention-backend", help="model.attention_backend (pipeline/attention.py BACKENDS)")
+    ap.add_argument("--attention-backend", help="model.attention_backend (pipeline/models/attention.py BACKENDS)")
     ap.add_argument("--batch", type=int, default=1, help="videos per stream")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-vae", action="store_true")

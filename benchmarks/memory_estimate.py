@@ -3,7 +3,7 @@
     python benchmarks/memory_estimate.py [--config CONFIG] [--stages s1,s2] [key=value ...]
 
 Runs pretrain_teacher, init_student and distill (or `--stages`) in a temporary run dir, each under
-`pipeline.memory.TensorPeak` (the peak bytes of live tensors: weights, optimizer, EMA, activations,
+`pipeline.training.memory.TensorPeak` (the peak bytes of live tensors: weights, optimizer, EMA, activations,
 caches; on a CPU as `max_memory_allocated` would count them on a GPU) or, when the run uses a GPU,
 `torch.cuda.max_memory_allocated`, and prints each stage's estimate (`stages.launch.memory_estimate`,
 one process) next to it. Small configurations run on a CPU in seconds; tests/test_checkpointing.py
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.memory import TensorPeak  # noqa: E402
+from pipeline.training.memory import TensorPeak  # noqa: E402
 from stages.common import parse_with_overrides, run_device  # noqa: E402
 from stages.launch import memory_estimate  # noqa: E402
 

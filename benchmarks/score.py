@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checker import score  # noqa: E402
-from pipeline.checkpoint import read_safetensors  # noqa: E402
+from pipeline.evaluation.checker import score  # noqa: E402
+from pipeline.training.checkpoint import read_safetensors  # noqa: E402
 
 KEYS = ("valid_frames", "lawful_transitions", "mode_coverage", "valid_videos", "num_videos", "num_frames")
 

@@ -56,10 +56,10 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import run_timed  # noqa: E402
-from pipeline.causal_wan import build_transformer  # noqa: E402
+from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import class_table  # noqa: E402
-from pipeline.sprites import balanced_labels  # noqa: E402
+from pipeline.data.sources import class_table  # noqa: E402
+from pipeline.data.sprites import balanced_labels  # noqa: E402
 from stages.common import sample_student_videos  # noqa: E402
 
 

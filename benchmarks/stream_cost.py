@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import model_to_measure, run_timed  # noqa: E402
-from pipeline.speed import ChunkClock  # noqa: E402
-from pipeline.sprites import balanced_labels  # noqa: E402
+from pipeline.evaluation.speed import ChunkClock  # noqa: E402
+from pipeline.data.sprites import balanced_labels  # noqa: E402
 from stages.common import sample_student_videos  # noqa: E402
 
 

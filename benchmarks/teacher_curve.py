@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.causal_wan import build_transformer  # noqa: E402
-from pipeline.checker import score  # noqa: E402
-from pipeline.checkpoint import read_safetensors  # noqa: E402
+from pipeline.models.causal_wan import build_transformer  # noqa: E402
+from pipeline.evaluation.checker import score  # noqa: E402
+from pipeline.training.checkpoint import read_safetensors  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import class_table  # noqa: E402
-from pipeline.media import save_curves  # noqa: E402
-from pipeline.sprites import balanced_labels  # noqa: E402
+from pipeline.data.sources import class_table  # noqa: E402
+from pipeline.io.media import save_curves  # noqa: E402
+from pipeline.data.sprites import balanced_labels  # noqa: E402
 from stages import pretrain_teacher  # noqa: E402
 from stages.common import parse_with_overrides, sample_videos  # noqa: E402
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .kv_cache import CACHE_KINDS, ROPE_MODES
+from pipeline.models.kv_cache import CACHE_KINDS, ROPE_MODES
 
 STAGES = ("pretrain_teacher", "init_student", "distill", "evaluate")
 EVALUATED = ("teacher", "teacher_few_step", "student_init", "student")  # the models a run produces
@@ -42,7 +42,7 @@ class DataConfig:
     frames: int = 12  # training clip length (latent frames)
     frames_per_chunk: int = 3  # the causal unit
     path: Optional[str] = None  # latents/prompts: folder of safetensors shards (prepare_data writes it)
-    # The real-scale path (`stages/prepare_data.py`; pipeline/data.py: latent_shape):
+    # The real-scale path (`stages/prepare_data.py`; pipeline/data/sources.py: latent_shape):
     latent_size: Optional[List[int]] = None  # [H, W] of the latents (None = [size, size]); Wan 480x832 -> [60, 104]
     videos: Optional[str] = None  # prepare_data, kind=latents: folder of .mp4/.gif videos, a same-named .txt caption each
     prompts: Optional[str] = None  # prepare_data, kind=prompts: text file, one prompt per line
@@ -70,7 +70,7 @@ class ModelConfig:
     rope_max_seq_len: int = 1024
     pretrained: Optional[str] = None  # a diffusers folder to start from
     prediction: str = "flow"  # what the network outputs: flow (ε - x0, Wan's) | x0
-    # How attention is computed (pipeline/attention.py BACKENDS): auto (CPU: dense mask + SDPA; CUDA:
+    # How attention is computed (pipeline/models/attention.py BACKENDS): auto (CPU: dense mask + SDPA; CUDA:
     # FlexAttention block mask for masked calls, SDPA otherwise) | dense | native | flex | flash | cudnn | ...
     attention_backend: str = "auto"
 
@@ -350,7 +350,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.prediction in ("flow", "x0"), f"model.prediction: expected flow or x0, got '{cfg.model.prediction}'")
     need(len(cfg.model.patch_size) == 3, f"model.patch_size: expected 3 ints, got {cfg.model.patch_size}")
     need(cfg.model.patch_size[0] == 1, "model.patch_size: the temporal patch must be 1 (per-frame causality)")
-    from .attention import check_backend  # here: diffusers loads only when a config is validated
+    from pipeline.models.attention import check_backend  # here: diffusers loads only when a config is validated
     try:
         cfg.model.attention_backend = check_backend(cfg.model.attention_backend)
     except ValueError as e:

@@ -18,17 +18,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 
-from pipeline.causal_wan import CausalWanTransformer
-from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint, read_safetensors
+from pipeline.models.causal_wan import CausalWanTransformer
+from pipeline.training.checkpoint import CheckpointError, latest_checkpoint, load_training_checkpoint, read_safetensors
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.convert import build_model, read_source, sampling_config
-from pipeline.data import class_table
-from pipeline.guard import GuardError, Lock, replacing
-from pipeline.media import save_video_grid
-from pipeline.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
-from pipeline.shard import ShardedGenerator
-from pipeline.run_dir import StageDir
-from pipeline.sprites import NULL_CLASS, balanced_labels
+from pipeline.io.convert import build_model, read_source, sampling_config
+from pipeline.data.sources import class_table
+from pipeline.io.guard import GuardError, Lock, replacing
+from pipeline.io.media import save_video_grid
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+from pipeline.data.shard import ShardedGenerator
+from pipeline.io.run_dir import StageDir
+from pipeline.data.sprites import NULL_CLASS, balanced_labels
 
 
 class NonFiniteLoss(RuntimeError):
@@ -181,13 +181,13 @@ def check_replicas(accelerator: Accelerator, **models) -> int:
 
 def global_norm(accelerator: Accelerator, weight: torch.Tensor) -> torch.Tensor:
     """A loss denominator over the global batch: the mean over processes of `weight.sum()` (see
-    `pipeline.losses`: each process's weighted sum divided by it, averaged by DDP, is the global loss)."""
+    `pipeline.diffusion.losses`: each process's weighted sum divided by it, averaged by DDP, is the global loss)."""
     return accelerator.reduce(weight.sum().detach(), "mean") if accelerator.num_processes > 1 else weight.sum()
 
 
 def shared_generator(accelerator: Accelerator, seed: int) -> ShardedGenerator:
     """A generator seeded alike on every process, drawing this process's rows of the global batch
-    (`pipeline/shard.py`: N processes × batch B train as one process with batch N·B)."""
+    (`pipeline/data/shard.py`: N processes × batch B train as one process with batch N·B)."""
     return ShardedGenerator(torch.Generator().manual_seed(seed), accelerator.process_index,
                             accelerator.num_processes)
 
@@ -389,7 +389,7 @@ def component_inputs(cfg: Config) -> dict:
 
 
 def lock_run_dir(cfg: Config, stages: list[str], command: str) -> Lock:
-    """The lock of `run.dir` (`pipeline.guard.Lock`), taken: one command at a time per run directory.
+    """The lock of `run.dir` (`pipeline.io.guard.Lock`), taken: one command at a time per run directory.
 
     Raises:
         LockedError naming the holder; OSError (one line) when the run directory cannot be written.
@@ -421,7 +421,7 @@ def load_model(folder: Path) -> CausalWanTransformer:
 
 
 def load_source(source: str | Path, raw: bool = False, attention_backend: str | None = None):
-    """Model, class table and config of any source `pipeline.convert.read_source` reads.
+    """Model, class table and config of any source `pipeline.io.convert.read_source` reads.
 
     A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; any other
     source (diffusers folder, safetensors file, `.pt` checkpoint, ...) the default config under the

@@ -3,13 +3,13 @@
 SOURCE: a stage folder (`runs/tiny/distill`), one of its training checkpoints (`checkpoints/step_*`), a
 diffusers folder, a `.safetensors` file (diffusers or original-Wan names), a Self-Forcing / CausVid `.pt`
 (read with `torch.load(weights_only=True)`), an accelerate `save_state` folder or a DeepSpeed ZeRO
-checkpoint folder; detected from what it holds (`pipeline/convert.py`).
+checkpoint folder; detected from what it holds (`pipeline/io/convert.py`).
 
 DEST: `--to diffusers` a folder (`WanTransformer3DModel.from_pretrained` loads it; `sampling.json` beside
 `config.json` keeps frames per chunk, the student's steps and shift, so `./launch.sh sample DEST` streams
 from it); `--to safetensors` one file in diffusers names; `--to wan` one file in the original Wan names.
 Written under a temporary name and renamed; an existing DEST needs `--force`; a DEST that is SOURCE, lies
-inside it or contains it is refused even with `--force`; one command at a time per DEST (`pipeline/guard.py`).
+inside it or contains it is refused even with `--force`; one command at a time per DEST (`pipeline/io/guard.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import shlex
 import sys
 
-from pipeline.convert import DTYPES, TARGETS, convert
+from pipeline.io.convert import DTYPES, TARGETS, convert
 from stages.common import USER_ERRORS
 
 

@@ -1,4 +1,4 @@
-"""Stage `distill`: DMD distillation of the few-step student (`pipeline/dmd.py` has the equations).
+"""Stage `distill`: DMD distillation of the few-step student (`pipeline/methods/dmd.py` has the equations).
 
 Three models: the generator (the `init_student` student, trained), the real score (the teacher,
 frozen, guided by `distill.real_guidance`) and the fake score (a critic initialised from the teacher,
@@ -24,15 +24,15 @@ from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import save_training_checkpoint
+from pipeline.training.checkpoint import save_training_checkpoint
 from pipeline.config import Config, to_yaml
-from pipeline.data import build_source, latent_shape
-from pipeline.dmd import DFDMD, SelfForcingDMD
-from pipeline.faults import maybe_kill
-from pipeline.ode_pairs import OdePairs
-from pipeline.run_dir import StageDir
-from pipeline.sampling import Denoiser, few_step_sigmas
-from pipeline.shard import ShardedGenerator
+from pipeline.data.sources import build_source, latent_shape
+from pipeline.methods.dmd import DFDMD, SelfForcingDMD
+from pipeline.training.faults import maybe_kill
+from pipeline.data.ode_pairs import OdePairs
+from pipeline.io.run_dir import StageDir
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
+from pipeline.data.shard import ShardedGenerator
 from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, hold_frozen,
                            load_source, local_batch, make_accelerator, make_optimizer, mixed_precision, optimizer_step,
                            place_ema, prepare, preview, replay_schedule, resume, restore_optimizer_state, save_model,

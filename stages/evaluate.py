@@ -15,7 +15,7 @@ synchronous or bidirectional — samples the short videos separately). The `real
 (a stream training never read) through the same code: the floor of every metric at this many videos.
 
 Outputs in `<run.dir>/evaluate/`: `samples/<model>.safetensors` (training length; INTERFACE.md format),
-`samples/<model>_long.safetensors`, GIF previews, `report.json` (schema in `pipeline/report.py`),
+`samples/<model>_long.safetensors`, GIF previews, `report.json` (schema in `pipeline/evaluation/report.py`),
 `report.md`, `plots/{drift,modes,speed_quality}.png`. A model whose stage has not run is skipped with
 a note; a finished model is not sampled again when the stage resumes (`samples/<model>.json` records
 its result and what it was computed from).
@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import read_safetensors
+from pipeline.training.checkpoint import read_safetensors
 from pipeline.config import Config, ConfigError, to_yaml
-from pipeline.media import save_samples
-from pipeline.metrics import FEATURES, quality, video_features
-from pipeline.report import SCHEMA_VERSION, write_report
-from pipeline.run_dir import StageDir, write_atomic
-from pipeline.speed import SpeedMeter
-from pipeline.sprites import SpritesStream, balanced_labels
+from pipeline.io.media import save_samples
+from pipeline.evaluation.metrics import FEATURES, quality, video_features
+from pipeline.evaluation.report import SCHEMA_VERSION, write_report
+from pipeline.io.run_dir import StageDir, write_atomic
+from pipeline.evaluation.speed import SpeedMeter
+from pipeline.data.sprites import SpritesStream, balanced_labels
 from stages.common import (component_inputs, is_student, load_source, run_device, sample_student_videos, sample_videos,
                            stage_main)
 
@@ -208,10 +208,10 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
     """Text runs (data.kind latents / prompts): every model's videos for `evaluate.prompts`, decoded by
     `components.vae`, in VBench's layout `<evaluate>/vbench/<model>/<prompt>-<i>.mp4` (VBench, not installed
     here, scores them). Resumable per model (`vbench/<model>.json` records what its videos came from)."""
-    from pipeline.data import latent_shape
-    from pipeline.text_encoder import prompt_embeds
-    from pipeline.vae import WanVAE
-    from pipeline.vbench import ChunkDecodeSink, write_text_samples
+    from pipeline.data.sources import latent_shape
+    from pipeline.models.text_encoder import prompt_embeds
+    from pipeline.models.vae import WanVAE
+    from pipeline.evaluation.vbench import ChunkDecodeSink, write_text_samples
     from stages.prepare_data import read_prompts
 
     e = cfg.evaluate

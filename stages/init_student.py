@@ -5,8 +5,8 @@
 2. ODE pairs: the teacher samples videos from noise with its many-step sampler (`pretrain_teacher.sampler`,
    guidance included) on a path through the student's levels `student.denoising_steps` (warped by
    `student.shift`); the states there and the clean end point go to `ode_pairs/shard_*.safetensors`
-   (`pipeline/ode_pairs.py`; resumable shard by shard).
-3. Regression (`pipeline/losses.py: ode_regression_loss`): per chunk a random entry of the stored path,
+   (`pipeline/data/ode_pairs.py`; resumable shard by shard).
+3. Regression (`pipeline/diffusion/losses.py: ode_regression_loss`): per chunk a random entry of the stored path,
    loss `mean((G_θ(x_σk, σk) - x0)²)` over the noisy chunks (clean ones are context only).
 
 Run: `python -m stages.init_student --config CONFIG [k=v ...]`.
@@ -23,15 +23,15 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import save_training_checkpoint
+from pipeline.training.checkpoint import save_training_checkpoint
 from pipeline.config import Config, to_yaml
-from pipeline.data import build_source, latent_shape
-from pipeline.faults import maybe_kill
-from pipeline.losses import ode_regression_loss, pick_ode_states
-from pipeline.ode_pairs import OdePairs, write_ode_pairs
-from pipeline.run_dir import StageDir
-from pipeline.sampling import Denoiser, few_step_sigmas
-from pipeline.sprites import NULL_CLASS
+from pipeline.data.sources import build_source, latent_shape
+from pipeline.training.faults import maybe_kill
+from pipeline.diffusion.losses import ode_regression_loss, pick_ode_states
+from pipeline.data.ode_pairs import OdePairs, write_ode_pairs
+from pipeline.io.run_dir import StageDir
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
+from pipeline.data.sprites import NULL_CLASS
 from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
                            load_source, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
                            remove_own, restore_optimizer_state, resume, save_weights, shared_generator, stage_main,

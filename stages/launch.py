@@ -2,7 +2,7 @@
 
 Validates the config, prints the plan, then runs the selected stages in order; stages already done are
 skipped (`--force` reruns them), an interrupted stage resumes from its last checkpoint. The run directory is
-locked for the whole command (`pipeline/guard.py`: a second command on it refuses, naming this one); with
+locked for the whole command (`pipeline/io/guard.py`: a second command on it refuses, naming this one); with
 `--num-processes N` this process holds the lock and the workers it starts run under it.
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import memory
-from pipeline.causal_wan import CausalWanTransformer, wan_config
+from pipeline.training import memory
+from pipeline.models.causal_wan import CausalWanTransformer, wan_config
 from pipeline.config import STAGES, Config, ConfigError, load_config
-from pipeline.data import latent_shape
-from pipeline.run_dir import StageDir
-from pipeline.sampling import few_step_sigmas
+from pipeline.data.sources import latent_shape
+from pipeline.io.run_dir import StageDir
+from pipeline.diffusion.sampling import few_step_sigmas
 from stages.common import USER_ERRORS, lock_run_dir, mixed_precision, parse_with_overrides, run_device
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
@@ -126,7 +126,7 @@ def masked_attention(cfg: Config) -> str:
     """How the training passes' block-causal attention runs on the run's device: "dense" (a boolean mask
     through SDPA, which saves an `[Lq, Lk]` bias per block) or "flex" (FlexAttention block mask)."""
     try:
-        from pipeline.attention import masked_method
+        from pipeline.models.attention import masked_method
     except ImportError:  # no attention backends: SDPA with a boolean mask
         return "dense"
     return masked_method(getattr(cfg.model, "attention_backend", "auto"), run_device(cfg), requires_grad=True)
@@ -134,7 +134,7 @@ def masked_attention(cfg: Config) -> str:
 
 def memory_estimate(cfg: Config, stage: str, ms: dict | None = None, num_processes: int = 1, backend: str | None = None,
                     stage_zero: int = 0) -> memory.MemoryEstimate:
-    """The per-device memory estimate of a training stage (`pipeline/memory.py`); `ms`: `model_summary(cfg)`."""
+    """The per-device memory estimate of a training stage (`pipeline/training/memory.py`); `ms`: `model_summary(cfg)`."""
     ms = ms or model_summary(cfg)
     shape = memory.Shape(ms["parameters"], ms["dim"], ms["ffn"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
                          cfg.data.frames_per_chunk)
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             return 0
         argv = argv if argv is not None else sys.argv[1:]
-        if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/guard.py);
+        if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/io/guard.py);
             # the processes `accelerate launch` starts below find it held by this one (CVD_LOCKS) and go on
             lock = lock_run_dir(cfg, stages, f"./launch.sh {shlex.join(argv)}")
         if (args.num_processes > 1 or args.accelerate_config) and not child:

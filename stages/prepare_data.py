@@ -7,9 +7,9 @@
   same-named `.txt` file beside it (`clip.mp4` -> `clip.txt`, whole file = one prompt; a video without
   one is an error), is read with imageio, its first `data.pixel_frames` frames resized (short side,
   bilinear with antialiasing) and centre-cropped to `data.pixel_size`, scaled to [-1, 1], encoded by the
-  VAE (`pipeline/vae.py`: normalised posterior mode) and its caption by the text encoder
-  (`pipeline/text_encoder.py`). Shards `shard_XXXXX.safetensors` hold `latents [N, C, F, H, W]` and
-  `prompt_embeds [N, L, D]` — what `pipeline/data.py: LatentSource` reads.
+  VAE (`pipeline/models/vae.py`: normalised posterior mode) and its caption by the text encoder
+  (`pipeline/models/text_encoder.py`). Shards `shard_XXXXX.safetensors` hold `latents [N, C, F, H, W]` and
+  `prompt_embeds [N, L, D]` — what `pipeline/data/sources.py: LatentSource` reads.
 - `data.kind=prompts`: every non-empty line of `data.prompts` -> shards holding `prompt_embeds [N, L, D]`
   (`PromptSource`): Self-Forcing's SF+DMD trains on prompts alone.
 
@@ -19,7 +19,7 @@ a re-run keeps every finished shard (its metadata lists the inputs it holds; a s
 inputs is an error unless `--force`, which deletes the shards prepare_data wrote, and only those, first) and
 only loads the encoders when something is left to encode. `data.path` must not be, lie inside or contain an
 input (refused even with `--force`); an existing folder prepare_data did not write needs `--force`; one
-command at a time per `data.path` (`pipeline/guard.py`). Prompts in the shards' metadata (`prompts`, JSON)
+command at a time per `data.path` (`pipeline/io/guard.py`). Prompts in the shards' metadata (`prompts`, JSON)
 keep them readable.
 """
 
@@ -39,9 +39,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, ConfigError, load_config, to_yaml
-from pipeline.data import latent_shape
-from pipeline.guard import GuardError, Lock, check_output
-from pipeline.run_dir import write_atomic
+from pipeline.data.sources import latent_shape
+from pipeline.io.guard import GuardError, Lock, check_output
+from pipeline.io.run_dir import write_atomic
 from stages.common import USER_ERRORS, parse_with_overrides
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -129,21 +129,21 @@ class Encoders:
     @property
     def text(self):
         if self._text is None:
-            from pipeline.text_encoder import TextEncoder
+            from pipeline.models.text_encoder import TextEncoder
             self._text = TextEncoder.from_config(self.cfg)
         return self._text
 
     @property
     def vae(self):
         if self._vae is None:
-            from pipeline.vae import WanVAE
+            from pipeline.models.vae import WanVAE
             self._vae = WanVAE.from_config(self.cfg)
         return self._vae
 
 
 def check_components(cfg: Config, videos: bool) -> None:
     """Fail in one line naming a missing local component path before any work."""
-    from pipeline.text_encoder import resolve_component, resolve_tokenizer
+    from pipeline.models.text_encoder import resolve_component, resolve_tokenizer
 
     c = cfg.components
     resolve_component(c.text_encoder, "text_encoder", "components.text_encoder")
@@ -172,7 +172,7 @@ def run(cfg: Config, force: bool = False, command: str = "prepare_data") -> Path
         prompts = read_prompts(d.prompts)
         names = prompts
     out = Path(d.path)
-    # The output rule (pipeline/guard.py): data.path must not be, lie inside or contain what is read; an
+    # The output rule (pipeline/io/guard.py): data.path must not be, lie inside or contain what is read; an
     # existing folder prepare_data did not write is written into only with --force.
     c = cfg.components
     check_output(out, {"data.videos": d.videos if videos else None, "data.prompts": None if videos else d.prompts,

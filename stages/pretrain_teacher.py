@@ -2,8 +2,8 @@
 
     loss = Σ_f w_f · mean((v_θ(x_σ, σ, prompt) - (ε - x0))²)_f / Σ_f w_f,   x_σ = (1-σ)x0 + σε
 
-(`pipeline/losses.py: flow_matching_loss`) with per-frame levels σ `[B, F]` and weights w drawn from the configured trajectory distribution
-(`pipeline/trajectories.py`: df, tf or bid). With `model.prediction=x0` the same L2 is taken on x0
+(`pipeline/diffusion/losses.py: flow_matching_loss`) with per-frame levels σ `[B, F]` and weights w drawn from the configured trajectory distribution
+(`pipeline/diffusion/trajectories.py`: df, tf or bid). With `model.prediction=x0` the same L2 is taken on x0
 (`(x̂0 - x0)²`, the flow loss reweighted by σ² per frame). Run: `python -m stages.pretrain_teacher --config CONFIG [k=v ...]`.
 """
 
@@ -17,17 +17,17 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from pipeline import shard
-from pipeline.causal_wan import build_transformer
-from pipeline.checkpoint import save_training_checkpoint
-from pipeline.conditioning import drop_prompts
+from pipeline.data import shard
+from pipeline.models.causal_wan import build_transformer
+from pipeline.training.checkpoint import save_training_checkpoint
+from pipeline.models.conditioning import drop_prompts
 from pipeline.config import Config, ConfigError, to_yaml
-from pipeline.data import build_source
-from pipeline.faults import maybe_kill
-from pipeline.losses import flow_matching_loss
-from pipeline.run_dir import StageDir
-from pipeline.sampling import Denoiser
-from pipeline.trajectories import TrajectoryDistribution
+from pipeline.data.sources import build_source
+from pipeline.training.faults import maybe_kill
+from pipeline.diffusion.losses import flow_matching_loss
+from pipeline.io.run_dir import StageDir
+from pipeline.diffusion.sampling import Denoiser
+from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
                            local_batch, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
                            restore_optimizer_state, resume, save_weights, shared_generator, stage_main, trainable)

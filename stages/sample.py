@@ -9,7 +9,7 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
 An existing FILE or GIF is replaced only with `--force`; FILE must not be SOURCE, lie inside it or contain
-it (refused even with `--force`); one command at a time per FILE (`pipeline/guard.py`).
+it (refused even with `--force`); one command at a time per FILE (`pipeline/io/guard.py`).
 
 Text-conditioned latent models (data.kind latents / prompts):
 
@@ -18,7 +18,7 @@ Text-conditioned latent models (data.kind latents / prompts):
 
 encode every line of FILE with the text encoder (cached in DIR/.cache), sample `--per-prompt` videos
 each, decode them with the VAE chunk by chunk as the sampler finishes them (the mean decode time per chunk is
-printed) and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/vbench.py`).
+printed) and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/evaluation/vbench.py`).
 `--vae` / `--text-encoder` / `--tokenizer` default to the model's config (`components.*`).
 """
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.guard import Lock, check_output
-from pipeline.media import save_samples
-from pipeline.sampling import uniform_denoising_steps
-from pipeline.speed import ChunkClock
-from pipeline.sprites import balanced_labels
+from pipeline.io.guard import Lock, check_output
+from pipeline.io.media import save_samples
+from pipeline.diffusion.sampling import uniform_denoising_steps
+from pipeline.evaluation.speed import ChunkClock
+from pipeline.data.sprites import balanced_labels
 from stages.common import USER_ERRORS, is_student, load_source, run_device, sample_student_videos, sample_videos
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
 
 def guard_outputs(out: Path, inputs: dict, force: bool, command: str) -> Lock:
-    """The output rule for `--out` and its `.gif` (`pipeline/guard.py`): not SOURCE, inside it or
+    """The output rule for `--out` and its `.gif` (`pipeline/io/guard.py`): not SOURCE, inside it or
     containing it; not existing unless `--force`. Returns the lock of `--out`, taken (checked again under it)."""
     paths = {"--out": out, "--out's preview": out.with_suffix(".gif")}
     for what, p in paths.items():
@@ -134,10 +134,10 @@ def guard_outputs(out: Path, inputs: dict, force: bool, command: str) -> Lock:
 
 def sample_text(args, command: str = "") -> int:
     """`sample --prompts FILE --vbench-dir DIR`: decoded videos of a text-conditioned latent model."""
-    from pipeline.data import latent_shape
-    from pipeline.text_encoder import prompt_embeds
-    from pipeline.vae import WanVAE
-    from pipeline.vbench import ChunkDecodeSink, vbench_name, write_text_samples
+    from pipeline.data.sources import latent_shape
+    from pipeline.models.text_encoder import prompt_embeds
+    from pipeline.models.vae import WanVAE
+    from pipeline.evaluation.vbench import ChunkDecodeSink, vbench_name, write_text_samples
     from stages.prepare_data import read_prompts
 
     lock = None
@@ -157,7 +157,7 @@ def sample_text(args, command: str = "") -> int:
         if frames % cfg.data.frames_per_chunk:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({cfg.data.frames_per_chunk})")
         out = Path(args.vbench_dir)
-        # The output rule (pipeline/guard.py): the folder may exist (its .cache is reused), but must not be
+        # The output rule (pipeline/io/guard.py): the folder may exist (its .cache is reused), but must not be
         # or hold an input; the videos it gets must not exist unless --force.
         inputs = {"SOURCE": args.source, "--prompts": args.prompts, "components.vae (--vae)": c.vae,
                   "components.text_encoder (--text-encoder)": c.text_encoder,

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.causal_wan import CausalWanTransformer  # noqa: E402
+from pipeline.models.causal_wan import CausalWanTransformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 # The models here are tiny: one intra-op thread is far faster than several fighting over a busy CPU

@@ -1,4 +1,4 @@
-"""pipeline/attention.py: the block-causal mask description, FlexAttention = dense-mask path, backends.
+"""pipeline/models/attention.py: the block-causal mask description, FlexAttention = dense-mask path, backends.
 
 Compiling flex_attention costs ~10 s per token shape on a CPU, so the tests share three shapes:
 (96, 96) and (48, 96) tokens at the model level, (144, 216) at the `attend` level (several 128-token
@@ -9,9 +9,9 @@ compared on CUDA only (on a CPU, "flex" falls back to the dense mask when gradie
 import pytest
 import torch
 
-from pipeline import attention
-from pipeline.attention import BlockCausalMask, attend, block_causal, block_causal_mask, flex_block_mask
-from pipeline.causal_wan import KVCache, build_transformer
+from pipeline.models import attention
+from pipeline.models.attention import BlockCausalMask, attend, block_causal, block_causal_mask, flex_block_mask
+from pipeline.models.causal_wan import KVCache, build_transformer
 from pipeline.config import ConfigError, load_config
 from tests.conftest import make_tiny_model
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint as checkpoint_module
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.training import checkpoint as checkpoint_module
+from pipeline.training.checkpoint import latest_checkpoint
 from stages import launch
 from tests.conftest import TINY_OVERRIDES
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from pipeline.causal_wan import CausalWanTransformer, KVCache, block_causal_mask
+from pipeline.models.causal_wan import CausalWanTransformer, KVCache, block_causal_mask
 from tests.conftest import TINY_MODEL_KW
 
 B, C, F, H, W = 2, 3, 6, 4, 6  # patch (1, 2, 2): 2x3 = 6 tokens per frame

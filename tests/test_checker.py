@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from pipeline.checker import (
+from pipeline.evaluation.checker import (
     check_frames,
     check_transitions,
     mode_coverage,
@@ -14,7 +14,7 @@ from pipeline.checker import (
     score,
     video_modes,
 )
-from pipeline.sprites import SpritesStream, render, shape_mask, trajectory
+from pipeline.data.sprites import SpritesStream, render, shape_mask, trajectory
 
 
 def batch(size, n, frames=48, seed=0):

@@ -1,5 +1,5 @@
 """Memory: gradient checkpointing covers every trained pass, frozen and EMA copies are held where the
-config says, and the `--dry-run` estimate (`pipeline/memory.py`) matches the peak measured on the CPU."""
+config says, and the `--dry-run` estimate (`pipeline/training/memory.py`) matches the peak measured on the CPU."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import TINY_MODEL_KW, assert_same_weights, crash_then_resume, make_tiny_model, weights
 
-from pipeline import memory
+from pipeline.training import memory
 from pipeline.config import ConfigError, load_config
-from pipeline.dmd import DFDMD, SelfForcingDMD
-from pipeline.losses import flow_matching_loss, ode_regression_loss, pick_ode_states
-from pipeline.sampling import Denoiser, few_step_sigmas
-from pipeline.shard import ShardedGenerator
-from pipeline.trajectories import TrajectoryDistribution
+from pipeline.methods.dmd import DFDMD, SelfForcingDMD
+from pipeline.diffusion.losses import flow_matching_loss, ode_regression_loss, pick_ode_states
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
+from pipeline.data.shard import ShardedGenerator
+from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages import distill, init_student, pretrain_teacher
 from stages.common import ema_step, hold_frozen, place_ema
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.causal_wan import build_transformer
+from pipeline.models.causal_wan import build_transformer
 from pipeline.config import load_config
-from pipeline.sprites import NUM_CLASSES
+from pipeline.data.sprites import NUM_CLASSES
 from stages import launch, sample
 from stages.common import load_source
 from tests.conftest import TINY_OVERRIDES

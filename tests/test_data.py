@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.conditioning import drop_prompts, make_class_table
-from pipeline.data import LatentSource, SpritesSource
-from pipeline.sprites import NULL_CLASS, SpritesStream
+from pipeline.models.conditioning import drop_prompts, make_class_table
+from pipeline.data.sources import LatentSource, SpritesSource
+from pipeline.data.sprites import NULL_CLASS, SpritesStream
 
 
 def test_sprites_source_layout_and_resume():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.dmd import DFDMD, SelfForcingDMD, dmd_gradient, dmd_loss, sample_dmd_sigma
-from pipeline.shard import ShardedGenerator
-from pipeline.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
+from pipeline.methods.dmd import DFDMD, SelfForcingDMD, dmd_gradient, dmd_loss, sample_dmd_sigma
+from pipeline.data.shard import ShardedGenerator
+from pipeline.diffusion.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
 from stages import distill
 from tests.conftest import assert_same_weights, crash_then_resume, make_tiny_model, weights
 

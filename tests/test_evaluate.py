@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from pipeline.checker import score
-from pipeline.checkpoint import read_safetensors
-from pipeline.metrics import quality, video_features
-from pipeline.sprites import SpritesStream, balanced_labels
+from pipeline.evaluation.checker import score
+from pipeline.training.checkpoint import read_safetensors
+from pipeline.evaluation.metrics import quality, video_features
+from pipeline.data.sprites import SpritesStream, balanced_labels
 from stages import evaluate
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

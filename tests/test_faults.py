@@ -1,4 +1,4 @@
-"""Crash safety: a stage killed with SIGKILL (`CVD_FAULT`, pipeline/faults.py) mid-run or in the middle of
+"""Crash safety: a stage killed with SIGKILL (`CVD_FAULT`, pipeline/training/faults.py) mid-run or in the middle of
 writing a checkpoint, then re-run with the same command, ends with weights bit-identical to an
 uninterrupted run."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.training.checkpoint import latest_checkpoint
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.flow import add_noise, x0_from_flow
-from pipeline.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
+from pipeline.diffusion.flow import add_noise, x0_from_flow
+from pipeline.diffusion.sampling import Denoiser, few_step_rollout, few_step_sigmas, sample_few_step
 from tests.conftest import make_tiny_model
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.flow import (
+from pipeline.diffusion.flow import (
     add_noise,
     flow_from_x0,
     flow_target,
@@ -14,8 +14,8 @@ from pipeline.flow import (
     timestep_from_sigma,
     x0_from_flow,
 )
-from pipeline.sampling import SIGMA_MIN, Denoiser
-from pipeline.trajectories import TrajectoryDistribution
+from pipeline.diffusion.sampling import SIGMA_MIN, Denoiser
+from pipeline.diffusion.trajectories import TrajectoryDistribution
 
 
 def _data(seed=0, b=3, f=4):

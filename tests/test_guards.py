@@ -1,5 +1,5 @@
 """Outputs are guarded, one command at a time per run directory / DEST, paths resolve where the user stands
-(`pipeline/guard.py`; README "Reliability").
+(`pipeline/io/guard.py`; README "Reliability").
 
 Every refusal is exit code 2 with one `error:` line naming the cause, and leaves every file that existed
 before byte-identical (`snapshot`). Locks are held by a live helper process (`holder`) where a second full
@@ -22,8 +22,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.convert import convert as convert_api
-from pipeline.guard import Lock, LockedError
+from pipeline.io.convert import convert as convert_api
+from pipeline.io.guard import Lock, LockedError
 from stages import convert as convert_cli
 from stages import launch, prepare_data
 from stages import sample as sample_cli
@@ -63,7 +63,7 @@ def leftovers(folder: Path) -> list[str]:
 @contextmanager
 def holder(path: Path, command: str = "holder for a test"):
     """A live process holding the lock of `path` until the block ends; yields its pid."""
-    code = ("import sys\nfrom pipeline.guard import Lock\nlock = Lock(sys.argv[1], sys.argv[2]).acquire()\n"
+    code = ("import sys\nfrom pipeline.io.guard import Lock\nlock = Lock(sys.argv[1], sys.argv[2]).acquire()\n"
             "print('held', flush=True)\nsys.stdin.read()\nlock.release()\n")
     p = subprocess.Popen([sys.executable, "-c", code, str(path), command], cwd=REPO, env=ENV, text=True,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -340,7 +340,7 @@ def test_processes_started_under_a_held_lock_do_not_refuse(tmp_path):
     """`./launch.sh CONFIG --num-processes N` holds the run directory's lock; the workers `accelerate launch`
     starts get it in CVD_LOCKS and go on, anything else still refuses."""
     run = tmp_path / "run"
-    code = "import sys\nfrom pipeline.guard import Lock\nLock(sys.argv[1]).acquire().release()\nprint('ok')\n"
+    code = "import sys\nfrom pipeline.io.guard import Lock\nLock(sys.argv[1]).acquire().release()\nprint('ok')\n"
     with Lock(run, "parent") as lock:
         worker = subprocess.run([sys.executable, "-c", code, str(run)], cwd=REPO, env=lock.env(ENV), text=True,
                                 capture_output=True, timeout=60)
@@ -382,7 +382,7 @@ def test_missing_config_names_where_relative_paths_resolve(tmp_path, capsys, mon
 
 def test_replacing_writes_under_a_temporary_name(tmp_path):
     """The one writer: nothing at DEST until the block ends; an error leaves the old DEST and no temporary."""
-    from pipeline.guard import GuardError, replacing
+    from pipeline.io.guard import GuardError, replacing
 
     dest = tmp_path / "a" / "b" / "x.bin"
     with pytest.raises(RuntimeError):

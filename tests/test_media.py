@@ -4,7 +4,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from pipeline.media import save_curves, save_video_grid, video_grid
+from pipeline.io.media import save_curves, save_video_grid, video_grid
 
 
 def test_grid_places_each_video():

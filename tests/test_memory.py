@@ -3,7 +3,7 @@ documented rules (checked against measured peaks in tests/test_checkpointing.py)
 
 import pytest
 
-from pipeline import memory
+from pipeline.training import memory
 
 P = 1_000_000
 GIB = memory.GIB

@@ -1,16 +1,16 @@
-"""Quality metrics (pipeline/metrics.py, checker.predict_classes), speed meters, the VBench layout."""
+"""Quality metrics (pipeline/evaluation/metrics.py, checker.predict_classes), speed meters, the VBench layout."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline.checker import predict_classes, score
-from pipeline.metrics import drift_slope, frechet_distance, mode_balance_tv, quality, video_features
-from pipeline.sampling import Denoiser, generate_few_step, few_step_sigmas
-from pipeline.speed import FrameCounter, SpeedMeter
-from pipeline.sprites import SpriteParams, SpritesStream, make_videos
-from pipeline.vbench import vbench_name, write_vbench_videos
+from pipeline.evaluation.checker import predict_classes, score
+from pipeline.evaluation.metrics import drift_slope, frechet_distance, mode_balance_tv, quality, video_features
+from pipeline.diffusion.sampling import Denoiser, generate_few_step, few_step_sigmas
+from pipeline.evaluation.speed import FrameCounter, SpeedMeter
+from pipeline.data.sprites import SpriteParams, SpritesStream, make_videos
+from pipeline.evaluation.vbench import vbench_name, write_vbench_videos
 from tests.conftest import make_tiny_model
 
 

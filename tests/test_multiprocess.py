@@ -1,7 +1,7 @@
 """Multi-process training on a CPU (gloo), as `./launch.sh CONFIG --num-processes 2 [--accelerate-config F]` runs it.
 
 Each process trains on its rows of a global batch drawn from a generator shared by all processes
-(`pipeline/shard.py`), so 2 processes × batch 2 must give the weights of 1 process × batch 4 (up to
+(`pipeline/data/shard.py`), so 2 processes × batch 2 must give the weights of 1 process × batch 4 (up to
 float rounding in the gradient all-reduce), and every process must hold the same weights at the end
 (`check_replicas`, recorded in the manifest).
 """

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.causal_wan import KVCache
-from pipeline.flow import sampling_sigmas
-from pipeline.sampling import Denoiser, generate, guided_flow, sample_autoregressive, sample_synchronous
+from pipeline.models.causal_wan import KVCache
+from pipeline.diffusion.flow import sampling_sigmas
+from pipeline.diffusion.sampling import Denoiser, generate, guided_flow, sample_autoregressive, sample_synchronous
 from tests.conftest import TINY_MODEL_KW, make_tiny_model
 
 

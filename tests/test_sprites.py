@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from pipeline import sprites as sp
-from pipeline.sprites import (
+from pipeline.data import sprites as sp
+from pipeline.data.sprites import (
     NULL_CLASS,
     NUM_CLASSES,
     NUM_MODES,

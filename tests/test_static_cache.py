@@ -1,12 +1,12 @@
-"""The static KV cache (`pipeline/kv_cache.py`): equal to the reference cache and to direct computations,
+"""The static KV cache (`pipeline/models/kv_cache.py`): equal to the reference cache and to direct computations,
 in both RoPE semantics, written in place."""
 
 import pytest
 import torch
 
-from pipeline.causal_wan import CausalWanTransformer, KVCache
-from pipeline.kv_cache import StaticKVCache, new_kv_cache, rope_at
-from pipeline.sampling import Denoiser, few_step_sigmas, sample_autoregressive, sample_few_step
+from pipeline.models.causal_wan import CausalWanTransformer, KVCache
+from pipeline.models.kv_cache import StaticKVCache, new_kv_cache, rope_at
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, sample_autoregressive, sample_few_step
 
 FPC, B = 3, 2
 

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import SamplerConfig
-from pipeline.losses import ode_regression_loss, pick_ode_states
-from pipeline.ode_pairs import OdePairs, shard_path, write_ode_pairs
-from pipeline.sampling import (Denoiser, _euler, few_step_sigmas, sample_autoregressive, sampling_sigmas,
+from pipeline.diffusion.losses import ode_regression_loss, pick_ode_states
+from pipeline.data.ode_pairs import OdePairs, shard_path, write_ode_pairs
+from pipeline.diffusion.sampling import (Denoiser, _euler, few_step_sigmas, sample_autoregressive, sampling_sigmas,
                                schedule_through)
 from stages import init_student, sample
 from tests.conftest import Interrupt, assert_same_weights, crash_then_resume, make_tiny_model, weights

@@ -10,15 +10,15 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-from pipeline.causal_wan import CausalWanTransformer, build_transformer
-from pipeline.checkpoint import CheckpointError, latest_checkpoint
+from pipeline.models.causal_wan import CausalWanTransformer, build_transformer
+from pipeline.training.checkpoint import CheckpointError, latest_checkpoint
 from pipeline.config import ConfigError
-from pipeline.data import build_source, class_table
-from pipeline.sampling import Denoiser
-from pipeline.trajectories import TrajectoryDistribution
+from pipeline.data.sources import build_source, class_table
+from pipeline.diffusion.sampling import Denoiser
+from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages import pretrain_teacher
 from stages.common import stage_main
-from pipeline.losses import flow_matching_loss
+from pipeline.diffusion.losses import flow_matching_loss
 from stages.common import NonFiniteLoss
 from tests.conftest import TINY_OVERRIDES, Interrupt, assert_same_weights, crash_after_checkpoint, tiny_cfg, weights
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.vae import DiffusersInternalsChanged, StreamingDecoder, WanVAE
+from pipeline.models.vae import DiffusersInternalsChanged, StreamingDecoder, WanVAE
 
 Z = 4
 F = 7  # latent frames -> 1 + 4·6 = 25 pixel frames
@@ -123,7 +123,7 @@ def test_text_samples_decoded_per_chunk_equal_whole_video(vae, tmp_path, monkeyp
     restarting at 0 in each, as the samplers do) and writes the same MP4s as decoding finished videos."""
     import imageio.v3 as iio
 
-    from pipeline import vbench
+    from pipeline.evaluation import vbench
 
     fpc, n, bs = 2, 3, 2
     lat = latents(b=n, f=6, seed=3)

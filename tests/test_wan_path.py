@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data import LatentSource, PromptSource, build_source, latent_shape
-from pipeline.text_encoder import TextEncoder
-from pipeline.vae import WanVAE
+from pipeline.data.sources import LatentSource, PromptSource, build_source, latent_shape
+from pipeline.models.text_encoder import TextEncoder
+from pipeline.models.vae import WanVAE
 from stages import prepare_data
 from tests.conftest import TINY_OVERRIDES
 
@@ -185,8 +185,8 @@ def test_prepare_data_videos_to_latent_shards_resumable(wan_folder, tmp_path, mo
     assert first.stat().st_mtime_ns == stamp
     assert torch.equal(load_file(str(out / "shard_00001.safetensors"))["latents"], lost["latents"])
     # a finished folder loads no encoder at all
-    monkeypatch.setattr("pipeline.text_encoder.TextEncoder.__init__", lambda *a, **k: pytest.fail("encoder loaded"))
-    monkeypatch.setattr("pipeline.vae.WanVAE.__init__", lambda *a, **k: pytest.fail("VAE loaded"))
+    monkeypatch.setattr("pipeline.models.text_encoder.TextEncoder.__init__", lambda *a, **k: pytest.fail("encoder loaded"))
+    monkeypatch.setattr("pipeline.models.vae.WanVAE.__init__", lambda *a, **k: pytest.fail("VAE loaded"))
     prepare_data.run(cfg)
     assert first.stat().st_mtime_ns == stamp
     # a changed caption makes the old shard stale: refused in one line, nothing overwritten

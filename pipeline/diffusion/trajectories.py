@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import shard
-from .flow import sample_sigma
+from pipeline.data import shard
+from pipeline.diffusion.flow import sample_sigma
 
 KINDS = ("df", "tf", "bid")
 

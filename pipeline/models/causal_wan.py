@@ -26,10 +26,10 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from .attention import attend, block_causal, block_causal_mask, check_backend, dispatch_backend  # noqa: F401
+from pipeline.models.attention import attend, block_causal, block_causal_mask, check_backend, dispatch_backend  # noqa: F401
 
-from .kv_cache import KVCache, StaticKVCache, StaticPass, rope_at  # noqa: F401 (KVCache: re-exported)
-from .kv_cache import apply_rotary as _apply_rotary
+from pipeline.models.kv_cache import KVCache, StaticKVCache, StaticPass, rope_at  # noqa: F401 (KVCache: re-exported)
+from pipeline.models.kv_cache import apply_rotary as _apply_rotary
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
 

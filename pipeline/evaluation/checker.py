@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F_
 
-from .sprites import NUM_CLASSES, NUM_MODES, SIZES, shape_mask
+from pipeline.data.sprites import NUM_CLASSES, NUM_MODES, SIZES, shape_mask
 
 # (vx, vy) signs of motion modes 0..3, restated here to keep the checker independent.
 _MODE_OF_SIGNS = {(1, 1): 0, (1, -1): 1, (-1, -1): 2, (-1, 1): 3}

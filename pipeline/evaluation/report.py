@@ -13,7 +13,7 @@
      "real": {"frames": <quality>, "long": <quality>},
      "benchmarks": {<script>: {"command", "exit_status" (1 = goal missed), "output": last lines}}}  (on request)
 
-A <quality> block is `pipeline.metrics.quality`: valid_frames, lawful_transitions, valid_videos,
+A <quality> block is `pipeline.evaluation.metrics.quality`: valid_frames, lawful_transitions, valid_videos,
 mode_coverage, mode_undetermined, mode_balance_tv, class_accuracy, frechet, drift_slope,
 per_frame_valid [F], per_frame_lawful [F-1], mode_histogram [6][4], num_videos, num_frames, size.
 Speed is measured on the long rollout (all models: same videos, frames, batch, threads, device).
@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .guard import replacing
-from .run_dir import write_atomic
-from .sprites import COLOUR_NAMES, NUM_CLASSES, NUM_MODES, SHAPE_NAMES
+from pipeline.io.guard import replacing
+from pipeline.io.run_dir import write_atomic
+from pipeline.data.sprites import COLOUR_NAMES, NUM_CLASSES, NUM_MODES, SHAPE_NAMES
 
 SCHEMA_VERSION = 1
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from . import shard
-from .flow import add_noise, flow_target
-from .sampling import Denoiser
+from pipeline.data import shard
+from pipeline.diffusion.flow import add_noise, flow_target
+from pipeline.diffusion.sampling import Denoiser
 
 
 def flow_matching_loss(denoiser: Denoiser, x0, context, sigma, weight, noise, norm: torch.Tensor | None = None):

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from . import shard
-from .causal_wan import CausalWanTransformer, KVCache
-from .kv_cache import StaticKVCache, new_kv_cache
-from .flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
+from pipeline.data import shard
+from pipeline.models.causal_wan import CausalWanTransformer, KVCache
+from pipeline.models.kv_cache import StaticKVCache, new_kv_cache
+from pipeline.diffusion.flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
                    x0_from_flow)
 
 SIGMA_MIN = 1e-3  # flows from x0 predictions divide by σ

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from .guard import GuardError, check_inputs, write_text
+from pipeline.io.guard import GuardError, check_inputs, write_text
 
 
 def file_hash(path: str | Path) -> str:
@@ -29,7 +29,7 @@ class StaleInputError(ValueError):
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """A text file written under a temporary name, then renamed (`pipeline.guard.replacing`)."""
+    """A text file written under a temporary name, then renamed (`pipeline.io.guard.replacing`)."""
     write_text(path, text)
 
 

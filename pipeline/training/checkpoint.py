@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .faults import maybe_kill
+from pipeline.training.faults import maybe_kill
 
 
 class CheckpointError(RuntimeError):

@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import shard
-from .checkpoint import read_safetensors
-from .sampling import Denoiser, sample_autoregressive, sample_synchronous
+from pipeline.data import shard
+from pipeline.training.checkpoint import read_safetensors
+from pipeline.diffusion.sampling import Denoiser, sample_autoregressive, sample_synchronous
 
 # (first pair index, count) -> (context [n, L, D], labels [n]); the prompts of pairs start..start+n-1.
 Conditions = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]

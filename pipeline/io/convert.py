@@ -46,10 +46,10 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.checkpoint import CheckpointError, read_safetensors
+from pipeline.training.checkpoint import CheckpointError, read_safetensors
 from pipeline.config import ConfigError, StudentConfig, load_config
-from pipeline.guard import Lock, check_output, replacing
-from pipeline.causal_wan import wan_config
+from pipeline.io.guard import Lock, check_output, replacing
+from pipeline.models.causal_wan import wan_config
 
 TARGETS = ("diffusers", "safetensors", "wan")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -526,7 +526,7 @@ def sampling_config(weights: Weights, text_dim: int):
 def build_model(weights: Weights):
     """A `CausalWanTransformer` holding `weights` (no copy), its config recording the sampling role as a
     stage's own folders do (`prediction`, and for a student `denoising_steps` and `shift`)."""
-    from pipeline.causal_wan import CausalWanTransformer
+    from pipeline.models.causal_wan import CausalWanTransformer
 
     config = weights.model_config()
     check_fits(weights.state_dict, config)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .checker import predict_classes, score
-from .sprites import NUM_MODES
+from pipeline.evaluation.checker import predict_classes, score
+from pipeline.data.sprites import NUM_MODES
 
 FEATURES = ("mean_red", "mean_green", "mean_blue", "ink", "centre_x", "centre_y", "spread_x", "spread_y",
             "centre_std_x", "centre_std_y", "speed_x", "speed_y", "accel_x", "accel_y", "start_vx", "start_vy")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .text_encoder import DTYPES, resolve_component, resolve_device
+from pipeline.models.text_encoder import DTYPES, resolve_component, resolve_device
 
 
 class WanVAE:
@@ -112,7 +112,7 @@ def _internals_error(what: str) -> DiffusersInternalsChanged:
 
     return DiffusersInternalsChanged(
         f"streaming VAE decode: diffusers {diffusers.__version__} AutoencoderKLWan internals changed ({what}); "
-        "pipeline/vae.py drives `post_quant_conv` and `decoder(x, feat_cache, feat_idx, first_chunk)` as in "
+        "pipeline/models/vae.py drives `post_quant_conv` and `decoder(x, feat_cache, feat_idx, first_chunk)` as in "
         "diffusers 0.42 -- update it (or use WanVAE.decode on the whole video)")
 
 

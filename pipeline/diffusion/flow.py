@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import shard
+from pipeline.data import shard
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .guard import replacing
+from pipeline.io.guard import replacing
 
 MAX_NAME = 180
 
@@ -32,7 +32,7 @@ def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str
     """Write one MP4 per video: `videos [N, F, 3, H, W]` in [-1, 1], `prompts [N]`, `indices [N]`
     (the sample number of each video within its prompt). Refuses to overwrite a file written earlier in
     the same call (two videos with the same prompt and index), and an existing file unless `force`. Each is
-    written under a temporary name, then renamed (`pipeline.guard.replacing`). Returns the paths in order."""
+    written under a temporary name, then renamed (`pipeline.io.guard.replacing`). Returns the paths in order."""
     if videos.dim() != 5 or videos.shape[2] != 3:
         raise ValueError(f"videos must be [N, F, 3, H, W], got {list(videos.shape)}")
     if not len(videos) == len(prompts) == len(indices):
@@ -65,7 +65,7 @@ def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, l
     """
     from dataclasses import replace
 
-    from .sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+    from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
 
     model.eval()
     fpc, pred = cfg.data.frames_per_chunk, cfg.model.prediction
@@ -85,7 +85,7 @@ def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, l
 
 
 def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-    """Decode normalised latents `[N, C, F, h, w]` with a `pipeline.vae.WanVAE` into videos
+    """Decode normalised latents `[N, C, F, h, w]` with a `pipeline.models.vae.WanVAE` into videos
     `[N, T, 3, H, W]` in [-1, 1] (the samples-file / VBench layout), `batch_size` videos at a time."""
     out = [vae.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)]
     return torch.cat(out).permute(0, 2, 1, 3, 4).contiguous()
@@ -93,7 +93,7 @@ def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tens
 
 class ChunkDecodeSink:
     """An `on_chunk(index, chunk)` callback for the samplers that VAE-decodes each latent chunk as soon as it is
-    finished (`pipeline.vae.StreamingDecoder`), instead of decoding the finished videos afterwards.
+    finished (`pipeline.models.vae.StreamingDecoder`), instead of decoding the finished videos afterwards.
 
     The samplers call `on_chunk(index, chunk [B, C, fpc, h, w])` per chunk, `index` restarting at 0 in every
     batch of videos (the synchronous sampler: once per batch, index 0, the whole video); index 0 therefore
@@ -156,7 +156,7 @@ def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, nu
     (a `ChunkDecodeSink`; pass one to get frames per chunk via its `on_frames`, or to read its per-chunk
     decode `times` afterwards) after the caller's own `on_chunk`; the videos equal those of decoding the
     finished latents (`stream_decode=False`, `decode_videos`)."""
-    from .data import latent_shape as config_latent_shape
+    from pipeline.data.sources import latent_shape as config_latent_shape
 
     if len(prompts) != len(context):
         raise ValueError(f"need one embedding row per prompt, got {len(prompts)} prompts, {len(context)} rows")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .guard import replacing
+from pipeline.io.guard import replacing
 
 
 def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
@@ -27,7 +27,7 @@ def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 4, pa
 
 def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 6, force: bool = True, **kw) -> Path:
     """Write a GIF or MP4 (by suffix) preview of videos `[N, F, 3, S, S]` (under a temporary name, then
-    renamed; an existing file is replaced only with `force`, see `pipeline.guard.replacing`)."""
+    renamed; an existing file is replaced only with `force`, see `pipeline.io.guard.replacing`)."""
     import imageio.v3 as iio
 
     path = Path(path)

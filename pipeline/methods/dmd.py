@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import shard
-from .flow import add_noise, shift_sigma
-from .losses import flow_matching_loss
-from .sampling import Denoiser, few_step_rollout
+from pipeline.data import shard
+from pipeline.diffusion.flow import add_noise, shift_sigma
+from pipeline.diffusion.losses import flow_matching_loss
+from pipeline.diffusion.sampling import Denoiser, few_step_rollout
 
 
 def sample_dmd_sigma(batch: int, frames: int, generator: torch.Generator, per_frame: bool = True,

@@ -25,9 +25,9 @@ import torch
 
 from safetensors import safe_open
 
-from .checkpoint import read_safetensors
-from .conditioning import embed_labels, make_class_table
-from .sprites import NULL_CLASS, SpritesStream
+from pipeline.training.checkpoint import read_safetensors
+from pipeline.models.conditioning import embed_labels, make_class_table
+from pipeline.data.sprites import NULL_CLASS, SpritesStream
 
 
 class SpritesSource:

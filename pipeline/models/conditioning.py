@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import shard
+from pipeline.data import shard
 
 
 

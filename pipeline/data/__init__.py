@@ -1,0 +1,1 @@
+"""Data: the sprites world, training sources, ODE pairs, prompts."""

@@ -1,0 +1,1 @@
+"""The diffusion core: flow matching, noise levels, trajectory distributions, losses and samplers."""

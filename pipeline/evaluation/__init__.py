@@ -1,0 +1,1 @@
+"""Evaluation: the sprites checker, metrics, speed, the report and VBench output."""

@@ -1,0 +1,1 @@
+"""Input and output: guarded writes, stage folders, media, checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Training methods: one class per method, each owning its models, optimisers and training step."""

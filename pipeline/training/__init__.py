@@ -1,0 +1,1 @@
+"""The training machinery: the trainer, accelerate plumbing, checkpoints, memory, fault points."""
