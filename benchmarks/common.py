@@ -10,7 +10,7 @@ import torch
 from pipeline.models.causal_wan import build_transformer
 from pipeline.config import load_config
 from pipeline.data.sources import class_table
-from stages.common import load_source
+from pipeline.models.loading import load_source
 
 
 def model_to_measure(source: str | None, config: str | None):

@@ -34,7 +34,7 @@ from benchmarks.common import run_timed  # noqa: E402
 from pipeline.models.causal_wan import KVCache, build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.diffusion.sampling import Denoiser  # noqa: E402
-from stages.common import load_source  # noqa: E402
+from pipeline.models.loading import load_source  # noqa: E402
 
 WAN13B = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, pretrained=None)

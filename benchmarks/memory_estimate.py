@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.training.memory import TensorPeak  # noqa: E402
-from stages.common import parse_with_overrides, run_device  # noqa: E402
+from pipeline.cli import parse_with_overrides  # noqa: E402
+from pipeline.training.distributed import run_device  # noqa: E402
 from stages.launch import memory_estimate  # noqa: E402
 
 STAGES = ("pretrain_teacher", "init_student", "distill")

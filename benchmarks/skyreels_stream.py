@@ -60,7 +60,7 @@ from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sources import class_table  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
-from stages.common import sample_student_videos  # noqa: E402
+from pipeline.diffusion.videos import sample_student_videos  # noqa: E402
 
 
 class NetClock:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import model_to_measure, run_timed  # noqa: E402
 from pipeline.evaluation.speed import ChunkClock  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
-from stages.common import sample_student_videos  # noqa: E402
+from pipeline.diffusion.videos import sample_student_videos  # noqa: E402
 
 
 def chunk_times(model, table, cfg, student, frames: int, n: int, seed: int, fuse: bool = True) -> list[float]:

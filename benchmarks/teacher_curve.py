@@ -26,7 +26,8 @@ from pipeline.data.sources import class_table  # noqa: E402
 from pipeline.io.media import save_curves  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
 from stages import pretrain_teacher  # noqa: E402
-from stages.common import parse_with_overrides, sample_videos  # noqa: E402
+from pipeline.cli import parse_with_overrides  # noqa: E402
+from pipeline.diffusion.videos import sample_videos  # noqa: E402
 
 
 def main():

@@ -19,7 +19,7 @@ import shlex
 import sys
 
 from pipeline.io.convert import DTYPES, TARGETS, convert
-from stages.common import USER_ERRORS
+from pipeline.cli import USER_ERRORS
 
 
 def main(argv=None) -> int:

@@ -33,10 +33,12 @@ from pipeline.data.ode_pairs import OdePairs
 from pipeline.io.run_dir import StageDir
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.data.shard import ShardedGenerator
-from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, hold_frozen,
-                           load_source, local_batch, make_accelerator, make_optimizer, mixed_precision, optimizer_step,
-                           place_ema, prepare, preview, replay_schedule, resume, restore_optimizer_state, save_model,
-                           save_weights, shared_generator, stage_main, student_config, trainable)
+from pipeline.cli import stage_main
+from pipeline.diffusion.videos import preview
+from pipeline.models.loading import load_source, save_model, save_weights, student_config
+from pipeline.training.distributed import check_replicas, full_optimizer_state, local_batch, make_accelerator, mixed_precision, prepare, restore_optimizer_state, shared_generator
+from pipeline.training.optim import ema_step, hold_frozen, make_optimizer, optimizer_step, place_ema, replay_schedule, trainable
+from pipeline.training.resume import data_inputs, finished_already, resume
 
 STAGE = "distill"
 

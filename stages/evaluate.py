@@ -44,8 +44,11 @@ from pipeline.evaluation.report import SCHEMA_VERSION, write_report
 from pipeline.io.run_dir import StageDir, write_atomic
 from pipeline.evaluation.speed import SpeedMeter
 from pipeline.data.sprites import SpritesStream, balanced_labels
-from stages.common import (component_inputs, is_student, load_source, run_device, sample_student_videos, sample_videos,
-                           stage_main)
+from pipeline.cli import stage_main
+from pipeline.diffusion.videos import sample_student_videos, sample_videos
+from pipeline.models.loading import is_student, load_source
+from pipeline.training.distributed import run_device
+from pipeline.training.resume import component_inputs
 
 
 @dataclass

@@ -32,10 +32,12 @@ from pipeline.data.ode_pairs import OdePairs, write_ode_pairs
 from pipeline.io.run_dir import StageDir
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.data.sprites import NULL_CLASS
-from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
-                           load_source, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
-                           remove_own, restore_optimizer_state, resume, save_weights, shared_generator, stage_main,
-                           student_config, trainable)
+from pipeline.cli import stage_main
+from pipeline.diffusion.videos import preview
+from pipeline.models.loading import load_source, save_weights, student_config
+from pipeline.training.distributed import check_replicas, full_optimizer_state, global_norm, make_accelerator, prepare, restore_optimizer_state, shared_generator
+from pipeline.training.optim import ema_step, make_optimizer, optimizer_step, place_ema, trainable
+from pipeline.training.resume import data_inputs, finished_already, remove_own, resume
 
 STAGE = "init_student"
 

@@ -26,7 +26,9 @@ from pipeline.config import STAGES, Config, ConfigError, load_config
 from pipeline.data.sources import latent_shape
 from pipeline.io.run_dir import StageDir
 from pipeline.diffusion.sampling import few_step_sigmas
-from stages.common import USER_ERRORS, lock_run_dir, mixed_precision, parse_with_overrides, run_device
+from pipeline.cli import USER_ERRORS, parse_with_overrides
+from pipeline.training.distributed import mixed_precision, run_device
+from pipeline.training.resume import lock_run_dir
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",

@@ -42,7 +42,7 @@ from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.data.sources import latent_shape
 from pipeline.io.guard import GuardError, Lock, check_output
 from pipeline.io.run_dir import write_atomic
-from stages.common import USER_ERRORS, parse_with_overrides
+from pipeline.cli import USER_ERRORS, parse_with_overrides
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 

@@ -28,9 +28,12 @@ from pipeline.diffusion.losses import flow_matching_loss
 from pipeline.io.run_dir import StageDir
 from pipeline.diffusion.sampling import Denoiser
 from pipeline.diffusion.trajectories import TrajectoryDistribution
-from stages.common import (check_replicas, data_inputs, ema_step, finished_already, full_optimizer_state, global_norm,
-                           local_batch, make_accelerator, make_optimizer, optimizer_step, place_ema, prepare, preview,
-                           restore_optimizer_state, resume, save_weights, shared_generator, stage_main, trainable)
+from pipeline.cli import stage_main
+from pipeline.diffusion.videos import preview
+from pipeline.models.loading import save_weights
+from pipeline.training.distributed import check_replicas, full_optimizer_state, global_norm, local_batch, make_accelerator, prepare, restore_optimizer_state, shared_generator
+from pipeline.training.optim import ema_step, make_optimizer, optimizer_step, place_ema, trainable
+from pipeline.training.resume import data_inputs, finished_already, resume
 
 STAGE = "pretrain_teacher"
 

@@ -39,7 +39,10 @@ from pipeline.io.media import save_samples
 from pipeline.diffusion.sampling import uniform_denoising_steps
 from pipeline.evaluation.speed import ChunkClock
 from pipeline.data.sprites import balanced_labels
-from stages.common import USER_ERRORS, is_student, load_source, run_device, sample_student_videos, sample_videos
+from pipeline.cli import USER_ERRORS
+from pipeline.diffusion.videos import sample_student_videos, sample_videos
+from pipeline.models.loading import is_student, load_source
+from pipeline.training.distributed import run_device
 
 
 

@@ -20,7 +20,7 @@ from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.data.shard import ShardedGenerator
 from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages import distill, init_student, pretrain_teacher
-from stages.common import ema_step, hold_frozen, place_ema
+from pipeline.training.optim import ema_step, hold_frozen, place_ema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from memory_estimate import measure  # noqa: E402

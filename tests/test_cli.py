@@ -13,7 +13,7 @@ from pipeline.models.causal_wan import build_transformer
 from pipeline.config import load_config
 from pipeline.data.sprites import NUM_CLASSES
 from stages import launch, sample
-from stages.common import load_source
+from pipeline.models.loading import load_source
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]

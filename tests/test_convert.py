@@ -95,7 +95,7 @@ def test_diffusers_loads_export_and_matches_bidirectional_forward(student_stage,
     assert run_cli(capsys, stage, tmp_path / "d", "--to", "diffusers", "--ema")[0] == 0
     theirs, info = WanTransformer3DModel.from_pretrained(tmp_path / "d", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
-    from stages.common import load_source
+    from pipeline.models.loading import load_source
     ours, _, _ = load_source(stage)
     cfg = ours.config
     g = torch.Generator().manual_seed(0)
@@ -267,7 +267,7 @@ def test_half_precision_export_samples(student_stage, tmp_path, capsys):
     _, stage = student_stage
     assert run_cli(capsys, stage, tmp_path / "h.safetensors", "--to", "wan", "--dtype", "fp16", "--ema")[0] == 0
     assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "h.safetensors")).values())
-    from stages.common import load_source
+    from pipeline.models.loading import load_source
     model, _, _ = load_source(tmp_path / "h.safetensors")  # sampled in fp32: the exact upcast
     ema = weights(stage, "transformer_ema")
     assert all(torch.equal(v, ema[k].half().float()) for k, v in model.state_dict().items())

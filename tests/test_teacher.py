@@ -17,9 +17,9 @@ from pipeline.data.sources import build_source, class_table
 from pipeline.diffusion.sampling import Denoiser
 from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages import pretrain_teacher
-from stages.common import stage_main
+from pipeline.cli import stage_main
 from pipeline.diffusion.losses import flow_matching_loss
-from stages.common import NonFiniteLoss
+from pipeline.training.optim import NonFiniteLoss
 from tests.conftest import TINY_OVERRIDES, Interrupt, assert_same_weights, crash_after_checkpoint, tiny_cfg, weights
 
 
@@ -192,7 +192,7 @@ def test_corrupt_checkpoint_raises_one_line(make_cfg, monkeypatch):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_lr_schedule(make_cfg, schedule):
-    from stages.common import make_optimizer
+    from pipeline.training.optim import make_optimizer
 
     cfg = make_cfg(f"pretrain_teacher.lr_schedule={schedule}", "pretrain_teacher.steps=10",
                    "pretrain_teacher.warmup_steps=2", "pretrain_teacher.lr=1e-3")

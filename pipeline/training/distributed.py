@@ -1,0 +1,176 @@
+"""The accelerator and what every process must agree on: devices, precision, DDP / DeepSpeed engines
+per model, optimizer state across ZeRO partitions, replica checks, global-batch sharding."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+from pipeline.config import Config
+from pipeline.data.shard import ShardedGenerator
+
+
+
+
+def run_device(cfg: Config) -> torch.device:
+    """The device of the run: cuda when one is visible and `run.device` is not `cpu`."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+
+
+def mixed_precision(cfg: Config) -> str:
+    """`run.mixed_precision` with `auto` resolved: bf16 on a GPU that supports it, else no."""
+    mp = cfg.run.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if run_device(cfg).type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return mp
+
+
+def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
+                     models: dict[str, float | None] | None = None) -> Accelerator:
+    """An `Accelerator` logging TensorBoard scalars under `<stage>/logs`; bf16 where supported.
+
+    Under DeepSpeed (an accelerate config with `distributed_type: DEEPSPEED`), every model gets its
+    own plugin, as accelerate's multi-model API requires: `models` maps a name to its gradient clip
+    (a trained model: the config file's ZeRO stage) or None (frozen: ZeRO-3, weights partitioned, no
+    optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before preparing it.
+    Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed asks for.
+    """
+    cpu = run_device(cfg).type == "cpu"
+    mp = mixed_precision(cfg)
+    kwargs = {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        kwargs["deepspeed_plugins"] = deepspeed_plugins(models or {"model": 1.0}, batch_size, grad_accum)
+        if cpu:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            cpu = False  # DeepSpeed picks its CPU accelerator itself; accelerate's cpu flag would disable it
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=grad_accum, log_with="tensorboard",
+                       project_config=ProjectConfiguration(project_dir=str(stage_path), logging_dir=str(stage_path)),
+                       **kwargs)
+
+
+def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_accum: int) -> dict:
+    """One `DeepSpeedPlugin` per model: trained ones at the ZeRO stage (and offload) of the accelerate
+    config (read by accelerate from the environment its launcher sets), frozen ones at ZeRO-3."""
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    offload = {k: os.environ.get(f"ACCELERATE_DEEPSPEED_{k.upper()}", "none")
+               for k in ("offload_optimizer_device", "offload_param_device")}
+    plugins = {}
+    for name, clip in models.items():
+        frozen = clip is None
+        plugin = DeepSpeedPlugin(zero_stage=3 if frozen else stage, gradient_accumulation_steps=grad_accum,
+                                 gradient_clipping=1.0 if frozen else clip, zero3_init_flag=False,
+                                 **({} if frozen else offload))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        plugins[name] = plugin
+    return plugins
+
+
+def prepare(accelerator: Accelerator, name: str, model, optimizer=None):
+    """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
+    (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
+    under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
+
+    Returns:
+        the wrapped model, or (model, optimizer).
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state = accelerator.state
+        active = next(k for k, v in state.deepspeed_plugins.items() if v is state.deepspeed_plugin)
+        state.select_deepspeed_plugin(name)
+        if optimizer is not None:
+            return accelerator.prepare(model, optimizer)
+        model = accelerator.prepare(model)
+        # Back to the trained models' config: libraries read the active one (diffusers' EMAModel
+        # would treat the trained weights as ZeRO-3-partitioned after a ZeRO-3 teacher).
+        state.select_deepspeed_plugin(active)
+        return model
+    if optimizer is None:
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    return accelerator.prepare(model, optimizer)
+
+
+def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
+    """The optimizer's state dict in the form a one-process `AdamW` over `model.parameters()` has it,
+    whatever the backend, so a checkpoint resumes under any backend and process count.
+
+    Under DeepSpeed the fp32 moments live in ZeRO partitions: they are gathered per parameter with
+    DeepSpeed's `safe_get_full_optimizer_state` (a collective: every process must call this).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return optimizer.state_dict()
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = model.optimizer.optimizer  # the engine's ZeRO optimizer wraps ours, now over flat partitions
+    params = list(model.module.parameters())
+    steps = [st["step"] for st in base.state.values() if "step" in st]
+    state = {}
+    for i, p in enumerate(params):
+        moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+        if all(v is not None for v in moments.values()) and steps:
+            state[i] = {"step": steps[0].detach().clone().float().cpu(),
+                        **{k: v.detach().float().cpu() for k, v in moments.items()}}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    if len(groups) != 1:
+        raise ValueError(f"expected one optimizer parameter group under DeepSpeed, found {len(groups)}")
+    return {"state": state, "param_groups": [{**groups[0], "params": list(range(len(params)))}]}
+
+
+def restore_optimizer_state(accelerator: Accelerator, model, state: dict) -> None:
+    """After `prepare`: put a one-process optimizer state (loaded from a checkpoint before `prepare`)
+    into a DeepSpeed engine's ZeRO partitions (elsewhere `prepare` kept it: nothing to do)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not state.get("state"):
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = model.optimizer.optimizer
+    for i, p in enumerate(model.module.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, state["state"][i][k].to(p.device), k)
+    step = next(iter(state["state"].values()))["step"]
+    for st in base.state.values():
+        st["step"] = step.clone().to(st["step"].device) if torch.is_tensor(st.get("step")) else step.item()
+
+
+def check_replicas(accelerator: Accelerator, **models) -> int:
+    """Check that every process holds the same weights of each trained model (a silent divergence
+    would make rank 0's checkpoint one of several different models).
+
+    Returns:
+        the number of processes compared (1: nothing to compare).
+    Raises:
+        RuntimeError naming the model whose weights differ.
+    """
+    if accelerator.num_processes == 1:
+        return 1
+    for name, model in models.items():
+        flat = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])
+        position = torch.arange(1, len(flat) + 1, dtype=torch.float64)
+        fingerprint = torch.stack([flat.sum(), (flat * position).sum(), flat.abs().max()])[None]
+        every = accelerator.gather(fingerprint.to(accelerator.device)).cpu()
+        if not (every == every[:1]).all():
+            raise RuntimeError(f"{name}: weights differ between processes ({every.tolist()})")
+    return accelerator.num_processes
+
+
+def global_norm(accelerator: Accelerator, weight: torch.Tensor) -> torch.Tensor:
+    """A loss denominator over the global batch: the mean over processes of `weight.sum()` (see
+    `pipeline.diffusion.losses`: each process's weighted sum divided by it, averaged by DDP, is the global loss)."""
+    return accelerator.reduce(weight.sum().detach(), "mean") if accelerator.num_processes > 1 else weight.sum()
+
+
+def shared_generator(accelerator: Accelerator, seed: int) -> ShardedGenerator:
+    """A generator seeded alike on every process, drawing this process's rows of the global batch
+    (`pipeline/data/shard.py`: N processes × batch B train as one process with batch N·B)."""
+    return ShardedGenerator(torch.Generator().manual_seed(seed), accelerator.process_index,
+                            accelerator.num_processes)
+
+
+def local_batch(source, n: int, gen: ShardedGenerator, device) -> dict:
+    """This process's `n` rows of the source's next global batch of `n·processes` (every process
+    reads the same stream, so the data position is one number, whatever the process count)."""
+    batch = source.next_batch(n * gen.world)
+    return {k: gen.rows(v).to(device) for k, v in batch.items()}

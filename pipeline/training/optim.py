@@ -1,0 +1,121 @@
+"""Optimisers, schedules, EMA and how models are held for training (trained, frozen) and stepped."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from diffusers.optimization import get_scheduler
+
+
+
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def trainable(model: torch.nn.Module, section) -> torch.nn.Module:
+    """Put a model to be trained in train mode with gradients, and with gradient checkpointing when the
+    section asks for it (every trained full-sequence pass recomputes its blocks in the backward pass:
+    the same numbers, only the layer inputs kept). Returns the model."""
+    model.train().requires_grad_(True)
+    if section.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def hold_frozen(model: torch.nn.Module, mixed_precision: str) -> torch.nn.Module:
+    """A frozen model (evaluation mode, no gradients), its matmul weights held in bf16 when the run
+    computes in bf16: those of every Linear and Conv layer outside diffusers' `_keep_in_fp32_modules`
+    (norms, modulation tables, time embedding, RoPE stay fp32). Autocast casts exactly those weights
+    to bf16 at every call anyway, so the outputs are unchanged and the weights take half the memory.
+    With `mixed_precision` no, nothing changes. Returns the model."""
+    model.eval().requires_grad_(False)
+    if mixed_precision != "bf16":
+        return model
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)) and not any(k in name.split(".") for k in keep):
+            module.to(torch.bfloat16)
+    return model
+
+
+def place_ema(ema, section, device) -> None:
+    """Put the EMA copy where `section.ema_device` says: on the trained model's `device` (`same`) or on
+    the CPU (`cpu`: 4 bytes per parameter off the accelerator; `ema_step` brings the weights over)."""
+    ema.to(torch.device("cpu") if section.ema_device == "cpu" else device)
+
+
+def ema_step(ema, parameters) -> None:
+    """`ema.step(parameters)`, also when the EMA copy lives on another device than the weights
+    (`ema_device: cpu`): then the weights are copied to it first, keeping `requires_grad` (which decides
+    between averaging and copying); the same arithmetic, on the EMA's device."""
+    params = list(parameters)
+    if ema.shadow_params and any(p.device != s.device for p, s in zip(params, ema.shadow_params)):
+        import contextlib
+
+        gather = contextlib.nullcontext()
+        try:  # ZeRO-3 partitions the weights: gather them while copying, as EMAModel.step does
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+            if is_deepspeed_zero3_enabled():
+                import deepspeed
+                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        except ImportError:
+            pass
+        with gather:
+            params = [p.detach().to(s.device).requires_grad_(p.requires_grad)
+                      for p, s in zip(params, ema.shadow_params)]
+    ema.step(params)
+
+
+def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, total_steps: int | None = None):
+    """AdamW and its LR schedule from a training section (lr, betas, weight_decay, warmup_steps,
+    lr_schedule); `lr` overrides the section's, `total_steps` (default `section.steps`) is where a
+    cosine schedule reaches 0."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr if lr is None else lr, betas=tuple(section.betas),
+                                  weight_decay=section.weight_decay)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[section.lr_schedule]
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=section.warmup_steps,
+                                    num_training_steps=total_steps or section.steps)
+
+
+def replay_schedule(scheduler, steps: int) -> None:
+    """Step an LR schedule `steps` times (after a resume)."""
+    with warnings.catch_warnings():  # replaying the schedule, not stepping out of order
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: torch.Tensor, lr_key: str,
+                   grad_clip: float, step: int):
+    """One backward pass and (when gradients sync, i.e. at the end of an accumulation) one clipped
+    optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`
+    naming the config key `lr_key` to lower.
+
+    Returns:
+        the gradient norm before clipping, or None between accumulation steps.
+    """
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower {lr_key} or check the data")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # `accelerator.backward` drives only the first engine prepared; every engine steps itself
+        # (clipping at its plugin's gradient_clipping, optimizer step, zero grad), as accelerate's wrapper does.
+        model.set_gradient_accumulation_boundary(accelerator.sync_gradients)
+        model.backward(loss)
+        if not accelerator.sync_gradients:
+            return None
+        model.step()
+        scheduler.step()
+        norm = model.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator.sync_gradients else None
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
