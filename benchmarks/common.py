@@ -23,6 +23,10 @@ def model_to_measure(source: str | None, config: str | None):
     return build_transformer(cfg.model).eval(), class_table(cfg), cfg
 
 
+class BenchmarkArgError(ValueError):
+    """Options a benchmark cannot run with: its command line reports them as a usage error (exit status 2)."""
+
+
 def run_timed(main) -> None:
     """Run `main()`, print the total seconds, exit with its status."""
     t0 = time.time()

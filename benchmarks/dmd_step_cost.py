@@ -45,22 +45,17 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="benchmarks/dmd_step_cost.py")
-    ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--limit", type=float, default=3.0)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+def run(cfg, *, batch: int = 16, repeats: int = 8, limit: float = 3.0) -> dict:
+    """Time a DF+L2 teacher step and an sf_dmd generator step (every exit step) on random weights of
+    `cfg.model`, printing as it goes. Returns `{"teacher_ms", "generator_ms" (mean over exits), "per_exit_ms",
+    "ratio", "passed"}` (passed: ratio <= limit)."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     torch.manual_seed(0)
     models = [build_transformer(cfg.model).to(device) for _ in range(3)]  # student, teacher, critic
     student, teacher, critic = models
     teacher.requires_grad_(False)
     critic.requires_grad_(False)  # the generator step does not train the critic
-    fpc, b, pred = cfg.data.frames_per_chunk, args.batch, cfg.model.prediction
+    fpc, b, pred = cfg.data.frames_per_chunk, batch, cfg.model.prediction
     shape = (cfg.model.in_channels, cfg.data.frames, cfg.data.size, cfg.data.size)
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(b, cfg.data.cond_tokens, cfg.model.text_dim, generator=g).to(device)
@@ -83,10 +78,10 @@ def main(argv=None) -> int:
         sigmas=few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift), real_guidance=d.real_guidance,
         fake_guidance=d.fake_guidance, sigma_shift=d.sigma_shift, context_sigma=cfg.student.context_sigma,
         max_context_frames=cfg.student.max_context_frames, sink_frames=cfg.student.sink_frames)
-    batch = {"context": ctx, "null": torch.zeros_like(ctx), "shape": shape}
+    inputs = {"context": ctx, "null": torch.zeros_like(ctx), "shape": shape}
 
     def generator_step():
-        loss, _ = method.generator_loss(batch, g)
+        loss, _ = method.generator_loss(inputs, g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,6 +89,7 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in student.parameters())
     print(f"model {params:,} parameters, batch {b} x {shape} on {device}, "
           f"{len(cfg.student.denoising_steps)} student steps, real_guidance {d.real_guidance}")
+
     def at_exit(k):
         method.exit_steps = lambda n, gen: torch.full((n,), k)
         return generator_step
@@ -101,7 +97,7 @@ def main(argv=None) -> int:
     steps = len(method.sigmas)
     timed(teacher_step, device), timed(at_exit(steps - 1), device)  # warm-up
     times: dict = {"teacher": [], **{k: [] for k in range(steps)}}
-    for _ in range(args.repeats):  # interleaved, so a busy spell of the machine hits both alike
+    for _ in range(repeats):  # interleaved, so a busy spell of the machine hits both alike
         times["teacher"].append(timed(teacher_step, device))
         for k in range(steps):
             times[k].append(timed(at_exit(k), device))
@@ -111,8 +107,21 @@ def main(argv=None) -> int:
     print("generator step by exit step: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in enumerate(per_exit)))
     ratio = t_gen / t_teacher
     print(f"DF+L2 teacher step {t_teacher * 1e3:.1f} ms | sf_dmd generator step {t_gen * 1e3:.1f} ms (mean) | "
-          f"ratio {ratio:.2f} (goal <= {args.limit})")
-    return 0 if ratio <= args.limit else 1
+          f"ratio {ratio:.2f} (goal <= {limit})")
+    return {"teacher_ms": t_teacher * 1e3, "generator_ms": t_gen * 1e3, "per_exit_ms": [t * 1e3 for t in per_exit],
+            "ratio": ratio, "passed": ratio <= limit}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/dmd_step_cost.py")
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--limit", type=float, default=3.0)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    result = run(load_config(args.config, args.overrides), batch=args.batch, repeats=args.repeats, limit=args.limit)
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

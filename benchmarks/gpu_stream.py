@@ -185,8 +185,9 @@ class Setup:
         gen = torch.Generator(self.device).manual_seed(seed + 1000)
         sync(self.device)
         t0 = time.perf_counter()
-        sample_few_step(self.denoiser, self.noise(frames, seed), self.cond, self.sigmas, self.context_sigma, gen,
-                        self.window, self.sinks, on_chunk=on_chunk, fuse_cache_write=fuse)
+        sample_few_step(self.denoiser, self.noise(frames, seed), self.cond, self.sigmas,
+                        context_sigma=self.context_sigma, generator=gen, max_context_frames=self.window,
+                        sink_frames=self.sinks, on_chunk=on_chunk, fuse_cache_write=fuse)
         sync(self.device)
         return time.perf_counter() - t0
 
@@ -512,7 +513,19 @@ def main(argv=None) -> int:
     want = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
-    device = torch.device(want)
+    result = run(cfg, args, stream_frames=stream_frames, device=torch.device(want),
+                 argv=list(sys.argv[1:] if argv is None else argv))
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        log(f"wrote {args.json}")
+    return 0
+
+
+def run(cfg, args, *, stream_frames: int, device: torch.device, argv: list[str]) -> dict:
+    """Every figure (see the module's docstring) of the student at `cfg`'s shape (as `settle_config` left it) on
+    `device`; `args`: the parsed options (`parse_args`), `argv` recorded in the settings. Returns the result
+    `print_report` prints and `--json` writes (with its `goals`)."""
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
@@ -555,7 +568,7 @@ def main(argv=None) -> int:
         "steps": len(st.denoising_steps), "denoising_steps": list(st.denoising_steps), "shift": st.shift,
         "sigmas": [round(float(x), 4) for x in sigmas], "rope": st.rope, "kv_cache": st.kv_cache,
         "attention_backend": getattr(model, "attention_backend", None), "compile": False,
-        "checkpoint": args.checkpoint, "argv": list(sys.argv[1:] if argv is None else argv),
+        "checkpoint": args.checkpoint, "argv": argv,
         "steady_blocks": steady, "steady_note": steady_note,
     }
     log(f"{settings['gpu']} | {dtype_name} | {settings['params'] / 1e6:.1f}M params | latent {latent} "
@@ -664,11 +677,7 @@ def main(argv=None) -> int:
         result["training"] = None
 
     result["goals"] = goals(result)
-    print_report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        log(f"wrote {args.json}")
-    return 0
+    return result
 
 
 def reference_setting(s: dict) -> bool:

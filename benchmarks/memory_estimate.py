@@ -5,7 +5,7 @@
 Runs pretrain_teacher, init_student and distill (or `--stages`) in a temporary run dir, each under
 `pipeline.training.memory.TensorPeak` (the peak bytes of live tensors: weights, optimizer, EMA, activations,
 caches; on a CPU as `max_memory_allocated` would count them on a GPU) or, when the run uses a GPU,
-`torch.cuda.max_memory_allocated`, and prints each stage's estimate (`stages.launch.memory_estimate`,
+`torch.cuda.max_memory_allocated`, and prints each stage's estimate (`pipeline.plan.memory_estimate`,
 one process) next to it. Small configurations run on a CPU in seconds; tests/test_checkpointing.py
 checks one within 25 %.
 """
@@ -13,7 +13,6 @@ checks one within 25 %.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,9 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.training.memory import TensorPeak  # noqa: E402
 from pipeline.cli import parse_with_overrides  # noqa: E402
 from pipeline.training.distributed import run_device  # noqa: E402
-from stages.launch import memory_estimate  # noqa: E402
+from pipeline.plan import memory_estimate  # noqa: E402
+from pipeline.methods import method_for  # noqa: E402
+from pipeline.training.trainer import Trainer  # noqa: E402
 
 STAGES = ("pretrain_teacher", "init_student", "distill")
 
@@ -38,7 +39,8 @@ def measure(cfg, stages=STAGES, verbose: bool = False) -> dict[str, tuple[float,
     cuda = run_device(cfg).type == "cuda"
     for stage in stages:
         est = memory_estimate(cfg, stage)
-        run = importlib.import_module(f"stages.{stage}").run
+        def run(cfg, force, _stage=stage):  # what `python -m stages.<stage>` runs
+            return Trainer(method_for(_stage, cfg), force=force).run()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

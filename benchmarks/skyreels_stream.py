@@ -11,8 +11,8 @@ channels, patch, text_dim, freq_dim), the same prompt embeddings (the config's c
 batch, the same steps (len(student.denoising_steps) = 4), no guidance, latents out (no VAE decode), one
 process so the same threads. Times: one warm-up, then the median of `--repeats` runs.
 
-Ours: `sample_student_videos` — chunks of `data.frames_per_chunk` latent frames, 4 calls on the chunk's
-frames plus one cache write (none after the last chunk), attending to a rolling KV cache of
+Ours: `sample_videos` (the few-step sampler) — chunks of `data.frames_per_chunk` latent frames, 4 calls on the
+chunk's frames plus one cache write (none after the last chunk), attending to a rolling KV cache of
 `student.max_context_frames` frames (48 frames in 3-frame chunks: 16 x 5 - 1 = 79 calls, 237 frames).
 
 SkyReels, causal_block_size = frames_per_chunk (3; block-causal attention, like our chunks), UniPC
@@ -55,12 +55,12 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import run_timed  # noqa: E402
+from benchmarks.common import BenchmarkArgError, run_timed  # noqa: E402
 from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sources import class_table  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
-from pipeline.diffusion.videos import sample_student_videos  # noqa: E402
+from pipeline.diffusion.videos import sample_videos  # noqa: E402
 
 
 class NetClock:
@@ -116,6 +116,92 @@ def timed(fn, clock: NetClock, repeats: int):
     return statistics.median(times), statistics.median(net), out
 
 
+def run(cfg, *, layers: int | None = None, heads: int | None = None, head_dim: int | None = None,
+        ffn: int | None = None, size: int | None = None, channels: int | None = None, batch: int = 16,
+        frames: int = 48, sky_mode: str = "both", sky_window: int | None = None, repeats: int = 3,
+        limit: float = 5.0) -> dict:
+    """Time our student sampler and SkyReels-V2's pipeline on random transformers of `cfg.model`'s dims (the
+    options override them), printing as it goes. Returns `{"seconds": {name: (end to end, network)}, "judged",
+    "ratio", "passed"}` (passed: SkyReels / ours end to end >= limit for the judged mode)."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with torch.no_grad():
+            return _run(cfg, layers, heads, head_dim, ffn, size, channels, batch, frames, sky_mode, sky_window,
+                        repeats, limit)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _run(cfg, layers, heads, head_dim, ffn, size, channels, batch, frames, sky_mode, sky_window, repeats,
+         limit) -> dict:
+    m = cfg.model
+    heads, head_dim = heads or m.num_attention_heads, head_dim or m.attention_head_dim
+    ffn = ffn or (m.ffn_dim if (heads, head_dim) == (m.num_attention_heads, m.attention_head_dim)
+                  else 4 * heads * head_dim)
+    ch = channels or m.in_channels
+    m = replace(m, num_layers=layers or m.num_layers, num_attention_heads=heads, attention_head_dim=head_dim,
+                ffn_dim=ffn, in_channels=ch, out_channels=ch, pretrained=None)
+    size, fpc, student, b = size or cfg.data.size, cfg.data.frames_per_chunk, cfg.student, batch
+    if size % 2 or size % m.patch_size[1] or frames % fpc:
+        raise BenchmarkArgError(f"--size must be even and a multiple of the patch; --frames a multiple of {fpc}")
+    steps = len(student.denoising_steps)
+    window = min(sky_window or (student.max_context_frames or frames) + fpc, frames)
+    if window % fpc or window <= fpc and window < frames:
+        raise BenchmarkArgError(f"--sky-window must be a multiple of {fpc} above {fpc}")
+    ctx = window - fpc  # clean history per window, the counterpart of our KV window
+
+    torch.manual_seed(0)
+    ours = build_transformer(m).eval()
+    pipe = skyreels_pipe(m, fpc)
+    n_ours, n_sky = (sum(p.numel() for p in net.parameters()) for net in (ours, pipe.transformer))
+    print(f"transformers: {m.num_layers} layers, {heads} heads x {head_dim}, ffn {ffn}, patch {tuple(m.patch_size)}, "
+          f"{ch} channels; params ours {n_ours:,} / SkyReels {n_sky:,}")
+    print(f"video: {frames} latent frames of {size}x{size}, batch {b}, {steps} steps, {torch.get_num_threads()} threads")
+    print(f"ours: chunks of {fpc}, KV window {student.max_context_frames} frames (sinks {student.sink_frames})")
+    px = lambda lat: (lat - 1) * 4 + 1  # noqa: E731  latent -> pixel frames (Wan VAE)
+    settings = {  # name -> (window in latent frames, pipeline kwargs)
+        "one_window": (frames, dict(num_frames=px(frames), base_num_frames=px(frames), ar_step=steps,
+                                    causal_block_size=fpc, overlap_history=None)),
+        "rolling": (window, dict(num_frames=px(frames), base_num_frames=px(window), ar_step=0, causal_block_size=fpc,
+                                 overlap_history=px(ctx) if window < frames else None))}
+    modes = list(settings) if sky_mode == "both" else [sky_mode]
+    for mode in modes:
+        w, kw = settings[mode]
+        print(f"SkyReels {mode}: window {w} latent frames, " + ", ".join(f"{k}={v}" for k, v in kw.items()))
+
+    table, labels = class_table(cfg), balanced_labels(b)
+    emb = table[labels]  # the same prompt embeddings for both sides
+    clocks = {"ours": NetClock(ours), "SkyReels": NetClock(pipe.transformer)}
+
+    def run_ours(seed):
+        return sample_videos(ours, table, labels, frames=frames, size=size, frames_per_chunk=fpc,
+                             prediction=m.prediction, student=student, seed=seed, channels=ch, few_step=True)
+
+    def run_sky(kw):
+        return lambda seed: pipe(prompt=None, prompt_embeds=emb, height=size * 8, width=size * 8,
+                                 num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                                 generator=torch.Generator().manual_seed(seed), **kw).frames
+
+    results = {}
+    for name, fn in [("ours", run_ours)] + [(mode, run_sky(settings[mode][1])) for mode in modes]:
+        k = clocks["ours" if name == "ours" else "SkyReels"]
+        t, t_net, out = timed(fn, k, repeats)
+        results[name] = (t, t_net)
+        print(f"{name:10s} {t:7.3f} s  {b * frames / t:8.1f} latent frames/s  output {tuple(out.shape)}  "
+              f"network {t_net:.3f} s in {k.calls} calls ({k.frames} frames through it per video)")
+        if name != "ours" and out.shape[2] != frames:  # (B, C, F, H, W); ours is (B, F, C, H, W)
+            print(f"error: SkyReels {name} produced {out.shape[2]} latent frames, not {frames}")
+            return {"seconds": results, "judged": name, "ratio": None, "passed": False}
+    for mode in modes:
+        ratio, net_ratio = (results[mode][i] / results["ours"][i] for i in (0, 1))
+        print(f"{mode:10s} ours faster by x{ratio:.2f} end to end, x{net_ratio:.2f} inside the transformers")
+    judged = modes[0]  # one_window unless only rolling was run
+    ratio = results[judged][0] / results["ours"][0]
+    print(f"{judged}: x{ratio:.2f} {'>=' if ratio >= limit else '<'} limit {limit}")
+    return {"seconds": results, "judged": judged, "ratio": ratio, "passed": ratio >= limit}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/skyreels_stream.py")
     ap.add_argument("--config", default="configs/tiny.yaml", help="model defaults and the student sampler")
@@ -136,72 +222,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     diffusers_logging.set_verbosity_error()
-    cfg = load_config(args.config)
-    m = cfg.model
-    heads, head_dim = args.heads or m.num_attention_heads, args.head_dim or m.attention_head_dim
-    ffn = args.ffn or (m.ffn_dim if (heads, head_dim) == (m.num_attention_heads, m.attention_head_dim)
-                       else 4 * heads * head_dim)
-    ch = args.channels or m.in_channels
-    m = replace(m, num_layers=args.layers or m.num_layers, num_attention_heads=heads, attention_head_dim=head_dim,
-                ffn_dim=ffn, in_channels=ch, out_channels=ch, pretrained=None)
-    size, fpc, student, frames, b = args.size or cfg.data.size, cfg.data.frames_per_chunk, cfg.student, args.frames, \
-        args.batch
-    if size % 2 or size % m.patch_size[1] or frames % fpc:
-        ap.error(f"--size must be even and a multiple of the patch; --frames a multiple of {fpc}")
-    steps = len(student.denoising_steps)
-    window = min(args.sky_window or (student.max_context_frames or frames) + fpc, frames)
-    if window % fpc or window <= fpc and window < frames:
-        ap.error(f"--sky-window must be a multiple of {fpc} above {fpc}")
-    ctx = window - fpc  # clean history per window, the counterpart of our KV window
-
-    torch.manual_seed(0)
-    ours = build_transformer(m).eval()
-    pipe = skyreels_pipe(m, fpc)
-    n_ours, n_sky = (sum(p.numel() for p in net.parameters()) for net in (ours, pipe.transformer))
-    print(f"transformers: {m.num_layers} layers, {heads} heads x {head_dim}, ffn {ffn}, patch {tuple(m.patch_size)}, "
-          f"{ch} channels; params ours {n_ours:,} / SkyReels {n_sky:,}")
-    print(f"video: {frames} latent frames of {size}x{size}, batch {b}, {steps} steps, {torch.get_num_threads()} threads")
-    print(f"ours: chunks of {fpc}, KV window {student.max_context_frames} frames (sinks {student.sink_frames})")
-    px = lambda lat: (lat - 1) * 4 + 1  # noqa: E731  latent -> pixel frames (Wan VAE)
-    settings = {  # name -> (window in latent frames, pipeline kwargs)
-        "one_window": (frames, dict(num_frames=px(frames), base_num_frames=px(frames), ar_step=steps,
-                                    causal_block_size=fpc, overlap_history=None)),
-        "rolling": (window, dict(num_frames=px(frames), base_num_frames=px(window), ar_step=0, causal_block_size=fpc,
-                                 overlap_history=px(ctx) if window < frames else None))}
-    modes = list(settings) if args.sky_mode == "both" else [args.sky_mode]
-    for mode in modes:
-        w, kw = settings[mode]
-        print(f"SkyReels {mode}: window {w} latent frames, " + ", ".join(f"{k}={v}" for k, v in kw.items()))
-
-    table, labels = class_table(cfg), balanced_labels(b)
-    emb = table[labels]  # the same prompt embeddings for both sides
-    clocks = {"ours": NetClock(ours), "SkyReels": NetClock(pipe.transformer)}
-
-    def run_ours(seed):
-        return sample_student_videos(ours, table, labels, frames, size, fpc, student, seed, m.prediction, ch)
-
-    def run_sky(kw):
-        return lambda seed: pipe(prompt=None, prompt_embeds=emb, height=size * 8, width=size * 8,
-                                 num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
-                                 generator=torch.Generator().manual_seed(seed), **kw).frames
-
-    results = {}
-    for name, fn in [("ours", run_ours)] + [(mode, run_sky(settings[mode][1])) for mode in modes]:
-        k = clocks["ours" if name == "ours" else "SkyReels"]
-        t, t_net, out = timed(fn, k, args.repeats)
-        results[name] = (t, t_net)
-        print(f"{name:10s} {t:7.3f} s  {b * frames / t:8.1f} latent frames/s  output {tuple(out.shape)}  "
-              f"network {t_net:.3f} s in {k.calls} calls ({k.frames} frames through it per video)")
-        if name != "ours" and out.shape[2] != frames:  # (B, C, F, H, W); ours is (B, F, C, H, W)
-            print(f"error: SkyReels {name} produced {out.shape[2]} latent frames, not {frames}")
-            return 1
-    for mode in modes:
-        ratio, net_ratio = (results[mode][i] / results["ours"][i] for i in (0, 1))
-        print(f"{mode:10s} ours faster by x{ratio:.2f} end to end, x{net_ratio:.2f} inside the transformers")
-    judged = modes[0]  # one_window unless only rolling was run
-    ratio = results[judged][0] / results["ours"][0]
-    print(f"{judged}: x{ratio:.2f} {'>=' if ratio >= args.limit else '<'} limit {args.limit}")
-    return 0 if ratio >= args.limit else 1
+    try:
+        result = run(load_config(args.config), layers=args.layers, heads=args.heads, head_dim=args.head_dim,
+                     ffn=args.ffn, size=args.size, channels=args.channels, batch=args.batch, frames=args.frames,
+                     sky_mode=args.sky_mode, sky_window=args.sky_window, repeats=args.repeats, limit=args.limit)
+    except BenchmarkArgError as e:
+        ap.error(str(e))
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

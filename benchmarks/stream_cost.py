@@ -36,14 +36,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import model_to_measure, run_timed  # noqa: E402
 from pipeline.evaluation.speed import ChunkClock  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
-from pipeline.diffusion.videos import sample_student_videos  # noqa: E402
+from pipeline.diffusion.videos import sample_videos  # noqa: E402
 
 
 def chunk_times(model, table, cfg, student, frames: int, n: int, seed: int, fuse: bool = True) -> list[float]:
+    """Seconds of every chunk of one few-step rollout of `n` videos × `frames` frames."""
     clock = ChunkClock()
-    sample_student_videos(model, table, balanced_labels(n), frames, cfg.data.size, cfg.data.frames_per_chunk, student,
-                          seed, cfg.model.prediction, on_chunk=clock, fuse_cache_write=fuse)
+    sample_videos(model, table, balanced_labels(n), frames=frames, size=cfg.data.size,
+                  frames_per_chunk=cfg.data.frames_per_chunk, prediction=cfg.model.prediction, student=student,
+                  seed=seed, few_step=True, on_chunk=clock, fuse_cache_write=fuse)
     return clock.per_chunk()
+
+
+def run(model, table, cfg, *, n: int = 1, short: int = 12, long: int = 48, repeats: int = 5,
+        separate_write: bool = False, window: int | None = None, limit: float = 4.5, chunk_limit: float = 1.2) -> dict:
+    """Time the student sampler (`cfg.student`; `window` overrides its KV window) on `model` at `short` and `long`
+    frames, printing as it goes. Returns `{"totals_s": {frames: s}, "per_chunk_ms" (long rollout), "ratio",
+    "chunk_ratio", "passed"}` (passed: ratio <= limit and chunk_ratio <= chunk_limit)."""
+    with torch.no_grad():
+        student = cfg.student if window is None else replace(cfg.student, max_context_frames=window)
+        print(f"student: steps {student.denoising_steps} shift {student.shift}, window {student.max_context_frames} "
+              f"frames (sinks {student.sink_frames}), batch {n}, {torch.get_num_threads()} threads, cache writes "
+              + ("separate" if separate_write else "fused"))
+        chunk_times(model, table, cfg, student, cfg.data.frames_per_chunk, n, 0)  # warm-up
+        totals = {}
+        for frames in (short, long):
+            runs = [chunk_times(model, table, cfg, student, frames, n, seed, not separate_write)
+                    for seed in range(repeats)]
+            per_chunk = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
+            totals[frames] = statistics.median(sum(r) for r in runs)
+            print(f"{frames} frames: total {totals[frames]:.3f} s, per chunk (ms): "
+                  + " ".join(f"{t * 1000:.0f}" for t in per_chunk))
+    ratio = totals[long] / totals[short]
+    chunk_ratio = per_chunk[-1] / per_chunk[0]  # per_chunk: the long rollout's (the loop's last)
+    print(f"time({long}) / time({short}) = {ratio:.2f} (frames ratio {long / short:.1f}, limit {limit})")
+    print(f"{long} frames: last chunk / first chunk = {chunk_ratio:.2f} (goal <= {chunk_limit}); "
+          f"last / second = {per_chunk[-1] / per_chunk[1]:.2f} (the second is the first to pay a cache write)")
+    return {"totals_s": totals, "per_chunk_ms": [t * 1000 for t in per_chunk], "ratio": ratio,
+            "chunk_ratio": chunk_ratio, "passed": ratio <= limit and chunk_ratio <= chunk_limit}
 
 
 def main(argv=None) -> int:
@@ -61,26 +91,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, table, cfg = model_to_measure(args.source, args.config)
-    student = cfg.student if args.window is None else replace(cfg.student, max_context_frames=args.window)
-    print(f"student: steps {student.denoising_steps} shift {student.shift}, window {student.max_context_frames} "
-          f"frames (sinks {student.sink_frames}), batch {args.n}, {torch.get_num_threads()} threads, cache writes "
-          + ("separate" if args.separate_write else "fused"))
-    chunk_times(model, table, cfg, student, cfg.data.frames_per_chunk, args.n, 0)  # warm-up
-    totals = {}
-    for frames in (args.short, args.long):
-        runs = [chunk_times(model, table, cfg, student, frames, args.n, seed, not args.separate_write)
-                for seed in range(args.repeats)]
-        per_chunk = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
-        totals[frames] = statistics.median(sum(r) for r in runs)
-        print(f"{frames} frames: total {totals[frames]:.3f} s, per chunk (ms): "
-              + " ".join(f"{t * 1000:.0f}" for t in per_chunk))
-    ratio = totals[args.long] / totals[args.short]
-    chunk_ratio = per_chunk[-1] / per_chunk[0]  # per_chunk: the long rollout's (the loop's last)
-    print(f"time({args.long}) / time({args.short}) = {ratio:.2f} (frames ratio {args.long / args.short:.1f}, "
-          f"limit {args.limit})")
-    print(f"{args.long} frames: last chunk / first chunk = {chunk_ratio:.2f} (goal <= {args.chunk_limit}); "
-          f"last / second = {per_chunk[-1] / per_chunk[1]:.2f} (the second is the first to pay a cache write)")
-    return 0 if ratio <= args.limit and chunk_ratio <= args.chunk_limit else 1
+    result = run(model, table, cfg, n=args.n, short=args.short, long=args.long, repeats=args.repeats,
+                 separate_write=args.separate_write, window=args.window, limit=args.limit,
+                 chunk_limit=args.chunk_limit)
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

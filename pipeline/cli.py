@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+from typing import Callable
 
 from pipeline.config import ConfigError, load_config
 from pipeline.training.checkpoint import CheckpointError
@@ -26,6 +27,17 @@ def parse_with_overrides(ap: argparse.ArgumentParser, argv=None) -> argparse.Nam
     return args
 
 
+def run_command(body: Callable[[], int | None]) -> int:
+    """The one user-error handler of every command: run `body()` (which releases its own locks) and return its
+    exit status (None: 0); a user error (`USER_ERRORS`) becomes one line `error: ...` on stderr and status 2."""
+    try:
+        status = body()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else status
+
+
 def stage_main(stage: str, run, argv=None) -> int:
     """`python -m stages.<stage> --config CONFIG [--force] [key=value ...]`, holding the lock of `run.dir`."""
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
@@ -34,16 +46,16 @@ def stage_main(stage: str, run, argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parse_with_overrides(ap, argv)
     argv = sys.argv[1:] if argv is None else argv
-    lock = None
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: rank 0 holds it for all
-            lock = lock_run_dir(cfg, [stage], f"python -m stages.{stage} {shlex.join(argv)}")
-        run(cfg, force=args.force)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if lock is not None:
-            lock.release()
-    return 0
+
+    def body() -> None:
+        lock = None
+        try:
+            cfg = load_config(args.config, args.overrides)
+            if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: rank 0 holds it for all
+                lock = lock_run_dir(cfg, [stage], f"python -m stages.{stage} {shlex.join(argv)}")
+            run(cfg, force=args.force)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    return run_command(body)

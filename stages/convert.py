@@ -3,7 +3,7 @@
 SOURCE: a stage folder (`runs/tiny/distill`), one of its training checkpoints (`checkpoints/step_*`), a
 diffusers folder, a `.safetensors` file (diffusers or original-Wan names), a Self-Forcing / CausVid `.pt`
 (read with `torch.load(weights_only=True)`), an accelerate `save_state` folder or a DeepSpeed ZeRO
-checkpoint folder; detected from what it holds (`pipeline/io/convert.py`).
+checkpoint folder; detected from what it holds (`pipeline/io/readers.py`).
 
 DEST: `--to diffusers` a folder (`WanTransformer3DModel.from_pretrained` loads it; `sampling.json` beside
 `config.json` keeps frames per chunk, the student's steps and shift, so `./launch.sh sample DEST` streams
@@ -18,8 +18,9 @@ import argparse
 import shlex
 import sys
 
-from pipeline.io.convert import DTYPES, TARGETS, convert
-from pipeline.cli import USER_ERRORS
+from pipeline.io.convert import TARGETS, convert
+from pipeline.models.device import DTYPES
+from pipeline.cli import run_command
 
 
 def main(argv=None) -> int:
@@ -37,17 +38,15 @@ def main(argv=None) -> int:
                                                          "it or one containing it)")
     args = ap.parse_args(argv)
     command = f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])}"
-    try:
+    def body() -> int:
         weights = convert(args.source, args.dest, args.to, ema=args.ema, dtype=args.dtype, part=args.part,
                           force=args.force, model_config=args.model_config, command=command)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = sum(v.numel() for v in weights.state_dict.values())
-    role = (weights.sampling or {}).get("role", "no sampling settings")
-    print(f"read {weights.origin} ({len(weights.state_dict)} tensors, {n / 1e6:.2f}M parameters, {role})")
-    print(f"wrote {args.dest} (--to {args.to}{', ' + args.dtype if args.dtype else ''})")
-    return 0
+        n = sum(v.numel() for v in weights.state_dict.values())
+        role = (weights.sampling or {}).get("role", "no sampling settings")
+        print(f"read {weights.origin} ({len(weights.state_dict)} tensors, {n / 1e6:.2f}M parameters, {role})")
+        print(f"wrote {args.dest} (--to {args.to}{', ' + args.dtype if args.dtype else ''})")
+        return 0
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 SOURCE is a stage folder (e.g. `runs/tiny/init_student`: its EMA weights, class-embedding table and
 config) or a diffusers model folder (then the sampler and conditioning come from the default config and
-its config.json). Teachers sample with their many-step sampler; students (a `denoising_steps` entry in
-config.json) with the few-step chunk-wise sampler, `--steps K` replacing their step list by K evenly
+its `sampling.json`). Teachers sample with their many-step sampler; students (the role in their
+`sampling.json`) with the few-step chunk-wise sampler, `--steps K` replacing their step list by K evenly
 spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV cache rolls.
 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
@@ -33,17 +33,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cli import run_command
 from pipeline.config import Config
+from pipeline.data.sprites import balanced_labels
+from pipeline.diffusion.sampling import uniform_denoising_steps
+from pipeline.diffusion.videos import sample_videos
+from pipeline.evaluation.speed import ChunkClock
 from pipeline.io.guard import Lock, check_output
 from pipeline.io.media import save_samples
-from pipeline.diffusion.sampling import uniform_denoising_steps
-from pipeline.evaluation.speed import ChunkClock
-from pipeline.data.sprites import balanced_labels
-from pipeline.cli import USER_ERRORS
-from pipeline.diffusion.videos import sample_student_videos, sample_videos
 from pipeline.models.loading import is_student, load_source
 from pipeline.training.distributed import run_device
-
 
 
 def main(argv=None) -> int:
@@ -72,6 +71,11 @@ def main(argv=None) -> int:
         return sample_text(args, command)
     if args.out is None:
         ap.error("--out is required (or --prompts and --vbench-dir for a text model)")
+    return run_command(lambda: sample_sprites(args, command))
+
+
+def sample_sprites(args, command: str = "") -> int:
+    """`sample SOURCE --out FILE`: videos of a class-conditioned (sprites) model and their preview."""
     out = Path(args.out)
     lock = None
     try:
@@ -89,25 +93,23 @@ def main(argv=None) -> int:
         labels = balanced_labels(args.n)
         lock = guard_outputs(out, {"SOURCE": args.source}, args.force, command)
         clock = ChunkClock()
-        if is_student(model):
+        steps, sampler = None, None
+        if is_student(model):  # its few-step sampler (the sampler follows the model's role, `sample_videos`)
             if args.guidance is not None or args.sampler:
                 raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
                                  "sampler (--steps K)")
             steps = uniform_denoising_steps(args.steps) if args.steps else None
-            videos = sample_student_videos(model, table, labels, frames, cfg.data.size, fpc, cfg.student, args.seed,
-                                           cfg.model.prediction, denoising_steps=steps, on_chunk=clock)
             what = f"{len(steps or cfg.student.denoising_steps)}-step student"
         else:
             sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
                 steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
-            videos = sample_videos(model, table, labels, frames, cfg.data.size, cfg.pretrain_teacher.attention, fpc,
-                                   sampler, args.seed, cfg.model.prediction, on_chunk=clock)
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
+        videos = sample_videos(model, table, labels, frames=frames, size=cfg.data.size, frames_per_chunk=fpc,
+                               prediction=cfg.model.prediction, student=cfg.student, sampler=sampler,
+                               attention=cfg.pretrain_teacher.attention, seed=args.seed, denoising_steps=steps,
+                               on_chunk=clock)
         elapsed = time.perf_counter() - clock.start
         preview = save_samples(out, videos, labels, force=args.force)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if lock is not None:
             lock.release()
@@ -137,11 +139,15 @@ def guard_outputs(out: Path, inputs: dict, force: bool, command: str) -> Lock:
 
 def sample_text(args, command: str = "") -> int:
     """`sample --prompts FILE --vbench-dir DIR`: decoded videos of a text-conditioned latent model."""
+    return run_command(lambda: _sample_text(args, command))
+
+
+def _sample_text(args, command: str) -> int:
+    from pipeline.data.prompts import read_prompts
     from pipeline.data.sources import latent_shape
+    from pipeline.evaluation.vbench import ChunkDecodeSink, vbench_name, write_text_samples
     from pipeline.models.text_encoder import prompt_embeds
     from pipeline.models.vae import WanVAE
-    from pipeline.evaluation.vbench import ChunkDecodeSink, vbench_name, write_text_samples
-    from stages.prepare_data import read_prompts
 
     lock = None
     try:
@@ -183,9 +189,6 @@ def sample_text(args, command: str = "") -> int:
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,
                                    force=args.force)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if lock is not None:
             lock.release()

@@ -142,15 +142,17 @@ class Interrupt(Exception):
 
 def crash_after_checkpoint(monkeypatch, stage_module, at_step: int):
     """Make `stage_module`'s run raise `Interrupt` right after writing the checkpoint of `at_step`."""
-    orig = stage_module.save_training_checkpoint
+    from pipeline.training import checkpoint
+
+    orig = checkpoint.save_training_checkpoint
 
     def save(root, step, *a, **kw):
         out = orig(root, step, *a, **kw)
-        if step == at_step:
+        if step == at_step and Path(root).parent.name == stage_module.STAGE:
             raise Interrupt(f"crash after checkpoint {step}")
         return out
 
-    monkeypatch.setattr(stage_module, "save_training_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_training_checkpoint", save)
 
 
 def crash_then_resume(monkeypatch, capsys, stage_module, cfg, run_dir: Path, inputs=(), at_step: int = 2) -> Path:

@@ -48,6 +48,26 @@ CONFIG_ROWS = [
                                            "run.stages=[distill]"], "distill.method=df_dmd needs videos"),
     ("missing accelerate config", ["--num-processes", "2", "--accelerate-config", "/nowhere/ddp.yaml"],
      "--accelerate-config: file not found"),
+    # values checked against their meaning (the ranges declared beside the fields; tests/test_config_schema.py
+    # walks every numeric key): each once a traceback or a silent success
+    ("zero frames per chunk", ["data.frames_per_chunk=0"], "data.frames_per_chunk must be positive, got 0"),
+    ("zero heads", ["model.num_attention_heads=0"], "model.num_attention_heads must be positive, got 0"),
+    ("negative FFN width", ["model.ffn_dim=-1"], "model.ffn_dim must be positive, got -1"),
+    ("no layers", ["model.num_layers=0"], "model.num_layers must be positive, got 0"),
+    ("odd head width", ["model.attention_head_dim=7"], "model.attention_head_dim must be a multiple of 2, got 7"),
+    ("patch not dividing the frame", ["model.patch_size=[1,3,3]"], "model.patch_size [1, 3, 3] must divide the"),
+    ("4 channels on RGB sprites", ["model.in_channels=4", "model.out_channels=4"],
+     "model.in_channels: sprites videos have 3 channels (RGB), got 4"),
+    ("one beta", ["pretrain_teacher.betas=[0.9]"], "pretrain_teacher.betas: expected [beta1, beta2]"),
+    ("negative lag", ["pretrain_teacher.sampler.lag=-5"], "pretrain_teacher.sampler.lag must be >= 0, got -5"),
+    ("zero sampler steps", ["pretrain_teacher.sampler.steps=0"], "pretrain_teacher.sampler.steps must be positive"),
+    ("zero shift", ["pretrain_teacher.sampler.shift=0"], "pretrain_teacher.sampler.shift must be positive"),
+    ("negative clip", ["student.clip_x0=-1"], "student.clip_x0 must be >= 0, got -1.0"),
+    ("NaN learning rate", ["distill.lr=nan"], "distill.lr must be a finite number, got nan"),
+    ("infinite guidance", ["distill.real_guidance=inf"], "distill.real_guidance must be a finite number"),
+    ("huge seed", ["run.seed=99999999999999999999"], "run.seed: need 0 <= seed <= 4294967295"),
+    ("unknown sigma distribution", ["pretrain_teacher.sigma_kind=normal"],
+     "pretrain_teacher.sigma_kind: expected logit_normal or uniform, got 'normal'"),
 ]
 
 
@@ -87,6 +107,18 @@ def test_invalid_yaml(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [unclosed\n")
     one_line(*run_launch(capsys, [str(bad)]), "not valid YAML")
+
+
+def test_yaml_of_the_wrong_shape(tmp_path, capsys):
+    for body, needle in [("- run\n- data\n", "expected a mapping of config sections"),
+                         ("run: 5\n", "config key 'run' is a section: expected a mapping of its keys, got 5"),
+                         ("distill:\n  method: dmd2\n", "distill.method: expected sf_dmd or df_dmd, got 'dmd2'")]:
+        f = tmp_path / "shape.yaml"
+        f.write_text(body)
+        rc, err = run_launch(capsys, [str(f), f"run.dir={tmp_path / 'run'}"])
+        one_line(rc, err, needle)
+        assert err.startswith(f"error: {f}: ") and len(err.splitlines()) == 1  # names the file
+        assert not (tmp_path / "run").exists()
 
 
 def test_unknown_key_in_file(tmp_path, capsys):

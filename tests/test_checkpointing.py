@@ -19,7 +19,8 @@ from pipeline.diffusion.losses import flow_matching_loss, ode_regression_loss, p
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.data.shard import ShardedGenerator
 from pipeline.diffusion.trajectories import TrajectoryDistribution
-from stages import distill, init_student, pretrain_teacher
+from pipeline.methods import base as method_base
+from stages import distill
 from pipeline.training.optim import ema_step, hold_frozen, place_ema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -185,18 +186,17 @@ for _s in ("pretrain_teacher", "init_student", "distill"):
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_dry_run_estimate_within_25_percent_of_measured_peak(tmp_path, monkeypatch, checkpointing):
-    """Each stage's `--dry-run` estimate (`stages.launch.memory_estimate`) is within 25 % of the peak of
+    """Each stage's `--dry-run` estimate (`pipeline.plan.memory_estimate`) is within 25 % of the peak of
     live tensors measured while it runs (weights, optimizer, EMA, activations, caches); and with
     `gradient_checkpointing` every model a stage trains recomputes its blocks."""
     flags = [f"{s}.gradient_checkpointing={str(checkpointing).lower()}"
              for s in ("pretrain_teacher", "init_student", "distill")]
     cfg = load_config(None, [*SMALL, *flags, f"run.dir={tmp_path / 'run'}"])
     seen = set()
-    for module in (pretrain_teacher, init_student, distill):
-        def step(accelerator, model, *a, _orig=module.optimizer_step, _stage=module.STAGE, **kw):
-            seen.add((_stage, accelerator.unwrap_model(model).gradient_checkpointing))
-            return _orig(accelerator, model, *a, **kw)
-        monkeypatch.setattr(module, "optimizer_step", step)
+    def step(accelerator, model, *a, _orig=method_base.optimizer_step, **kw):  # every method's optimiser step
+        seen.add((Path(accelerator.project_dir).name, accelerator.unwrap_model(model).gradient_checkpointing))
+        return _orig(accelerator, model, *a, **kw)
+    monkeypatch.setattr(method_base, "optimizer_step", step)
     rows = measure(cfg)
     for stage, (measured, estimated, phase) in rows.items():
         assert abs(estimated - measured) <= 0.25 * measured, (stage, measured, estimated, phase)

@@ -136,7 +136,8 @@ def test_diffusers_folder_records_prediction(trained_stage):
     """A bare diffusers folder written by the stage says what the network outputs (x0 or flow)."""
     cfg, stage_path = trained_stage
     for name in ("transformer", "transformer_ema"):
-        assert json.loads((stage_path / name / "config.json").read_text())["prediction"] == cfg.model.prediction
+        record = json.loads((stage_path / name / "sampling.json").read_text())
+        assert record["config"]["model"]["prediction"] == cfg.model.prediction
         _, _, folder_cfg = load_source(str(stage_path / name))
         assert folder_cfg.model.prediction == cfg.model.prediction
 

@@ -12,8 +12,9 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL_KW, assert_same_weights, make_tiny_model, weights
-from pipeline.io.convert import (ConvertError, diffusers_to_wan, infer_wan_config, read_source,
-                              wan_to_diffusers)
+from pipeline.io.keys import diffusers_to_wan, wan_to_diffusers
+from pipeline.io.readers import read_source
+from pipeline.io.weights import ConvertError, infer_wan_config
 from stages import convert as convert_cli
 from stages import sample as sample_cli
 

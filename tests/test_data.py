@@ -62,3 +62,21 @@ def test_drop_prompts_fraction():
     dropped = (out[:, 0, 0] == 0).float().mean().item()
     assert 0.22 < dropped < 0.28
     assert torch.equal(drop_prompts(ctx, null, 0.0, torch.Generator()), ctx)
+
+
+def test_prompt_files_and_shard_names(tmp_path):
+    """`read_prompts` (prepare_data, evaluate and sample read prompt files through it) and the one shard-name
+    helper of every shard folder."""
+    from pipeline.data.prompts import read_prompts
+    from pipeline.data.shard_files import SHARD_GLOB, shard_path
+
+    (tmp_path / "p.txt").write_text("  a red square \n\n   \ncat  runs\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a red square", "cat  runs"]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="data.prompts: .*blank.txt has no prompts"):
+        read_prompts(tmp_path / "blank.txt")
+    with pytest.raises(FileNotFoundError, match="data.prompts: local path not found: .*nope.txt"):
+        read_prompts(str(tmp_path / "nope.txt"))
+    assert shard_path(tmp_path, 12) == tmp_path / "shard_00012.safetensors"
+    assert shard_path(str(tmp_path), 0).match(SHARD_GLOB)
+    assert not (tmp_path / f".tmp-1-{shard_path(tmp_path, 0).name}").match(SHARD_GLOB)  # temporaries never match

@@ -147,7 +147,7 @@ def test_distill_outputs_and_update_ratio(distill_stage, student_stage):
     assert man["status"] == "done" and man["metrics"]["steps"] == 4
     assert man["metrics"]["generator_updates"] == 2  # steps 0 and 2 with a ratio of 2
     assert man["inputs"]["student"]["path"].endswith("init_student/transformer_ema")
-    conf = json.loads((path / "transformer_ema" / "config.json").read_text())
+    conf = json.loads((path / "transformer_ema" / "sampling.json").read_text())["config"]["student"]
     assert conf["denoising_steps"] == [1000, 750, 500, 250]
     assert (path / "critic" / "config.json").is_file() and (path / "preview.gif").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

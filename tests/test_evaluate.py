@@ -1,6 +1,8 @@
 """The evaluate stage: one report over every model of a run, numbers equal to the checker's."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from pipeline.config import load_config
 from pipeline.evaluation.checker import score
 from pipeline.training.checkpoint import read_safetensors
 from pipeline.evaluation.metrics import quality, video_features
@@ -112,19 +115,31 @@ def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stag
                    "evaluate.benchmarks=[dmd_step_cost]")
     ran = []
 
-    def fake_run(cmd, **kw):  # the benchmark scripts themselves are run by hand, not in the suite
-        ran.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, stdout="ratio 3.4 (limit 3)\n", stderr="")
+    def fake_run(bench_cfg, **kw):  # the benchmark itself is run by hand, not in the suite
+        ran.append((os.getpid(), bench_cfg, kw))
+        print("ratio 3.4 (limit 3)")
+        return {"ratio": 3.4, "passed": False}
 
-    monkeypatch.setattr(evaluate.subprocess, "run", fake_run)
+    def no_subprocess(*a, **kw):
+        raise AssertionError("evaluate runs the benchmarks in its own process")
+
+    from benchmarks import dmd_step_cost
+    monkeypatch.setattr(dmd_step_cost, "run", fake_run)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)  # subprocess.run/call/check_output all go through it
     stage = evaluate.run(cfg)
     monkeypatch.undo()
     assert "skipping student_init" in capsys.readouterr().out
     report = json.loads((stage.path / "report.json").read_text())
     assert list(report["models"]) == ["teacher"]
-    assert ran[0][1].endswith("benchmarks/dmd_step_cost.py") and ran[0][2:] == ["--config", str(stage.path / "config.yaml")]
+    # called once, in this process, on the stage's resolved config; the report names the command that reruns it
+    assert len(ran) == 1 and ran[0][0] == os.getpid() and ran[0][2] == {}
+    assert ran[0][1] == load_config(stage.path / "config.yaml")
+    command = report["benchmarks"]["dmd_step_cost"]["command"].split()
+    assert command[0] == "python" and command[1].endswith("benchmarks/dmd_step_cost.py")
+    assert command[2:] == ["--config", str(stage.path / "config.yaml")]
     assert report["benchmarks"]["dmd_step_cost"]["exit_status"] == 1
-    assert (stage.path / "benchmarks" / "dmd_step_cost.txt").read_text() == "ratio 3.4 (limit 3)\n"
+    text = (stage.path / "benchmarks" / "dmd_step_cost.txt").read_text()  # what it printed, then its time
+    assert re.fullmatch(r"ratio 3\.4 \(limit 3\)\n\(\d+ s\)\n", text), text
     assert "## Benchmark `dmd_step_cost`: goal missed" in (stage.path / "report.md").read_text()
     proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--config", str(ROOT / "configs/tiny.yaml"),
                            f"run.dir={tmp_path / 'other'}", f"evaluate.extra={{dfdmd: {tmp_path / 'nope'}}}"],
@@ -143,3 +158,38 @@ def test_evaluate_config_errors(make_cfg):
         make_cfg("evaluate.benchmarks=[flops]")
     with pytest.raises(ConfigError, match="evaluate: num_videos"):
         make_cfg("evaluate.num_videos=1")
+
+
+def test_benchmarks_run_in_process_with_the_scripts_exit_status():
+    """`benchmarks/suite.py: run_captured` gives what the script would have: its printed text, exit status 0/1 by
+    `passed`, 2 for options it cannot run with, 1 and the traceback for a crash; the caller's grad mode and global
+    random state are as before."""
+    from benchmarks.common import BenchmarkArgError
+    from benchmarks.suite import run_captured
+
+    def draws_and_disables_grad(passed):
+        def fn():
+            torch.manual_seed(123)
+            torch.set_grad_enabled(False)
+            print("figures")
+            return {"passed": passed}
+        return fn
+
+    def bad_options():
+        raise BenchmarkArgError("--window must hold whole chunks")
+
+    def crash():
+        raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        for passed, status in ((True, 0), (False, 1)):
+            got, text = run_captured(draws_and_disables_grad(passed))
+            assert got == status and text.startswith("figures\n")
+            assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and torch.equal(torch.get_rng_state(), state)
+    got, text = run_captured(bad_options)
+    assert got == 2 and "error: --window must hold whole chunks" in text
+    got, text = run_captured(crash)
+    assert got == 1 and "RuntimeError: boom" in text and "Traceback" in text

@@ -71,8 +71,9 @@ def test_fused_cache_write_equals_separate_write(window):
     out = {}
     for fuse in (True, False):
         calls.clear()
-        out[fuse] = few_step_rollout(den, noise, cond, sigmas, [3] * 8, 0.0, torch.Generator().manual_seed(1),
-                                     window, 2 if window else 0, fuse_cache_write=fuse)
+        out[fuse] = few_step_rollout(den, noise, cond, sigmas, [3] * 8, context_sigma=0.0,
+                                     generator=torch.Generator().manual_seed(1), max_context_frames=window,
+                                     sink_frames=2 if window else 0, fuse_cache_write=fuse)
         assert len(calls) == 8 * 4 + (0 if fuse else 7)
         assert sum(calls) == 16 * 4 + 14  # the same frames go through the network either way
     hook.remove()

@@ -179,13 +179,42 @@ def test_generate_batches_and_seed():
     model, _, cond, uncond = _setup(b=5)
     den = Denoiser(model, "block_causal", frames_per_chunk=3)
     shape = (3, 6, 4, 4)
-    a = generate(den, cond, uncond, shape, "autoregressive", steps=2, guidance=2.0, seed=0, batch_size=5)
-    b = generate(den, cond, uncond, shape, "autoregressive", steps=2, guidance=2.0, seed=0, batch_size=2)
-    c = generate(den, cond, uncond, shape, "autoregressive", steps=2, guidance=2.0, seed=1, batch_size=5)
+    a = generate(den, cond, uncond, shape, kind="autoregressive", steps=2, guidance=2.0, seed=0, batch_size=5)
+    b = generate(den, cond, uncond, shape, kind="autoregressive", steps=2, guidance=2.0, seed=0, batch_size=2)
+    c = generate(den, cond, uncond, shape, kind="autoregressive", steps=2, guidance=2.0, seed=1, batch_size=5)
     assert a.shape == (5, *shape)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert (a - c).abs().max() > 1e-2
-    s = generate(den, cond, uncond, shape, "synchronous", steps=2, guidance=2.0, seed=0)
+    s = generate(den, cond, uncond, shape, kind="synchronous", steps=2, guidance=2.0, seed=0)
     assert s.shape == a.shape and (s - a).abs().max() > 1e-4
     with pytest.raises(ValueError, match="unknown sampler"):
-        generate(den, cond, uncond, shape, "bogus", steps=1)
+        generate(den, cond, uncond, shape, kind="bogus", steps=1)
+
+
+def test_one_entry_point_picks_the_sampler_from_the_role(monkeypatch):
+    """`videos.sample_latents`: a student (by `is_student`) samples with the few-step sampler of the `student`
+    section, a teacher with the many-step `sampler` section; `few_step` overrides the role; each path gives what
+    its sampler gives when called directly."""
+    from pipeline.config import SamplerConfig, StudentConfig
+    from pipeline.diffusion import videos
+    from pipeline.diffusion.sampling import few_step_sigmas, generate_few_step
+
+    model, _, cond, uncond = _setup(b=3)
+    shape = (3, 6, 4, 4)
+    st, sp = StudentConfig(denoising_steps=[1000, 500]), SamplerConfig(steps=2, guidance=2.0)
+    kw = dict(shape=shape, frames_per_chunk=3, prediction="flow", student=st, sampler=sp, uncond=uncond, seed=3,
+              batch_size=2)
+    few = generate_few_step(Denoiser(model, "block_causal", 3, "flow", st.clip_x0, rope=st.rope,
+                                     kv_cache=st.kv_cache), cond, shape, few_step_sigmas([1000, 500], st.shift),
+                            seed=3, batch_size=2)
+    many = generate(Denoiser(model, "block_causal", 3, "flow", sp.clip_x0, rope=sp.rope, kv_cache=sp.kv_cache),
+                    cond, uncond, shape, kind=sp.kind, steps=2, guidance=2.0, seed=3, batch_size=2)
+    assert (few - many).abs().max() > 1e-3
+    for role, want in ((True, few), (False, many)):
+        monkeypatch.setattr(videos, "is_student", lambda m, r=role: r)
+        assert torch.equal(videos.sample_latents(model, cond, **kw), want)
+    assert torch.equal(videos.sample_latents(model, cond, **{**kw, "few_step": True}), few)  # a teacher, few steps
+    with pytest.raises(ValueError, match="student section"):
+        videos.sample_latents(model, cond, **{**kw, "student": None, "few_step": True})
+    with pytest.raises(ValueError, match="sampler section"):
+        videos.sample_latents(model, cond, **{**kw, "sampler": None, "few_step": False})

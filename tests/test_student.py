@@ -171,7 +171,7 @@ def test_init_student_outputs(student_stage, trained_stage):
     assert man["metrics"]["ode_pairs"] == cfg.init_student.ode_pairs
     assert man["inputs"]["teacher"]["path"].endswith("pretrain_teacher/transformer_ema")
     assert len(list((path / "ode_pairs").glob("shard_*.safetensors"))) == 2  # 6 pairs in shards of 4
-    conf = json.loads((path / "transformer_ema" / "config.json").read_text())
+    conf = json.loads((path / "transformer_ema" / "sampling.json").read_text())["config"]["student"]
     assert conf["denoising_steps"] == [1000, 750, 500, 250] and conf["shift"] == cfg.student.shift
     assert (path / "preview.gif").is_file() and list((path / "logs").rglob("events.out.tfevents*"))
     # The student started from the teacher's EMA weights and moved away from them.

@@ -17,6 +17,7 @@ from pipeline.data.sources import build_source, class_table
 from pipeline.diffusion.sampling import Denoiser
 from pipeline.diffusion.trajectories import TrajectoryDistribution
 from stages import pretrain_teacher
+from pipeline.methods import flow_matching
 from pipeline.cli import stage_main
 from pipeline.diffusion.losses import flow_matching_loss
 from pipeline.training.optim import NonFiniteLoss
@@ -148,7 +149,7 @@ def test_crash_after_final_checkpoint_finishes_on_rerun(make_cfg, monkeypatch):
     with monkeypatch.context() as m:
         def boom(*a, **kw):
             raise Interrupt("crash while writing the preview")
-        m.setattr(pretrain_teacher, "preview", boom)
+        m.setattr(flow_matching, "preview", boom)
         with pytest.raises(Interrupt):
             pretrain_teacher.run(cfg)
     stage = pretrain_teacher.run(cfg)

@@ -26,15 +26,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.data import shard
+from pipeline.data.shard_files import shard_path
 from pipeline.training.checkpoint import read_safetensors
 from pipeline.diffusion.sampling import Denoiser, sample_autoregressive, sample_synchronous
 
 # (first pair index, count) -> (context [n, L, D], labels [n]); the prompts of pairs start..start+n-1.
 Conditions = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def shard_path(folder: str | Path, index: int) -> Path:
-    return Path(folder) / f"shard_{index:05d}.safetensors"
 
 
 def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
@@ -51,6 +48,13 @@ def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
         raise ValueError(f"{path} holds ODE states at levels {stored.tolist()}, the config asks for "
                          f"{sigmas.tolist()}; rerun the stage with --force")
     return n == count
+
+
+def pairs_missing(folder: str | Path, num_pairs: int, shard_size: int, student_sigmas: torch.Tensor) -> bool:
+    """Whether some shard of `write_ode_pairs(folder, ...)` with these settings is not (whole) on disk."""
+    keep = torch.cat([student_sigmas.float(), torch.zeros(1)])
+    return not all(_complete(shard_path(folder, i), keep, min(shard_size, num_pairs - s))
+                   for i, s in enumerate(range(0, num_pairs, shard_size)))
 
 
 @torch.no_grad()
@@ -93,12 +97,14 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
             null = None if uncond is None else uncond.expand(len(noise[sl]), *uncond.shape[1:]).to(device)
             if sampler.kind == "synchronous":
                 _, states = sample_synchronous(teacher, noise[sl].to(device), context[sl].to(device), null,
-                                               sampler.steps, sampler.guidance, sampler.shift, keep_sigmas=keep)
+                                               steps=sampler.steps, guidance=sampler.guidance, shift=sampler.shift,
+                                               keep_sigmas=keep)
             else:
                 _, states = sample_autoregressive(
-                    teacher, noise[sl].to(device), context[sl].to(device), null, sampler.steps, sampler.guidance,
-                    sampler.shift, sampler.context_sigma, gen, sampler.lag, sampler.max_context_frames,
-                    sampler.sink_frames, keep_sigmas=keep)
+                    teacher, noise[sl].to(device), context[sl].to(device), null, steps=sampler.steps,
+                    guidance=sampler.guidance, shift=sampler.shift, context_sigma=sampler.context_sigma, generator=gen,
+                    lag=sampler.lag, max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames,
+                    keep_sigmas=keep)
             parts.append(states.cpu())
         states = torch.cat(parts, dim=1)
         tmp = paths[i].with_name(f".tmp_{paths[i].name}")

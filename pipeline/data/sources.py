@@ -84,7 +84,8 @@ class LatentSource(_ShuffledRows):
 
     def __init__(self, path: str | Path, seed: int):
         path = Path(path)
-        shards = sorted(p for p in path.glob("*.safetensors") if p.name != "null_embeds.safetensors")
+        shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
+                        if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
         if not shards:
             raise FileNotFoundError(f"no latent shards (*.safetensors) in {path}")
         parts = [read_safetensors(p) for p in shards]
@@ -160,7 +161,8 @@ class PromptSource(_ShuffledRows):
 
     def __init__(self, path: str | Path, seed: int):
         path = Path(path)
-        shards = sorted(p for p in path.glob("*.safetensors") if p.name != "null_embeds.safetensors")
+        shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
+                        if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
         if not shards:
             raise FileNotFoundError(f"no prompt shards (*.safetensors) in {path}")
         if not (path / "null_embeds.safetensors").is_file():

@@ -165,7 +165,7 @@ def schedule_through(sigmas: torch.Tensor, stops: torch.Tensor) -> tuple[torch.T
 
 
 @torch.no_grad()
-def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                        steps: int = 32, guidance: float = 1.0, shift: float = 1.0,
                        keep_sigmas: torch.Tensor | None = None):
     """Denoise all frames together with a shared level.
@@ -185,7 +185,7 @@ def sample_synchronous(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tens
 
 @torch.no_grad()
 def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
-                          uncond: torch.Tensor | None, steps: int = 32, guidance: float = 1.0,
+                          uncond: torch.Tensor | None, *, steps: int = 32, guidance: float = 1.0,
                           shift: float = 1.0, context_sigma: float = 0.0,
                           generator: torch.Generator | None = None, lag: int = 0,
                           max_context_frames: int | None = None, sink_frames: int = 0,
@@ -231,8 +231,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
 
 
 @torch.no_grad()
-def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, kind: str = "autoregressive",
-             steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
+def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, *,
+             kind: str = "autoregressive", steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
              seed: int = 0, batch_size: int = 64, lag: int = 0, max_context_frames: int | None = None,
              sink_frames: int = 0, on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sample `len(cond)` videos in batches with seeded noise.
@@ -248,13 +248,15 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
     def sample(noise, sl, gen):
         c, u = cond[sl].to(noise.device), uncond[sl].to(noise.device)
         if kind == "synchronous":
-            out = sample_synchronous(denoiser, noise, c, u, steps, guidance, shift)
+            out = sample_synchronous(denoiser, noise, c, u, steps=steps, guidance=guidance, shift=shift)
             if on_chunk is not None:
                 on_chunk(0, out)
             return out
         if kind == "autoregressive":
-            return sample_autoregressive(denoiser, noise, c, u, steps, guidance, shift, context_sigma, gen, lag,
-                                         max_context_frames, sink_frames, on_chunk=on_chunk)
+            return sample_autoregressive(denoiser, noise, c, u, steps=steps, guidance=guidance, shift=shift,
+                                         context_sigma=context_sigma, generator=gen, lag=lag,
+                                         max_context_frames=max_context_frames, sink_frames=sink_frames,
+                                         on_chunk=on_chunk)
         raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)
@@ -299,7 +301,7 @@ def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -
 
 
 def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
-                     exit_steps: list[int] | torch.Tensor, context_sigma: float = 0.0,
+                     exit_steps: list[int] | torch.Tensor, *, context_sigma: float = 0.0,
                      generator: torch.Generator | None = None, max_context_frames: int | None = None,
                      sink_frames: int = 0,
                      on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -367,7 +369,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
 
 
 @torch.no_grad()
-def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, *,
                     context_sigma: float = 0.0, generator: torch.Generator | None = None,
                     max_context_frames: int | None = None, sink_frames: int = 0,
                     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -375,12 +377,13 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
     """Few-step chunk-wise sampling (CausVid / Self-Forcing inference, no guidance): `few_step_rollout`
     with every chunk going through all of `sigmas`. Shapes and arguments as there."""
     exits = [len(sigmas) - 1] * (noise.shape[2] // denoiser.frames_per_chunk)
-    return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma, generator, max_context_frames,
-                            sink_frames, on_chunk, fuse_cache_write)
+    return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma=context_sigma, generator=generator,
+                            max_context_frames=max_context_frames, sink_frames=sink_frames, on_chunk=on_chunk,
+                            fuse_cache_write=fuse_cache_write)
 
 
 @torch.no_grad()
-def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tuple, sigmas: torch.Tensor,
+def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tuple, sigmas: torch.Tensor, *,
                       context_sigma: float = 0.0, seed: int = 0, batch_size: int = 64,
                       max_context_frames: int | None = None, sink_frames: int = 0,
                       on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -390,7 +393,8 @@ def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tupl
     `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch).
     """
     def sample(noise, sl, gen):
-        return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma, gen,
-                               max_context_frames, sink_frames, on_chunk, fuse_cache_write)
+        return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma=context_sigma,
+                               generator=gen, max_context_frames=max_context_frames, sink_frames=sink_frames,
+                               on_chunk=on_chunk, fuse_cache_write=fuse_cache_write)
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)

@@ -1,4 +1,10 @@
-"""Videos from a trained model: the few-step student sampler or a many-step sampler, and preview grids."""
+"""Videos from a trained model: the one sampling entry point (`sample_latents`; `sample_videos` for class-conditioned
+sprites models), which picks the sampler from the model's recorded role, and preview grids.
+
+A student (`pipeline.models.loading.is_student`) samples with the few-step chunk-wise sampler of its `student`
+section; a teacher with the many-step `sampler` section under its `attention`. `few_step=True` runs a teacher
+through the student's sampler (evaluate's no-distillation baseline; the few-step training previews).
+"""
 
 from __future__ import annotations
 
@@ -6,57 +12,73 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, SamplerConfig, StudentConfig
 from pipeline.data.sources import class_table
-from pipeline.io.media import save_video_grid
-from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
 from pipeline.data.sprites import NULL_CLASS, balanced_labels
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+from pipeline.io.media import save_video_grid
+from pipeline.models.loading import is_student
 
 
+def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk: int, prediction: str,
+                   student: StudentConfig | None = None, sampler: SamplerConfig | None = None,
+                   attention: str = "block_causal", uncond: torch.Tensor | None = None, seed: int = 0,
+                   batch_size: int = 64, few_step: bool | None = None, denoising_steps=None, on_chunk=None,
+                   fuse_cache_write: bool = True) -> torch.Tensor:
+    """Latents `[N, C, F, H, W]` of `model` for prompt embeddings `cond [N, L, D]`, noise seeded by `seed`.
 
-
-def sample_student_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int,
-                          frames_per_chunk: int, student, seed: int, prediction: str = "flow", channels: int = 3,
-                          denoising_steps=None, on_chunk=None, batch_size: int = 64,
-                          fuse_cache_write: bool = True) -> torch.Tensor:
-    """Few-step student samples `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]`.
-
-    `student` is the `StudentConfig` (step list, shift, context level, window); `denoising_steps`
-    overrides its step list.
+    Args:
+        shape: `(C, F, H, W)` of one video; F a multiple of `frames_per_chunk`.
+        prediction: what the network outputs ("flow" or "x0", `model.prediction`).
+        student: the few-step sampler (`StudentConfig`): its steps (`denoising_steps` replaces the list),
+            shift, context level, KV window.
+        sampler, attention, uncond: the many-step sampler (`SamplerConfig`), the teacher's attention, and
+            the null prompt's embeddings `[N, L, D]` it guides against.
+        few_step: which sampler; None: the model's recorded role (a student → few-step, a teacher → many-step).
+        on_chunk: `on_chunk(index, chunk [b, C, fpc, H, W])` per finished chunk (index restarts per batch).
+        fuse_cache_write: few-step only (see `sampling.few_step_rollout`).
     """
     model.eval()
-    denoiser = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0, rope=student.rope,
-                        kv_cache=student.kv_cache)
-    sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
-    lat = generate_few_step(denoiser, table[labels], (channels, frames, size, size), sigmas, student.context_sigma,
-                            seed, batch_size, max_context_frames=student.max_context_frames,
-                            sink_frames=student.sink_frames, on_chunk=on_chunk, fuse_cache_write=fuse_cache_write)
-    return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
+    if is_student(model) if few_step is None else few_step:
+        if student is None:
+            raise ValueError("the few-step sampler needs the student section (student=)")
+        den = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0, rope=student.rope,
+                       kv_cache=student.kv_cache)
+        sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
+        return generate_few_step(den, cond, shape, sigmas, context_sigma=student.context_sigma, seed=seed,
+                                 batch_size=batch_size, max_context_frames=student.max_context_frames,
+                                 sink_frames=student.sink_frames, on_chunk=on_chunk,
+                                 fuse_cache_write=fuse_cache_write)
+    if sampler is None:
+        raise ValueError("the many-step sampler needs the teacher's sampler section (sampler=)")
+    den = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
+                   kv_cache=sampler.kv_cache)
+    return generate(den, cond, uncond, shape, kind=sampler.kind, steps=sampler.steps, guidance=sampler.guidance,
+                    shift=sampler.shift, context_sigma=sampler.context_sigma, seed=seed, batch_size=batch_size,
+                    lag=sampler.lag, max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames,
+                    on_chunk=on_chunk)
 
 
-def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, frames: int, size: int, attention: str,
-                  frames_per_chunk: int, sampler, seed: int, prediction: str = "flow", channels: int = 3,
-                  on_chunk=None, batch_size: int = 64) -> torch.Tensor:
-    """Sample sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]` with a many-step
-    `SamplerConfig`."""
-    model.eval()
-    denoiser = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
-                        kv_cache=sampler.kv_cache)
-    cond = table[labels]
-    uncond = table[torch.full_like(labels, NULL_CLASS)]
-    lat = generate(denoiser, cond, uncond, (channels, frames, size, size), sampler.kind, sampler.steps,
-                   sampler.guidance, sampler.shift, sampler.context_sigma, seed, batch_size, lag=sampler.lag,
-                   max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames, on_chunk=on_chunk)
+def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, *, frames: int, size: int, frames_per_chunk: int,
+                  prediction: str, student: StudentConfig | None = None, sampler: SamplerConfig | None = None,
+                  attention: str = "block_causal", seed: int = 0, channels: int = 3, batch_size: int = 64,
+                  few_step: bool | None = None, denoising_steps=None, on_chunk=None,
+                  fuse_cache_write: bool = True) -> torch.Tensor:
+    """Sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]` (their rows of the class
+    `table [K+1, L, D]`; the null class guides the many-step sampler). Other arguments as `sample_latents`."""
+    few = is_student(model) if few_step is None else few_step
+    uncond = None if few else table[torch.full_like(labels, NULL_CLASS)]
+    lat = sample_latents(model, table[labels], shape=(channels, frames, size, size), frames_per_chunk=frames_per_chunk,
+                         prediction=prediction, student=student, sampler=sampler, attention=attention, uncond=uncond,
+                         seed=seed, batch_size=batch_size, few_step=few, denoising_steps=denoising_steps,
+                         on_chunk=on_chunk, fuse_cache_write=fuse_cache_write)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 
 def preview(cfg: Config, model, path: Path, attention: str = "block_causal", sampler=None, n: int = 12) -> Path:
     """A GIF grid of `n` samples: the many-step `sampler`, or (None) the few-step student sampler."""
-    labels = balanced_labels(n)
-    if sampler is None:
-        videos = sample_student_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size,
-                                       cfg.data.frames_per_chunk, cfg.student, cfg.run.seed, cfg.model.prediction)
-    else:
-        videos = sample_videos(model, class_table(cfg), labels, cfg.data.frames, cfg.data.size, attention,
-                               cfg.data.frames_per_chunk, sampler, seed=cfg.run.seed, prediction=cfg.model.prediction)
+    videos = sample_videos(model, class_table(cfg), balanced_labels(n), frames=cfg.data.frames, size=cfg.data.size,
+                           frames_per_chunk=cfg.data.frames_per_chunk, prediction=cfg.model.prediction,
+                           student=cfg.student, sampler=sampler, attention=attention, seed=cfg.run.seed,
+                           few_step=sampler is None)
     return save_video_grid(videos, path)

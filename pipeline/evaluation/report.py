@@ -24,6 +24,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from pipeline.config import Config
+from pipeline.evaluation.metrics import FEATURES
 from pipeline.io.guard import replacing
 from pipeline.io.run_dir import write_atomic
 from pipeline.data.sprites import COLOUR_NAMES, NUM_CLASSES, NUM_MODES, SHAPE_NAMES
@@ -153,6 +157,26 @@ def plot_speed_quality(report: dict, path: Path) -> None:
     with replacing(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+def make_report(cfg: Config, *, models: dict, real: dict, device: torch.device) -> dict:
+    """The report of a run (schema above, without `benchmarks`): `models` each model's `evaluate_entry` result,
+    `real` the real row (`real_reference`), `device` where they were sampled."""
+    ev = cfg.evaluate
+    return {"schema_version": SCHEMA_VERSION,
+            "settings": {"run_dir": cfg.run.dir, "num_videos": ev.num_videos, "seed": ev.seed,
+                         "frames": cfg.data.frames, "long_frames": cfg.data.frames * ev.long_factor,
+                         "batch_size": ev.batch_size, "device": str(device), "threads": torch.get_num_threads(),
+                         "dtype": "float32", "real_videos": ev.real_videos, "real_seed": ev.real_seed,
+                         "features": list(FEATURES)},
+            "models": models, "real": real}
+
+
+def manifest_metrics(models: dict) -> dict:
+    """The headline numbers of each model for the stage's manifest."""
+    return {name: {"lawful_transitions": r["frames"]["lawful_transitions"],
+                   "valid_frames_long": r["long"]["valid_frames"], "frames_per_s": r["speed"]["frames_per_s"]}
+            for name, r in models.items()}
 
 
 def write_report(report: dict, out: Path) -> dict[str, str]:

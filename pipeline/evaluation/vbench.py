@@ -52,12 +52,12 @@ def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str
     return paths
 
 
-def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, latent_shape: tuple, seed: int,
+def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, latent_shape: tuple, seed: int, *,
                         denoising_steps=None, steps: int | None = None, guidance: float | None = None,
                         batch_size: int = 8, on_chunk=None, few_step: bool | None = None) -> torch.Tensor:
     """Latents `[N, C, F, H, W]` of a text-conditioned model for prompt embeddings `context [N, L, D]`.
 
-    A student (its config has `denoising_steps`) samples with the few-step chunk-wise sampler (`cfg.student`,
+    A student (`is_student`: the role in its `sampling.json`) samples with the few-step chunk-wise sampler (`cfg.student`,
     `denoising_steps` replacing its list); a teacher with its many-step sampler
     (`cfg.pretrain_teacher.sampler`, `steps` / `guidance` replacing its own), guided against `null [1, L, D]`
     (the empty prompt's embeddings). `latent_shape` is `(C, F, H, W)`; noise is seeded by `seed`.
@@ -65,23 +65,19 @@ def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, l
     """
     from dataclasses import replace
 
-    from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, generate, generate_few_step
+    from pipeline.diffusion.videos import sample_latents
+    from pipeline.models.sampling_meta import is_student
 
-    model.eval()
-    fpc, pred = cfg.data.frames_per_chunk, cfg.model.prediction
-    if few_step or (few_step is None and "denoising_steps" in model.config):
-        st = cfg.student
-        den = Denoiser(model, "block_causal", fpc, pred, st.clip_x0, rope=st.rope, kv_cache=st.kv_cache)
-        sigmas = few_step_sigmas(denoising_steps or st.denoising_steps, st.shift)
-        return generate_few_step(den, context, latent_shape, sigmas, st.context_sigma, seed, batch_size,
-                                 st.max_context_frames, st.sink_frames, on_chunk=on_chunk)
+    if few_step or (few_step is None and is_student(model)):
+        few_step = True
+    few_step = bool(few_step)
     sp = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(steps=steps, guidance=guidance).items()
                                                     if v is not None})
-    den = Denoiser(model, cfg.pretrain_teacher.attention, fpc, pred, sp.clip_x0, rope=sp.rope, kv_cache=sp.kv_cache)
-    uncond = null.float().expand(len(context), *null.shape[1:])
-    return generate(den, context, uncond, latent_shape, sp.kind, sp.steps, sp.guidance, sp.shift, sp.context_sigma,
-                    seed, batch_size, lag=sp.lag, max_context_frames=sp.max_context_frames,
-                    sink_frames=sp.sink_frames, on_chunk=on_chunk)
+    uncond = None if few_step else null.float().expand(len(context), *null.shape[1:])
+    return sample_latents(model, context, shape=latent_shape, frames_per_chunk=cfg.data.frames_per_chunk,
+                          prediction=cfg.model.prediction, student=cfg.student, sampler=sp,
+                          attention=cfg.pretrain_teacher.attention, uncond=uncond, seed=seed, batch_size=batch_size,
+                          few_step=few_step, denoising_steps=denoising_steps, on_chunk=on_chunk)
 
 
 def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:

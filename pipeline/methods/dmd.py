@@ -179,8 +179,8 @@ class SelfForcingDMD(DMD):
         shape = batch["shape"]  # (C, F, H, W)
         exits = self.exit_steps(shape[1] // fpc, gen)
         noise = shard.randn((b, *shape), gen).to(cond.device)
-        x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), self.context_sigma, gen,
-                             self.max_context_frames, self.sink_frames)
+        x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), context_sigma=self.context_sigma,
+                             generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames)
         return x, {"exit_step": exits.float().mean().item()}
 
 

@@ -1,36 +1,39 @@
-"""Models in and out of folders: stage outputs saved as diffusers folders, any source loaded for sampling."""
+"""Models in and out of folders: stage outputs saved as diffusers folders with their sampling record
+(`sampling.json`, `pipeline/models/sampling_meta.py`), any source loaded for sampling."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 
-from pipeline.models.causal_wan import CausalWanTransformer
-from pipeline.training.checkpoint import CheckpointError, read_safetensors
-from pipeline.config import Config, load_config
-from pipeline.io.convert import build_model, read_source, sampling_config
+from pipeline.config import Config, ConfigError, ModelConfig, load_config
 from pipeline.data.sources import class_table
 from pipeline.io.guard import replacing
+from pipeline.io.readers import read_diffusers_folder, read_source
 from pipeline.io.run_dir import StageDir
-
-
+from pipeline.io.weights import ConvertError, Weights, check_fits
+from pipeline.models.causal_wan import CausalWanTransformer
+from pipeline.models.sampling_meta import (attach, is_student, sampling_metadata, sampling_record,  # noqa: F401
+                                           write_sampling)
+from pipeline.training.checkpoint import CheckpointError, read_safetensors
 
 
 def student_config(cfg: Config) -> dict:
-    """What a student's config.json records about its sampler."""
+    """What a student's `sampling.json` records about its sampler (keyword arguments of `save_weights`)."""
     return {"denoising_steps": list(cfg.student.denoising_steps), "shift": cfg.student.shift}
 
 
 def save_weights(stage_path: Path, raw: torch.nn.Module, ema, cfg: Config, **model_config) -> dict:
     """Write `transformer/` (raw) and `transformer_ema/` as diffusers folders, plus the class table.
 
-    `model_config` is recorded in each config.json (what the network predicts, a student's sampler),
-    so a bare folder still says how to sample from it.
+    `model_config` (`prediction`: what the network predicts; a student's `denoising_steps` and `shift`,
+    see `student_config`) is recorded in each folder's `sampling.json` (`sampling_meta.sampling_record`)
+    and attached to `raw`, so a bare folder still says how to sample from it.
     """
-    raw.register_to_config(**model_config)
+    attach(raw, sampling_record(**model_config))
     save_model(raw, stage_path / "transformer")
     ema.store(raw.parameters())
     ema.copy_to(raw.parameters())
@@ -41,32 +44,52 @@ def save_weights(stage_path: Path, raw: torch.nn.Module, ema, cfg: Config, **mod
     return {"transformer": str(stage_path / "transformer"), "transformer_ema": str(stage_path / "transformer_ema")}
 
 
-def save_model(model, folder: Path) -> Path:
-    """`model.save_pretrained` into a temporary folder renamed onto `folder` (a stage's own output: an
-    earlier copy, e.g. of a killed run, is replaced whole)."""
+def save_model(model, folder: Path, sampling: dict | None = None) -> Path:
+    """`model.save_pretrained` (`config.json`: constructor arguments; the weights) and `sampling.json`
+    (`sampling`, default: the record attached to `model`, none if it has none) into a temporary folder
+    renamed onto `folder` (a stage's own output: an earlier copy, e.g. of a killed run, is replaced whole)."""
     with replacing(folder) as tmp:
         model.save_pretrained(tmp)
+        write_sampling(tmp, sampling if sampling is not None else sampling_metadata(model))
     return folder
 
 
+def build_model(weights: Weights) -> CausalWanTransformer:
+    """A `CausalWanTransformer` holding `weights` (no copy), in eval mode, its sampling record attached
+    (`sampling_meta.sampling_metadata(model)`)."""
+    model = check_fits(weights.state_dict, weights.model_config(), CausalWanTransformer)
+    model.load_state_dict(weights.state_dict, strict=True, assign=True)
+    return attach(model, weights.sampling).eval()
+
+
 def load_model(folder: Path) -> CausalWanTransformer:
-    """`from_pretrained` without diffusers' warning about the keys we add to config.json (prediction,
-    a student's sampler): they are ours, read back through `model.config`."""
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    """A transformer folder written by `save_model` (or any diffusers transformer folder), with its
+    sampling record (`sampling.json`; for a folder written before it, the old keys of `config.json`)."""
+    return build_model(read_diffusers_folder(Path(folder)))
+
+
+def sampling_config(weights: Weights, text_dim: int):
+    """Our `Config` for sampling a converted model: defaults < its stored sampling settings."""
+    partial = dict((weights.sampling or {}).get("config", {}))
+    # the model section is the weights' own shape (patch, channels, ...), checked against the data settings
+    shape = {f.name: list(v) if isinstance(v, (tuple, list)) else v for f in fields(ModelConfig)
+             if (v := (weights.config or {}).get(f.name)) is not None}
+    partial["model"] = {**shape, **(partial.get("model") or {})}
     try:
-        return CausalWanTransformer.from_pretrained(folder)
-    finally:
-        diffusers_logging.set_verbosity(level)
+        return load_config(None, [f"model.text_dim={text_dim}"], partial=partial,
+                           partial_source=f"sampling settings of {weights.origin}")
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
 
 
 def load_source(source: str | Path, raw: bool = False, attention_backend: str | None = None):
-    """Model, class table and config of any source `pipeline.io.convert.read_source` reads.
+    """Model, class table and config of any source `pipeline.io.readers.read_source` reads.
 
     A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; any other
     source (diffusers folder, safetensors file, `.pt` checkpoint, ...) the default config under the
-    sampling settings it carries (`sampling.json`, safetensors metadata, a stage folder's config.json).
-    The model attends with `attention_backend` (None: the returned config's `model.attention_backend`).
+    sampling record it carries (`sampling.json`, safetensors metadata, a stage folder's config).
+    The model carries its sampling record (`is_student(model)`) and attends with `attention_backend`
+    (None: the returned config's `model.attention_backend`).
     """
     model, table, cfg = _load_source(source, raw)
     model.set_attention_backend(attention_backend or cfg.model.attention_backend)
@@ -90,7 +113,3 @@ def _load_source(source: str | Path, raw: bool):
     model = build_model(weights).float()  # a bf16/fp16 export samples in fp32 (an exact upcast)
     cfg = sampling_config(weights, model.config.text_dim)
     return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg
-
-
-def is_student(model) -> bool:
-    return "denoising_steps" in model.config

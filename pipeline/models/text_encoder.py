@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.models.device import dtype_of, resolve_device
 
 
 def resolve_component(path: str | Path | None, sub: str, key: str) -> Path:
@@ -88,10 +88,10 @@ class TextEncoder:
         enc_path = resolve_component(text_encoder, "text_encoder", "components.text_encoder")
         tok_path = resolve_tokenizer(text_encoder, tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-        self.model = UMT5EncoderModel.from_pretrained(enc_path, torch_dtype=DTYPES[dtype],
+        self.dtype = dtype_of(dtype, "components.text_encoder_dtype")
+        self.model = UMT5EncoderModel.from_pretrained(enc_path, torch_dtype=self.dtype,
                                                       local_files_only=True).eval().requires_grad_(False)
         self.device, self.offload, self.max_len = torch.device(device), offload, max_sequence_length
-        self.dtype = DTYPES[dtype]
         if not offload:
             self.model.to(self.device)
         self.calls = 0  # encoder forward passes (tests check that a cache hit makes none)
@@ -103,7 +103,7 @@ class TextEncoder:
     def from_config(cls, cfg) -> "TextEncoder":
         """From a config's `components` section."""
         c = cfg.components
-        return cls(c.text_encoder, c.tokenizer, c.text_encoder_dtype, resolve_device(c.device),
+        return cls(c.text_encoder, c.tokenizer, c.text_encoder_dtype, resolve_device(c.device, "components.device"),
                    c.text_encoder_offload, c.max_sequence_length)
 
     @torch.no_grad()
@@ -167,9 +167,3 @@ def prompt_embeds(cfg, prompts: list[str], cache_dir: str | Path) -> tuple[torch
     encoder = TextEncoder.from_config(cfg)
     return encoder.encode_cached(prompts, cache_dir), encoder.encode_cached([""], cache_dir)
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` → cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

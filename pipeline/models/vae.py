@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.text_encoder import DTYPES, resolve_component, resolve_device
+from pipeline.models.device import dtype_of, resolve_device
+from pipeline.models.text_encoder import resolve_component
 
 
 class WanVAE:
@@ -33,9 +34,9 @@ class WanVAE:
         from diffusers import AutoencoderKLWan
 
         folder = resolve_component(path, "vae", "components.vae")
-        self.vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=DTYPES[dtype],
+        self.device, self.dtype = torch.device(device), dtype_of(dtype, "components.vae_dtype")
+        self.vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=self.dtype,
                                                     local_files_only=True).eval().requires_grad_(False)
-        self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.vae.to(self.device)
         c = self.vae.config
         self.z_dim = c.z_dim
@@ -46,7 +47,7 @@ class WanVAE:
     @classmethod
     def from_config(cls, cfg) -> "WanVAE":
         c = cfg.components
-        return cls(c.vae, c.vae_dtype, resolve_device(c.device))
+        return cls(c.vae, c.vae_dtype, resolve_device(c.device, "components.device"))
 
     def latent_frames(self, pixel_frames: int) -> int:
         """Latent frames of a `pixel_frames`-frame video (which must be 1 + a multiple of the stride)."""

@@ -12,13 +12,14 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 
 from pipeline.config import Config
 from pipeline.data.shard import ShardedGenerator
+from pipeline.models.device import resolve_device
 
 
 
 
 def run_device(cfg: Config) -> torch.device:
-    """The device of the run: cuda when one is visible and `run.device` is not `cpu`."""
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    """The device of the run: `run.device` under the one device policy (`pipeline/models/device.py`)."""
+    return resolve_device(cfg.run.device, "run.device")
 
 
 def mixed_precision(cfg: Config) -> str:

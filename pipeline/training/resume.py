@@ -1,53 +1,12 @@
-"""Resuming a training stage: the newest checkpoint restored, or a fresh start."""
+"""A training stage's folder around its run: skip a finished one, the inputs it reads, the run-directory lock."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from accelerate import Accelerator
 
 from pipeline.config import Config
 from pipeline.io.guard import GuardError, Lock
-from pipeline.training.checkpoint import latest_checkpoint, load_training_checkpoint
-from pipeline.training.optim import replay_schedule
-
-
-def resume(ckpt_root: Path, model, ema, optimizer, scheduler, force: bool, accelerator: Accelerator | None = None,
-           others: dict | None = None):
-    """Restore the newest checkpoint under `ckpt_root` (after `--force`: delete them all instead).
-
-    `scheduler` (None: the caller replays its own) is stepped once per restored step; `others` are
-    further `{name: (model, optimizer)}` as in `save_training_checkpoint`. Every process reads the
-    same checkpoint (the main process alone deletes, and the others wait for it).
-
-    Returns:
-        (step, extra, rng): 0, {}, {} when starting fresh.
-    """
-    main = accelerator is None or accelerator.is_main_process
-    if force and main:  # a rerun from scratch: stale checkpoints must not be resumed from later
-        remove_own(ckpt_root, ("step_*", ".tmp_step_*"))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    last = latest_checkpoint(ckpt_root)
-    if last is None:
-        return 0, {}, {}
-    step, extra, rng = load_training_checkpoint(last, model, ema, optimizer, others)
-    if scheduler is not None:
-        replay_schedule(scheduler, step)
-    print(f"resuming from {last.name} (step {step}) in {last.parent}")
-    return step, extra, rng
-
-
-def remove_own(folder: Path, patterns: tuple[str, ...]) -> None:
-    """Delete the entries of `folder` matching `patterns`: what a stage itself writes there (checkpoints,
-    ODE-pair shards), never anything else a folder may hold."""
-    for pattern in patterns:
-        for p in Path(folder).glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
 
 
 def finished_already(stage, section, force: bool) -> bool:

@@ -1,0 +1,188 @@
+"""What a training method is: a small class that declares its models and owns its training step.
+
+A method says which models it trains (each with its optimizer, LR schedule and gradient clip) and which
+it only evaluates, builds them and its data, and implements `train_step`, the whole of one step
+including its own generator/critic alternation. The loop around it (accelerator, EMA, checkpoints,
+logging, previews, saving) is `pipeline.training.trainer.Trainer`, the same for every method.
+
+Adding a method is a subclass plus a config section (a `TrainingConfig` dataclass): see
+`tests/test_trainer.py` for one written inside a test. The methods of the pipeline register themselves
+in `METHODS` by name (`register`), which the stages look up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from accelerate import Accelerator
+
+from pipeline.config import Config, TrainingConfig
+from pipeline.training.distributed import global_norm
+from pipeline.training.optim import ema_step, optimizer_step
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method findable as `METHODS[name]` (the value of its config key)."""
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+@dataclass
+class Trained:
+    """A model the method trains.
+
+    Attributes:
+        module: the model (after `Trainer` prepares it: the DDP / DeepSpeed wrapper).
+        optimizer, scheduler: its AdamW and LR schedule.
+        grad_clip: the gradient-norm clip.
+        lr_key: the config key to lower when its loss becomes NaN (named in the error).
+        schedule_steps: how many LR-schedule steps the first `step` training steps made (a resume replays
+            them); the identity for a model updated every step.
+    """
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_clip: float
+    lr_key: str
+    schedule_steps: Callable[[int], int] = lambda step: step
+
+
+@dataclass
+class Update:
+    """One optimiser step of one model over `grad_accum` micro-batches: the last micro-batch's loss and
+    stats, the gradient norm (None between accumulation steps), and every `(batch, stats)` seen."""
+
+    loss: torch.Tensor
+    stats: dict
+    grad_norm: float | None
+    seen: list = field(default_factory=list)
+
+
+class Method:
+    """Base class of training methods (see the module docstring for the contract).
+
+    The `Trainer` calls, in this order: `inputs` / `recorded_inputs` (what is read from disk), `load`
+    (read input models, before the accelerator exists), `build(accelerator)` (models, EMA, optimizers,
+    data, generator), `restore` (after a checkpoint was read), `prepare_data` (after the stage is marked
+    running), `bind` (after the models were wrapped for the backend), `train_step` every step, `logs` at
+    logging steps, `checkpoint_extra` / `rng_state` at checkpoints, then `preview` and `metrics`.
+
+    Attributes set by `build`:
+        trained: `{name: Trained}`; the first is the model whose EMA is kept and saved as the stage's
+            `transformer/` and `transformer_ema/` (the checkpoint's `model.safetensors`).
+        frozen: `{name: module}` models only evaluated (prepared without an optimizer).
+        ema: a diffusers `EMAModel` over the first trained model.
+        gen: the `ShardedGenerator` of every random draw of training (checkpointed).
+    """
+
+    name: ClassVar[str] = "method"
+    stage: ClassVar[str] = "train"  # the stage folder it writes
+
+    def __init__(self, *, cfg: Config, section: TrainingConfig):
+        self.cfg, self.section = cfg, section
+        self.accelerator: Accelerator | None = None
+        self.trained: dict[str, Trained] = {}
+        self.frozen: dict[str, torch.nn.Module] = {}
+        self.ema = None
+        self.gen = None
+        self.samples_seen = 0  # micro-batch rows over all processes, for samples/s
+
+    # ---- what the stage reads -------------------------------------------------------------------------
+    def inputs(self) -> dict:
+        """`{config key: path}` the stage reads from disk (its folder may not be, hold or lie in one)."""
+        return {}
+
+    def recorded_inputs(self) -> dict | None:
+        """`{name: path}` hashed into the manifest when the stage starts (a resume refuses changed ones)."""
+        return None
+
+    def engines(self) -> dict[str, float | None]:
+        """`{model name: gradient clip, or None for a frozen model}`: one DeepSpeed engine each."""
+        return {"model": self.section.grad_clip}
+
+    def load(self) -> None:
+        """Read input models (before the accelerator exists)."""
+
+    # ---- building --------------------------------------------------------------------------------------
+    def build(self, accelerator: Accelerator) -> None:
+        raise NotImplementedError
+
+    def restore(self, *, step: int, extra: dict, rng: dict) -> None:
+        """Put back what the checkpoint of `step` recorded besides weights and optimizers (data position,
+        generator)."""
+        if step:
+            self.gen.set_state(rng["train"])
+
+    def prepare_data(self, *, stage_path: Path, force: bool) -> None:
+        """Data made by the stage itself before training (ODE pairs), once the stage is marked running."""
+
+    def bind(self) -> None:
+        """After the trained and frozen models were prepared: build what calls them (denoisers, losses)."""
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def optimize(self, name: str, *, step: int, batch: Callable[[int], Any],
+                 loss: Callable[[Any], tuple[torch.Tensor, dict]]) -> Update:
+        """One optimiser step of `trained[name]` over `section.grad_accum` micro-batches: micro-batch i is
+        `batch(i)`, its loss `loss(batch(i)) -> (loss, stats)` under autocast; backward, clipping, the
+        optimizer and the LR schedule as `pipeline.training.optim.optimizer_step` does them."""
+        acc, t = self.accelerator, self.trained[name]
+        seen, norm = [], None
+        for i in range(self.section.grad_accum):
+            b = batch(i)
+            with acc.accumulate(t.module):
+                with acc.autocast():
+                    value, stats = loss(b)
+                norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step)
+            seen.append((b, stats))
+            self.samples_seen += self.section.batch_size * acc.num_processes
+        return Update(value, stats, norm, seen)
+
+    def update_ema(self) -> None:
+        """One EMA step over the first trained model's current weights (after that model's optimiser step)."""
+        first = next(iter(self.trained.values()))
+        ema_step(self.ema, self.accelerator.unwrap_model(first.module).parameters())
+
+    def global_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """A loss denominator over the global batch (`pipeline.training.distributed.global_norm`)."""
+        return global_norm(self.accelerator, weight)
+
+    # ---- reporting -------------------------------------------------------------------------------------
+    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
+        """At a logging step, `elapsed` seconds into this run: (TensorBoard scalars, progress-bar postfix)."""
+        return {}, {}
+
+    def checkpoint_extra(self) -> dict:
+        """JSON-able state saved with a checkpoint (data position, last loss)."""
+        return {}
+
+    def rng_state(self) -> dict:
+        return {"train": self.gen.get_state()}
+
+    def sampling_settings(self) -> dict:
+        """What the saved transformer records about how to sample it (`prediction`, a student's steps)."""
+        return {"prediction": self.cfg.model.prediction}
+
+    def preview(self, model: torch.nn.Module, path: Path) -> Path | None:
+        """A GIF of samples of the trained model (sprites runs), or None."""
+        return None
+
+    def extra_outputs(self, stage_path: Path) -> dict:
+        """Further outputs saved at the end besides the trained model (distill's critic)."""
+        return {}
+
+    def metrics(self, *, step: int, extra: dict) -> dict:
+        """The manifest's metrics after `step` steps (`extra`: the resumed checkpoint's, for a run resumed at
+        its last step)."""
+        return {}

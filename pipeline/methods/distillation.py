@@ -1,0 +1,198 @@
+"""DMD distillation of the few-step student as training methods (the equations: `pipeline/methods/dmd.py`).
+
+Three models: the generator (the `init_student` student, trained), the real score (the teacher, frozen,
+guided by `distill.real_guidance`) and the fake score (a critic initialised from the teacher, trained on
+the generator's samples). Every step updates the critic by its denoising loss; every
+`critic_steps_per_generator_step`-th step first updates the generator by the DMD loss, on samples from a
+Self-Forcing rollout (`SelfForcing`, `distill.method=sf_dmd`) or from noised clean videos (`CausVid`,
+`df_dmd`, CausVid's approximation).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from accelerate.utils import DistributedType
+from diffusers.training_utils import EMAModel
+
+from pipeline.config import Config
+from pipeline.data.ode_pairs import OdePairs
+from pipeline.data.shard import ShardedGenerator
+from pipeline.data.sources import build_source, latent_shape
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
+from pipeline.diffusion.videos import preview
+from pipeline.methods.base import Method, Trained, register
+from pipeline.methods.dmd import DFDMD, DMD, SelfForcingDMD
+from pipeline.methods.ode_regression import stage_input
+from pipeline.models.loading import load_source, student_config
+from pipeline.training.distributed import local_batch, mixed_precision, shared_generator
+from pipeline.training.optim import hold_frozen, make_optimizer, trainable
+from pipeline.training.resume import data_inputs
+
+
+def sources(cfg: Config) -> tuple[Path, Path]:
+    """The student to start from and the teacher (real score, critic start)."""
+    run = Path(cfg.run.dir)
+    return (Path(cfg.distill.student or run / "init_student"), Path(cfg.distill.teacher or run / "pretrain_teacher"))
+
+
+def generator_updates(step: int, ratio: int) -> int:
+    """Generator updates within the first `step` steps (it updates at steps 0, ratio, 2·ratio, ...)."""
+    return (step + ratio - 1) // ratio
+
+
+class Batches:
+    """Prompts (and clean videos for df_dmd) per step, from the data source or init_student's ODE pairs."""
+
+    def __init__(self, cfg: Config, student_path: Path, gen: ShardedGenerator, device):
+        dc = cfg.distill
+        self.source = build_source(cfg, seed=cfg.run.seed + 3)
+        self.pairs = None
+        if dc.method == "df_dmd" and dc.clean_source == "ode_pairs":
+            folder = student_path / "ode_pairs"
+            if not folder.is_dir():
+                raise FileNotFoundError(f"distill.clean_source=ode_pairs: no ODE pairs in {folder}")
+            self.pairs = OdePairs(folder)
+        self.gen, self.device, self.n = gen, device, dc.batch_size
+        self.shape = latent_shape(cfg)
+        self.null = self.source.null_context(self.n).to(device)
+
+    def next(self) -> dict:
+        if self.pairs is not None:
+            b = self.pairs.next_batch(self.n, self.gen, self.device)
+            batch = {"x0": b["states"][:, -1], "context": b["context"]}
+        else:
+            batch = local_batch(self.source, self.n, self.gen, self.device)
+        if "x0" in batch:
+            self.shape = tuple(batch["x0"].shape[1:])
+        return {**batch, "null": self.null, "shape": self.shape}
+
+
+class DMDMethod(Method):
+    """Generator (DMD loss) and critic (denoising loss) in alternation; the subclass says where the
+    generator's samples come from (`losses`)."""
+
+    stage = "distill"
+
+    def __init__(self, *, cfg, section=None):
+        super().__init__(cfg=cfg, section=section or cfg.distill)
+        self.student_path, self.teacher_path = sources(cfg)
+        self.ratio = self.section.critic_steps_per_generator_step
+        self.desc = f"{self.stage} ({self.section.method})"
+
+    def inputs(self) -> dict:
+        return {"distill.student": self.student_path, "distill.teacher": self.teacher_path, **data_inputs(self.cfg)}
+
+    def recorded_inputs(self) -> dict:
+        return {"student": stage_input(self.student_path), "teacher": stage_input(self.teacher_path)}
+
+    def engines(self) -> dict:
+        dc = self.section
+        return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, "teacher": None}
+
+    def load(self) -> None:
+        self.generator, _, student_cfg = load_source(self.student_path)  # EMA weights of init_student
+        self.teacher, _, self.teacher_cfg = load_source(self.teacher_path)
+        self.critic = copy.deepcopy(self.teacher)  # the fake score starts as the real one
+        self.prediction = student_cfg.model.prediction
+
+    def build(self, accelerator) -> None:
+        dc = self.section
+        # With dc.gradient_checkpointing every trained pass recomputes its blocks: the generator's (sf_dmd: a
+        # chunk's exit step, the only call with gradients) and the critic's (the whole clip).
+        trainable(self.generator, dc)
+        trainable(self.critic, dc)
+        # the real score: bf16 matmul weights when the run computes in bf16 (a DeepSpeed engine casts it itself)
+        hold_frozen(self.teacher, "no" if accelerator.distributed_type == DistributedType.DEEPSPEED
+                    else mixed_precision(self.cfg))
+        self.ema = EMAModel(self.generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
+        gen_opt, gen_sched = make_optimizer(self.generator, dc, total_steps=generator_updates(dc.steps, self.ratio))
+        critic_opt, critic_sched = make_optimizer(self.critic, dc, lr=dc.critic_lr)
+        self.trained = {
+            "generator": Trained(self.generator, gen_opt, gen_sched, dc.grad_clip, f"{self.stage}.lr",
+                                 schedule_steps=lambda step: generator_updates(step, self.ratio)),
+            "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr")}
+        self.frozen = {"teacher": self.teacher}
+        del self.generator, self.critic, self.teacher  # from here on: self.trained / self.frozen (wrapped)
+        self.gen = shared_generator(accelerator, self.cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
+        self.batches = Batches(self.cfg, self.student_path, self.gen, accelerator.device)
+        self.g_loss = self.c_loss = None
+        self.scalars: dict = {}
+
+    def restore(self, *, step, extra, rng) -> None:
+        super().restore(step=step, extra=extra, rng=rng)
+        if step:
+            self.batches.source.load_state_dict(extra["data"])
+
+    def bind(self) -> None:
+        fpc, st, tcfg = self.cfg.data.frames_per_chunk, self.cfg.student, self.teacher_cfg
+        dc, attention = self.section, tcfg.pretrain_teacher.attention
+        self.dmd = self.losses(
+            generator=Denoiser(self.trained["generator"].module, "block_causal", fpc, self.prediction, st.clip_x0,
+                               rope=st.rope),
+            real=Denoiser(self.frozen["teacher"], attention, fpc, tcfg.model.prediction),
+            fake=Denoiser(self.trained["critic"].module, attention, fpc, tcfg.model.prediction),
+            sigmas=few_step_sigmas(st.denoising_steps, st.shift), real_guidance=dc.real_guidance,
+            fake_guidance=dc.fake_guidance, per_frame=dc.timestep_sampling == "per_frame",
+            sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, sigma_shift=dc.sigma_shift)
+
+    def losses(self, **common) -> DMD:
+        """The DMD loss object over the bound denoisers (`pipeline/methods/dmd.py`)."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> None:
+        acc, dc, reuse = self.accelerator, self.section, None
+        if step % self.ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
+            g = self.optimize("generator", step=step, batch=lambda i: self.batches.next(),
+                              loss=lambda b: self.dmd.generator_loss(b, self.gen))
+            seen = [(b, stats.pop("samples", None)) for b, stats in g.seen]
+            reuse = seen if dc.critic_samples == "generator" else None
+            self.update_ema()
+            sigma = g.stats.pop("dmd_sigma")
+            self.g_loss = acc.reduce(g.loss.detach(), "mean")  # over the global batch
+            self.scalars.update(generator_loss=self.g_loss.item(), generator_grad_norm=float(g.grad_norm), **g.stats,
+                                dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
+            if acc.is_main_process and (step // self.ratio) % dc.log_every == 0:  # the levels drawn, whole
+                acc.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
+        c = self.optimize("critic", step=step, batch=(lambda i: reuse[i]) if reuse else (lambda i: (self.batches.next(),)),
+                          loss=lambda pair: self.dmd.critic_loss(pair[0], self.gen, *pair[1:]))
+        self.c_loss, self.c_norm = c.loss, c.grad_norm
+
+    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
+        self.c_loss = self.accelerator.reduce(self.c_loss.detach(), "mean")
+        self.scalars.update(critic_loss=self.c_loss.item(), critic_grad_norm=float(self.c_norm))
+        return dict(self.scalars), {"gen": f"{self.scalars.get('generator_loss', float('nan')):.4f}",
+                                    "critic": f"{self.c_loss.item():.4f}"}
+
+    def checkpoint_extra(self) -> dict:
+        return {"data": self.batches.source.state_dict(), "critic_loss": self.c_loss.item()}
+
+    def sampling_settings(self) -> dict:
+        return {"prediction": self.prediction, **student_config(self.cfg)}
+
+    def preview(self, model, path: Path) -> Path:
+        return preview(self.cfg, model, path, n=self.section.preview_n)
+
+    def metrics(self, *, step: int, extra: dict) -> dict:
+        return {"generator_updates": generator_updates(step, self.ratio), "method": self.section.method,
+                "final_critic_loss": self.c_loss.item() if self.c_loss is not None else extra.get("critic_loss"),
+                "final_generator_loss": self.g_loss.item() if self.g_loss is not None else None}
+
+
+@register("sf_dmd")
+class SelfForcing(DMDMethod):
+    """Self-Forcing: DMD on the student's own chunk-by-chunk rollouts (reverse KL on what it generates)."""
+
+    def losses(self, **common) -> DMD:
+        st, dc = self.cfg.student, self.section
+        return SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
+                              sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk")
+
+
+@register("df_dmd")
+class CausVid(DMDMethod):
+    """CausVid's DF+DMD: DMD on noised clean videos denoised in one block-causal forward."""
+
+    def losses(self, **common) -> DMD:
+        return DFDMD(**common)

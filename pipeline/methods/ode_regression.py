@@ -1,0 +1,153 @@
+"""ODE regression: the causal few-step student initialised as CausVid does.
+
+1. The student is the teacher's backbone (block-causal, `data.frames_per_chunk`) starting from the
+   teacher's EMA weights.
+2. ODE pairs: the teacher samples videos from noise with its many-step sampler (`pretrain_teacher.sampler`,
+   guidance included) on a path through the student's levels `student.denoising_steps` (warped by
+   `student.shift`); the states there and the clean end point go to `ode_pairs/shard_*.safetensors`
+   (`pipeline/data/ode_pairs.py`; resumable shard by shard).
+3. Regression (`pipeline/diffusion/losses.py: ode_regression_loss`): per chunk a random entry of the stored
+   path, loss `mean((G_θ(x_σk, σk) - x0)²)` over the noisy chunks (clean ones are context only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from pipeline.config import Config
+from pipeline.data.ode_pairs import OdePairs, pairs_missing, write_ode_pairs
+from pipeline.data.sources import build_source, latent_shape
+from pipeline.data.sprites import NULL_CLASS
+from pipeline.diffusion.losses import ode_regression_loss, pick_ode_states
+from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
+from pipeline.diffusion.videos import preview
+from pipeline.methods.base import Method, Trained, register
+from pipeline.models.loading import load_source, student_config
+from pipeline.training.checkpoint import remove_own
+from pipeline.training.distributed import shared_generator
+from pipeline.training.optim import make_optimizer, trainable
+from pipeline.training.resume import data_inputs
+
+
+def teacher_path(cfg: Config) -> Path:
+    return Path(cfg.init_student.teacher or Path(cfg.run.dir) / "pretrain_teacher")
+
+
+def stage_input(path: Path) -> Path:
+    """The weights a stage reads from `path`: a stage folder's EMA transformer, else `path` itself."""
+    return path / "transformer_ema" if (path / "manifest.json").is_file() else path
+
+
+def pair_conditions(cfg: Config, table: torch.Tensor | None):
+    """The prompts of ODE pairs: classes in turn for sprites, the shards' prompt embeddings for latents and
+    prompts (a `PromptSource` reads its rows from disk)."""
+    if cfg.data.kind == "sprites":
+        def conditions(start, n):
+            labels = torch.arange(start, start + n) % cfg.data.num_classes
+            return table[labels], labels
+        return conditions, table[NULL_CLASS][None]
+    source = build_source(cfg, seed=cfg.run.seed)
+
+    def conditions(start, n):
+        idx = torch.arange(start, start + n) % len(source.embeds)
+        return source.embeds[idx].float(), torch.full((n,), -1, dtype=torch.long)
+    return conditions, source.null_context(1)
+
+
+@register("ode_regression")
+class OdeRegression(Method):
+    """The student regressed on the teacher's ODE trajectories; it starts as the teacher's EMA weights
+    (the same module: no separate frozen copy)."""
+
+    stage = "init_student"
+
+    def __init__(self, *, cfg, section=None):
+        super().__init__(cfg=cfg, section=section or cfg.init_student)
+        self.source_path = teacher_path(cfg)
+
+    def inputs(self) -> dict:
+        return {"init_student.teacher": self.source_path, **data_inputs(self.cfg)}
+
+    def recorded_inputs(self) -> dict:
+        return {"teacher": stage_input(self.source_path)}
+
+    def load(self) -> None:
+        self.teacher, self.table, teacher_cfg = load_source(self.source_path)  # EMA weights
+        self.prediction = teacher_cfg.model.prediction  # the student predicts what the teacher does
+
+    def build(self, accelerator) -> None:
+        ic = self.section
+        model = trainable(self.teacher, ic)
+        self.ema = EMAModel(model.parameters(), decay=ic.ema_decay)
+        optimizer, scheduler = make_optimizer(model, ic)
+        self.trained = {"model": Trained(model, optimizer, scheduler, ic.grad_clip, f"{self.stage}.lr")}
+        self.gen = shared_generator(accelerator, self.cfg.run.seed + 2)  # pair draws and step indices
+        self.loss = None
+
+    def restore(self, *, step, extra, rng) -> None:
+        self.resumed_at = step
+        super().restore(step=step, extra=extra, rng=rng)
+
+    @torch.no_grad()
+    def prepare_data(self, *, stage_path: Path, force: bool) -> None:
+        """Sample (or finish sampling) the teacher's ODE pairs into `<stage>/ode_pairs/`, the shards shared
+        out over the processes."""
+        cfg, ic, tc, acc = self.cfg, self.section, self.cfg.pretrain_teacher, self.accelerator
+        folder = stage_path / "ode_pairs"
+        if force and acc.is_main_process:  # pairs belong to the run being redone
+            remove_own(folder, ("shard_*.safetensors", ".tmp_shard_*"))
+        acc.wait_for_everyone()
+        sigmas = few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift)
+        teacher = self.teacher
+        if self.resumed_at and pairs_missing(folder, ic.ode_pairs, ic.ode_shard_size, sigmas):
+            teacher = load_source(self.source_path)[0]  # the student's module holds resumed weights now
+        denoiser = Denoiser(teacher.to(acc.device).eval(), tc.attention, cfg.data.frames_per_chunk, self.prediction,
+                            tc.sampler.clip_x0, rope=tc.sampler.rope, kv_cache=tc.sampler.kv_cache)
+        conditions, uncond = pair_conditions(cfg, self.table)
+        write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None, ic.ode_pairs,
+                        ic.ode_shard_size, latent_shape(cfg), sigmas, tc.sampler, seed=cfg.run.seed, device=acc.device,
+                        rank=acc.process_index, world=acc.num_processes, batch_size=ic.ode_batch_size)
+        acc.wait_for_everyone()  # every process trains on all shards
+        self.pairs_folder = folder
+        self.pairs = OdePairs(folder)
+
+    def bind(self) -> None:
+        self.student = Denoiser(self.trained["model"].module, "block_causal", self.cfg.data.frames_per_chunk,
+                                self.prediction)
+
+    def step_loss(self, batch: dict):
+        x, sigma = pick_ode_states(batch["states"], self.pairs.sigmas, self.cfg.data.frames_per_chunk, self.gen)
+        return ode_regression_loss(self.student, x, sigma, batch["context"], batch["states"][:, -1],
+                                   self.global_norm((sigma > 0).float())), {}
+
+    def train_step(self, step: int) -> None:
+        self.trained["model"].module.train()
+        batch = lambda i: self.pairs.next_batch(self.section.batch_size, self.gen, self.accelerator.device)  # noqa: E731
+        update = self.optimize("model", step=step, batch=batch, loss=self.step_loss)
+        self.loss, self.grad_norm = update.loss, update.grad_norm
+        self.update_ema()
+
+    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
+        self.loss = self.accelerator.reduce(self.loss.detach(), "mean")  # the global batch's loss
+        t = self.trained["model"]
+        return ({"loss": self.loss.item(), "grad_norm": float(self.grad_norm), "lr": t.scheduler.get_last_lr()[0],
+                 "samples_per_s": self.samples_seen / elapsed}, {"loss": f"{self.loss.item():.4f}"})
+
+    def checkpoint_extra(self) -> dict:
+        return {"loss": self.loss.item()}
+
+    def sampling_settings(self) -> dict:
+        return {"prediction": self.prediction, **student_config(self.cfg)}
+
+    def preview(self, model, path: Path) -> Path:
+        return preview(self.cfg, model, path, n=self.section.preview_n)
+
+    def extra_outputs(self, stage_path: Path) -> dict:
+        return {"ode_pairs": str(self.pairs_folder)}
+
+    def metrics(self, *, step: int, extra: dict) -> dict:
+        return {"final_loss": self.loss.item() if self.loss is not None else extra.get("loss"),
+                "ode_pairs": len(self.pairs)}

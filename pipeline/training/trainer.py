@@ -1,0 +1,128 @@
+"""The one training loop: every training stage is `Trainer(method).run()`.
+
+The method (`pipeline/methods/`) declares its models and implements one `train_step`; the trainer owns
+everything around it, once, in the order below: the stage folder (guard, skip when done, manifest),
+the accelerator (DDP, or one DeepSpeed engine per model), the EMA, the checkpoint manager (save,
+keep-last-k, bit-exact resume of weights, EMA, every optimizer, data position, generator, step),
+logging (tqdm, TensorBoard), fault points, the replica check, saving and the preview.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import to_yaml
+from pipeline.io.run_dir import StageDir
+from pipeline.methods.base import Method
+from pipeline.models.loading import save_model, save_weights
+from pipeline.training.checkpoint import CheckpointManager
+from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, prepare,
+                                           restore_optimizer_state)
+from pipeline.training.faults import maybe_kill
+from pipeline.training.optim import place_ema, replay_schedule
+from pipeline.training.resume import finished_already
+
+
+class Trainer:
+    """Runs `method` as the training stage `method.stage` of `method.cfg.run.dir`.
+
+    Args:
+        method: the method, constructed with its config and section.
+        force: rerun from scratch (checkpoints of an earlier run are deleted; a done stage is redone).
+    """
+
+    def __init__(self, method: Method, *, force: bool = False):
+        self.method, self.force = method, force
+
+    def run(self) -> StageDir:
+        method, force = self.method, self.force
+        cfg, section = method.cfg, method.section
+        stage = StageDir(cfg.run.dir, method.stage)
+        stage.guard(method.inputs(), force)
+        if finished_already(stage, section, force):
+            return stage
+        method.load()
+        accelerator = make_accelerator(cfg, stage.path, grad_accum=section.grad_accum, batch_size=section.batch_size,
+                                       models=method.engines())
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
+        method.accelerator = accelerator
+        method.build(accelerator)
+        names = list(method.trained)
+        main, others = method.trained[names[0]], {n: method.trained[n] for n in names[1:]}
+
+        # Resume: read the newest checkpoint before anything is written (a failed resume writes nothing).
+        checkpoints = CheckpointManager(stage.path / "checkpoints", keep=section.keep_checkpoints,
+                                        accelerator=accelerator)
+        if force:
+            checkpoints.clear()
+        step, extra, rng = checkpoints.restore(model=main.module, ema=method.ema, optimizer=main.optimizer,
+                                               others={n: (t.module, t.optimizer) for n, t in others.items()})
+        if accelerator.is_main_process:
+            stage.begin(to_yaml(cfg), inputs=method.recorded_inputs(), force=force)
+        for t in method.trained.values():
+            replay_schedule(t.scheduler, t.schedule_steps(step))
+        method.restore(step=step, extra=extra, rng=rng)
+        method.prepare_data(stage_path=stage.path, force=force)
+
+        # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
+        loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
+        for n, t in method.trained.items():
+            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer)
+        for n, m in method.frozen.items():
+            method.frozen[n] = prepare(accelerator, n, m)
+        if step:
+            for n, t in method.trained.items():
+                restore_optimizer_state(accelerator, t.module, loaded[n])
+        place_ema(method.ema, section, accelerator.device)
+        method.bind()
+        accelerator.init_trackers("logs")
+
+        # The loop. The bar is closed on errors too, so that an error message starts its own line.
+        with tqdm(total=section.steps, initial=step, desc=getattr(method, "desc", method.stage),
+                  disable=not accelerator.is_main_process) as bar:
+            t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
+            while step < section.steps:
+                method.train_step(step)
+                step += 1
+                maybe_kill("step", step)
+                bar.update(1)
+                if step % section.log_every == 0 or step == section.steps:
+                    scalars, postfix = method.logs(step, elapsed=time.time() - t0)
+                    accelerator.log(scalars, step=step)
+                    bar.set_postfix(postfix)
+                if step % section.checkpoint_every == 0 or step == section.steps:
+                    # every process: gathering ZeRO partitions is a collective
+                    states = {n: full_optimizer_state(accelerator, t.module, t.optimizer)
+                              for n, t in method.trained.items()}
+                    if accelerator.is_main_process:
+                        checkpoints.save(step, model=accelerator.unwrap_model(main.module), ema=method.ema,
+                                         optimizer=states[names[0]], rng=method.rng_state(),
+                                         extra={**method.checkpoint_extra(), "elapsed_s": elapsed0 + time.time() - t0},
+                                         others={n: (accelerator.unwrap_model(t.module), states[n])
+                                                 for n, t in others.items()})
+        replicas = check_replicas(accelerator, **{n: t.module for n, t in method.trained.items()})
+
+        outputs = {}
+        if accelerator.is_main_process:
+            for n, t in others.items():
+                save_model(accelerator.unwrap_model(t.module), stage.path / n)
+                outputs[n] = str(stage.path / n)
+            raw = accelerator.unwrap_model(main.module)
+            raw.disable_gradient_checkpointing()
+            outputs.update(save_weights(stage.path, raw, method.ema, cfg, **method.sampling_settings()))
+            # raw now holds the EMA weights: the preview shows what was saved as transformer_ema
+            if cfg.data.kind == "sprites":
+                preview = method.preview(raw, stage.path / "preview.gif")
+                if preview is not None:
+                    outputs["preview"] = str(preview)
+            method.ema.restore(raw.parameters())
+            outputs.update(method.extra_outputs(stage.path))
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            stage.finish(outputs, {**method.metrics(step=step, extra=extra), "steps": step, "processes": accelerator.num_processes,
+                                   "replicas_identical": replicas})
+        return stage
+
