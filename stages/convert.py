@@ -10,6 +10,8 @@ DEST: `--to diffusers` a folder (`WanTransformer3DModel.from_pretrained` loads i
 from it); `--to safetensors` one file in diffusers names; `--to wan` one file in the original Wan names.
 Written under a temporary name and renamed; an existing DEST needs `--force`; a DEST that is SOURCE, lies
 inside it or contains it is refused even with `--force`; one command at a time per DEST (`pipeline/io/guard.py`).
+Weights holding NaN or inf are refused (naming the first such key) unless `--allow-nonfinite`; a source
+without a config whose head count cannot be read off it (any width but Wan's own) needs `--model-config`.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ def main(argv=None) -> int:
                                            "cannot be read off the shapes")
     ap.add_argument("--force", action="store_true", help="replace an existing DEST (never SOURCE, a folder inside "
                                                          "it or one containing it)")
+    ap.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or inf (refused "
+                                                                   "by default, naming the first such key)")
     args = ap.parse_args(argv)
     command = f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])}"
     def body() -> int:
         weights = convert(args.source, args.dest, args.to, ema=args.ema, dtype=args.dtype, part=args.part,
-                          force=args.force, model_config=args.model_config, command=command)
+                          force=args.force, model_config=args.model_config, command=command,
+                          allow_nonfinite=args.allow_nonfinite)
         n = sum(v.numel() for v in weights.state_dict.values())
         role = (weights.sampling or {}).get("role", "no sampling settings")
         print(f"read {weights.origin} ({len(weights.state_dict)} tensors, {n / 1e6:.2f}M parameters, {role})")

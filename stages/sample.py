@@ -8,6 +8,8 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
+`--n`, `--frames`, `--steps` must be positive, `--guidance` finite and >= 0, `--seed` in 0 .. 2**32-1;
+weights holding NaN or inf are refused; a source whose head count cannot be read off it needs `--model-config`.
 An existing FILE or GIF is replaced only with `--force`; FILE must not be SOURCE, lie inside it or contain
 it (refused even with `--force`); one command at a time per FILE (`pipeline/io/guard.py`).
 
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import run_command
-from pipeline.config import Config
+from pipeline.config import MAX_SEED, Config, Range, SamplerConfig
 from pipeline.data.sprites import balanced_labels
 from pipeline.diffusion.sampling import uniform_denoising_steps
 from pipeline.diffusion.videos import sample_videos
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, help="teacher only (students are distilled without guidance)")
     ap.add_argument("--sampler", choices=["autoregressive", "synchronous"], help="teacher only")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    ap.add_argument("--model-config", help="a diffusers config.json for a source without one whose head count cannot "
+                                           "be read off its weights (as convert's)")
     ap.add_argument("--prompts", help="text models: prompt file, one per line")
     ap.add_argument("--vbench-dir", help="text models: folder for <prompt>-<i>.mp4")
     ap.add_argument("--per-prompt", type=int, default=5, help="text models: videos per prompt (VBench: 5)")
@@ -79,9 +83,10 @@ def sample_sprites(args, command: str = "") -> int:
     out = Path(args.out)
     lock = None
     try:
+        check_numbers(args)
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
-        model, table, cfg = load_source(args.source, args.raw)
+        model, table, cfg = load_source(args.source, args.raw, model_config=args.model_config)
         cfg: Config
         if table is None:
             raise ValueError(f"{args.source}: sampling needs class prompts (a sprites model); latent models are "
@@ -121,6 +126,22 @@ def sample_sprites(args, command: str = "") -> int:
     return 0
 
 
+def check_numbers(args) -> None:
+    """The numeric options, before anything is read or written: each against the range the config declares
+    for the value it replaces (`--steps`, `--guidance`: the teacher sampler's; `--seed`: a random seed's),
+    counts positive. Nothing falls back to a default silently (`--frames 0` was the config's frames)."""
+    sampler = SamplerConfig.__dataclass_fields__
+    positive = Range(lo=0, lo_open=True)
+    for flag, value, rng in (("--n", args.n, positive), ("--frames", args.frames, positive),
+                             ("--per-prompt", args.per_prompt, positive),
+                             ("--steps", args.steps, sampler["steps"].metadata["range"]),
+                             ("--guidance", args.guidance, sampler["guidance"].metadata["range"]),
+                             ("--seed", args.seed, Range(lo=0, hi=MAX_SEED))):
+        bad = rng.problem(flag, value)
+        if bad:
+            raise ValueError(bad)
+
+
 def guard_outputs(out: Path, inputs: dict, force: bool, command: str) -> Lock:
     """The output rule for `--out` and its `.gif` (`pipeline/io/guard.py`): not SOURCE, inside it or
     containing it; not existing unless `--force`. Returns the lock of `--out`, taken (checked again under it)."""
@@ -155,8 +176,10 @@ def _sample_text(args, command: str) -> int:
             raise ValueError("text models need both --prompts FILE and --vbench-dir DIR")
         if args.guidance is not None or args.sampler:
             raise ValueError("--guidance and --sampler are not options of text sampling (the config's sampler is used)")
+        check_numbers(args)
         prompts = read_prompts(args.prompts)
-        model, _, cfg = load_source(args.source, args.raw)  # a bare folder: default config + --vae etc.
+        model, _, cfg = load_source(args.source, args.raw,  # a bare folder: default config + --vae etc.
+                                    model_config=args.model_config)
         c = cfg.components
         for key, val in (("text_encoder", args.text_encoder), ("tokenizer", args.tokenizer), ("vae", args.vae)):
             if val is not None:

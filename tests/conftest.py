@@ -176,3 +176,21 @@ def crash_then_resume(monkeypatch, capsys, stage_module, cfg, run_dir: Path, inp
     path = stage_module.run(cfg2).path
     assert f"resuming from step_{at_step:07d} (step {at_step})" in capsys.readouterr().out
     return path
+
+
+# ---- command-line checks shared by the bad-input tests ----
+
+def one_error(rc: int, err: str, *needles: str) -> str:
+    """Exit 2 and exactly one `error:` line (the last on stderr) containing every needle; returns it."""
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0] and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def call(capsys, main, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL_KW, assert_same_weights, make_tiny_model, weights
 from pipeline.io.keys import diffusers_to_wan, wan_to_diffusers
 from pipeline.io.readers import read_source
-from pipeline.io.weights import ConvertError, infer_wan_config
+from pipeline.io.weights import WAN_HEADS, ConvertError, infer_wan_config
 from stages import convert as convert_cli
 from stages import sample as sample_cli
 
@@ -183,8 +183,10 @@ def test_accelerate_state_and_dtype(tmp_path, capsys):
     assert_same_weights(got, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
 
 
-def test_sharded_diffusers_folder_and_inferred_config(tmp_path, capsys):
-    # 128-wide heads (Wan's), so the config can be read off the shapes alone.
+def test_sharded_diffusers_folder_and_inferred_config(tmp_path, capsys, monkeypatch):
+    # The head count is read off the width only for Wan's own widths (1536, 3072, 5120): this 128-wide model
+    # is made one of them for the test (tests/test_file_inputs.py checks the real widths and the refusal).
+    monkeypatch.setitem(WAN_HEADS, 128, 1)
     model = make_tiny_model(num_attention_heads=1, attention_head_dim=128)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
@@ -289,9 +291,10 @@ def test_sharded_distributed_checkpoint(tmp_path, capsys):
     assert_same_weights(load_file(str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")), model.state_dict())
 
 
-def test_sample_streams_from_a_self_forcing_pt(tmp_path, capsys):
-    """`sample` reads a `.pt` directly: Wan-width heads give the config, the generator Self-Forcing's
+def test_sample_streams_from_a_self_forcing_pt(tmp_path, capsys, monkeypatch):
+    """`sample` reads a `.pt` directly: a Wan width gives the config, the generator Self-Forcing's
     student settings (few-step sampler, 3 frames per chunk)."""
+    monkeypatch.setitem(WAN_HEADS, 128, 1)  # this 128-wide model stands for a Wan width (see above)
     model = make_tiny_model(num_attention_heads=1, attention_head_dim=128)
     torch.save({"generator": {"model." + k: v for k, v in diffusers_to_wan(model.state_dict()).items()}},
                tmp_path / "sf.pt")

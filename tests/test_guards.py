@@ -27,7 +27,7 @@ from pipeline.io.guard import Lock, LockedError
 from stages import convert as convert_cli
 from stages import launch, prepare_data
 from stages import sample as sample_cli
-from tests.conftest import TINY_OVERRIDES, assert_same_weights, weights
+from tests.conftest import TINY_OVERRIDES, assert_same_weights, call, one_error, weights
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -36,22 +36,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 def snapshot(root: Path) -> dict:
     """Every file under `root` with its bytes (symlinks as their target)."""
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error(rc: int, err: str, *needles: str) -> str:
-    """Exit 2 and exactly one `error:` line (the last on stderr) containing every needle; returns it."""
-    assert rc == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0] and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def call(capsys, main, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
 
 
 def leftovers(folder: Path) -> list[str]:

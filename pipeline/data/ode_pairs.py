@@ -16,6 +16,7 @@ the shards an uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -34,34 +35,44 @@ from pipeline.diffusion.sampling import Denoiser, sample_autoregressive, sample_
 Conditions = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _complete(path: Path, sigmas: torch.Tensor, count: int) -> bool:
-    """Whether a shard on disk is whole and made for these levels; raises if it was made for others."""
+def _complete(path: Path, sigmas: torch.Tensor, count: int, provenance: dict | None = None) -> bool:
+    """Whether a shard on disk is whole and made for these levels and settings; raises if it was made for
+    others (shards of an older version carry no provenance: only their levels are checked)."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = f.get_tensor("sigmas")
             n = f.get_slice("states").get_shape()[0]
+            made_with = json.loads((f.metadata() or {}).get("provenance", "null"))
     except Exception:  # a torn write from outside the atomic rename: make it again
         return False
     if stored.shape != sigmas.shape or not torch.allclose(stored, sigmas.float(), atol=1e-6):
         raise ValueError(f"{path} holds ODE states at levels {stored.tolist()}, the config asks for "
                          f"{sigmas.tolist()}; rerun the stage with --force")
+    if made_with is not None and provenance is not None:
+        now = json.loads(json.dumps(provenance))
+        diff = [k for k in sorted(set(made_with) | set(now)) if made_with.get(k) != now.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{path} was made with {k}={json.dumps(made_with.get(k))}, the run now has "
+                             f"{json.dumps(now.get(k))}; rerun the stage with --force (the old folder is moved aside)")
     return n == count
 
 
-def pairs_missing(folder: str | Path, num_pairs: int, shard_size: int, student_sigmas: torch.Tensor) -> bool:
+def pairs_missing(folder: str | Path, num_pairs: int, shard_size: int, student_sigmas: torch.Tensor,
+                  provenance: dict | None = None) -> bool:
     """Whether some shard of `write_ode_pairs(folder, ...)` with these settings is not (whole) on disk."""
     keep = torch.cat([student_sigmas.float(), torch.zeros(1)])
-    return not all(_complete(shard_path(folder, i), keep, min(shard_size, num_pairs - s))
+    return not all(_complete(shard_path(folder, i), keep, min(shard_size, num_pairs - s), provenance)
                    for i, s in enumerate(range(0, num_pairs, shard_size)))
 
 
 @torch.no_grad()
 def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Conditions, uncond: torch.Tensor | None,
                     num_pairs: int, shard_size: int, latent_shape: tuple, student_sigmas: torch.Tensor, sampler,
-                    seed: int, device="cpu", rank: int = 0, world: int = 1, batch_size: int | None = None
-                    ) -> list[Path]:
+                    seed: int, device="cpu", rank: int = 0, world: int = 1, batch_size: int | None = None,
+                    provenance: dict | None = None) -> list[Path]:
     """Sample `num_pairs` teacher ODE trajectories into shards, skipping shards already on disk.
 
     With `world` processes, process `rank` makes shards `rank, rank + world, ...` (a shard's noise
@@ -78,6 +89,8 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
         seed: base seed; shard i uses `seed * 1_000_003 + i`.
         batch_size: videos sampled at once (None: the whole shard); a sampler that re-noises its context
             (`context_sigma` > 0) draws in another order with another value.
+        provenance: JSON-able record of what made the pairs (teacher, sampler, levels, seed), stored in each
+            shard's metadata; a shard on disk made with another record is refused, never reused.
     Returns:
         the shard paths, in order.
     """
@@ -86,7 +99,8 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
     keep = torch.cat([student_sigmas.float(), torch.zeros(1)])
     counts = [min(shard_size, num_pairs - s) for s in range(0, num_pairs, shard_size)]
     paths = [shard_path(folder, i) for i in range(len(counts))]
-    todo = [i for i, (p, n) in enumerate(zip(paths, counts)) if i % world == rank and not _complete(p, keep, n)]
+    todo = [i for i, (p, n) in enumerate(zip(paths, counts))
+            if i % world == rank and not _complete(p, keep, n, provenance)]
     for i in tqdm(todo, desc="ODE pairs (shards)", disable=not todo or rank != 0):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         context, labels = conditions(i * shard_size, counts[i])
@@ -109,7 +123,8 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
         states = torch.cat(parts, dim=1)
         tmp = paths[i].with_name(f".tmp_{paths[i].name}")
         save_file({"states": states.transpose(0, 1).float().cpu().contiguous(), "sigmas": keep,
-                   "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp))
+                   "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp),
+                  metadata=None if provenance is None else {"provenance": json.dumps(provenance, sort_keys=True)})
         os.replace(tmp, paths[i])
     return paths
 
@@ -121,8 +136,10 @@ class OdePairs:
         states: `[N, K+1, C, F, H, W]`; sigmas: `[K+1]`; context: `[N, L, D]`; labels: `[N]`.
     """
 
-    def __init__(self, folder: str | Path):
-        shards = sorted(Path(folder).glob("shard_*.safetensors"))
+    def __init__(self, folder: str | Path, paths: list[Path] | None = None):
+        """All shards of `folder`, or exactly `paths` (the ones `write_ode_pairs` made: no leftovers of a run
+        that asked for more pairs)."""
+        shards = list(paths) if paths is not None else sorted(Path(folder).glob("shard_*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"no ODE-pair shards (shard_*.safetensors) in {folder}")
         parts = [read_safetensors(p) for p in shards]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from pipeline.training.checkpoint import read_safetensors
 from pipeline.models.conditioning import embed_labels, make_class_table
@@ -80,9 +80,13 @@ class _ShuffledRows:
 
 class LatentSource(_ShuffledRows):
     """Pre-encoded latents and prompt embeddings from `*.safetensors` shards in a folder, in a seeded
-    random order (one shuffled pass after another)."""
+    random order (one shuffled pass after another).
 
-    def __init__(self, path: str | Path, seed: int):
+    With `cfg` (what `build_source` passes), every shard is checked against the model and data settings it
+    meets: latents `[N, *latent_shape(cfg)]`, prompt rows `model.text_dim` wide; without, against each other.
+    Every mismatch is one line naming the shard, the tensor and both shapes."""
+
+    def __init__(self, path: str | Path, seed: int, *, cfg=None):
         path = Path(path)
         shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
                         if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
@@ -92,11 +96,29 @@ class LatentSource(_ShuffledRows):
         for p, part in zip(shards, parts):
             if "latents" not in part or "prompt_embeds" not in part:
                 raise ValueError(f"{p}: a latent shard needs 'latents' and 'prompt_embeds' tensors")
+        want = _expected_latents(cfg) if cfg is not None else None
+        text_dim = cfg.model.text_dim if cfg is not None else None
+        for p, part in zip(shards, parts):
+            lat, emb = part["latents"], part["prompt_embeds"]
+            if lat.ndim != 5:
+                raise ValueError(f"{p}: latents must be [N, C, F, H, W], got {list(lat.shape)}")
+            want = want or {f"the first shard's {d}": n for d, n in zip("CFHW", lat.shape[1:])}  # no cfg: shard 1 rules
+            wrong = [f"{d} = {n} but {key} = {w}" for (key, w), d, n in zip(want.items(), "CFHW", lat.shape[1:])
+                     if n != w]
+            if wrong:
+                raise ValueError(f"{p}: latents {list(lat.shape)} do not fit the model and data settings: "
+                                 f"{'; '.join(wrong)}")
+            _check_embeds(p, emb, rows=len(lat), text_dim=text_dim)
+            text_dim = emb.shape[-1]  # later shards match this one
+            if lat.is_floating_point() and not bool(torch.isfinite(lat).all()):
+                raise ValueError(f"{p}: latents hold NaN or inf (row {_first_nonfinite_row(lat)})")
         self.latents = torch.cat([p["latents"] for p in parts])
-        self.embeds = torch.cat([p["prompt_embeds"] for p in parts])
-        if self.latents.ndim != 5 or len(self.latents) != len(self.embeds):
-            raise ValueError(f"{path}: latents must be [N, C, F, H, W] with one prompt_embeds row each")
-        self.null = read_safetensors(path / "null_embeds.safetensors")["prompt_embeds"]
+        try:
+            self.embeds = torch.cat([p["prompt_embeds"] for p in parts])
+        except RuntimeError:
+            raise ValueError(f"{path}: the shards' prompt_embeds differ in length "
+                             f"{sorted({tuple(p['prompt_embeds'].shape[1:]) for p in parts})}") from None
+        self.null = _read_null(path, self.embeds.shape[1:])
         self.seed, self.drawn = seed, 0
 
     def __len__(self) -> int:
@@ -106,6 +128,40 @@ class LatentSource(_ShuffledRows):
         idx = self._next_indices(n)
         return {"x0": self.latents[idx].float().to(device), "context": self.embeds[idx].float().to(device),
                 "labels": torch.full((n,), -1, dtype=torch.long)}
+
+
+def _expected_latents(cfg) -> dict:
+    """`{config key: size}` for the C, F, H, W of one latent video (`latent_shape(cfg)`)."""
+    c, f, h, w = latent_shape(cfg)
+    hw = "data.latent_size" if cfg.data.latent_size else "data.size"
+    return {"model.in_channels": c, "data.frames": f, f"{hw} (H)": h, f"{hw} (W)": w}
+
+
+def _first_nonfinite_row(x: torch.Tensor) -> int:
+    return int((~torch.isfinite(x.flatten(1))).any(1).nonzero()[0])
+
+
+def _check_embeds(path: Path, emb: torch.Tensor, *, rows: int | None, text_dim: int | None) -> None:
+    """`prompt_embeds` of shard `path`: `[N, L, D]`, one row per video (`rows`), `D = text_dim`."""
+    if emb.ndim != 3:
+        raise ValueError(f"{path}: prompt_embeds must be [N, L, D], got {list(emb.shape)}")
+    if rows is not None and len(emb) != rows:
+        raise ValueError(f"{path}: {rows} latents but {len(emb)} prompt_embeds rows (one each)")
+    if text_dim is not None and emb.shape[-1] != text_dim:
+        raise ValueError(f"{path}: prompt_embeds {list(emb.shape)} are {emb.shape[-1]} wide, but model.text_dim = "
+                         f"{text_dim}")
+
+
+def _read_null(path: Path, row_shape) -> torch.Tensor:
+    """`null_embeds.safetensors` of a shard folder: `prompt_embeds [1, L, D]` matching the rows' `[L, D]`."""
+    file = path / "null_embeds.safetensors"
+    null = read_safetensors(file).get("prompt_embeds")
+    if null is None:
+        raise ValueError(f"{file}: no 'prompt_embeds' tensor (the empty prompt's embeddings)")
+    if null.ndim != 3 or len(null) != 1 or tuple(null.shape[1:]) != tuple(row_shape):
+        raise ValueError(f"{file}: prompt_embeds {list(null.shape)} do not match the prompt rows "
+                         f"[1, {', '.join(map(str, row_shape))}]")
+    return null
 
 
 class PromptBatch(dict):
@@ -123,15 +179,24 @@ class EmbeddingRows:
     """The `prompt_embeds` rows of several shards as one table, read from disk on demand (Wan's are
     512 x 4096 per prompt: a large prompt set does not fit in memory). `rows[idx]` → `[n, L, D]`."""
 
-    def __init__(self, shards: list[Path]):
+    def __init__(self, shards: list[Path], *, text_dim: int | None = None):
         self.shards, counts = shards, []
+        self.row_shape = None
         for p in shards:
-            with safe_open(str(p), "pt") as f:
-                if "prompt_embeds" not in f.keys():
-                    raise ValueError(f"{p}: a prompt shard needs a 'prompt_embeds' tensor")
-                shape = f.get_slice("prompt_embeds").get_shape()
+            try:
+                with safe_open(str(p), "pt") as f:
+                    if "prompt_embeds" not in f.keys():
+                        raise ValueError(f"{p}: a prompt shard needs a 'prompt_embeds' tensor")
+                    shape = f.get_slice("prompt_embeds").get_shape()
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"corrupt safetensors file {p}: {str(e).splitlines()[0]}") from None
             if len(shape) != 3:
                 raise ValueError(f"{p}: prompt_embeds must be [N, L, D], got {shape}")
+            if text_dim is not None and shape[-1] != text_dim:
+                raise ValueError(f"{p}: prompt_embeds {shape} are {shape[-1]} wide, but model.text_dim = {text_dim}")
+            if self.row_shape is not None and tuple(shape[1:]) != self.row_shape:
+                raise ValueError(f"{p}: prompt_embeds {shape} differ from the earlier shards' [N, "
+                                 f"{', '.join(map(str, self.row_shape))}]")
             counts.append(shape[0])
             self.row_shape = tuple(shape[1:])
         self.starts = torch.tensor([0, *counts]).cumsum(0)
@@ -159,7 +224,7 @@ class PromptSource(_ShuffledRows):
 
     Batches: `{"context": [B, L, D] float32, "labels": [B] of -1}` — no "x0" (see `PromptBatch`)."""
 
-    def __init__(self, path: str | Path, seed: int):
+    def __init__(self, path: str | Path, seed: int, *, cfg=None):
         path = Path(path)
         shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
                         if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
@@ -167,11 +232,9 @@ class PromptSource(_ShuffledRows):
             raise FileNotFoundError(f"no prompt shards (*.safetensors) in {path}")
         if not (path / "null_embeds.safetensors").is_file():
             raise FileNotFoundError(f"{path}: null_embeds.safetensors (the empty prompt's embeddings) is missing")
-        self.embeds = EmbeddingRows(shards)  # also what init_student's ODE pairs index
-        self.null = read_safetensors(path / "null_embeds.safetensors")["prompt_embeds"]
-        if tuple(self.null.shape[1:]) != self.embeds.row_shape:
-            raise ValueError(f"{path}: null_embeds {list(self.null.shape)} do not match prompt rows "
-                             f"{list(self.embeds.row_shape)}")
+        # also what init_student's ODE pairs index; with `cfg`, rows are checked against model.text_dim
+        self.embeds = EmbeddingRows(shards, text_dim=cfg.model.text_dim if cfg is not None else None)
+        self.null = _read_null(path, self.embeds.row_shape)
         self.seed, self.drawn = seed, 0
 
     def __len__(self) -> int:
@@ -204,5 +267,5 @@ def build_source(cfg, seed: int):
     if not Path(cfg.data.path).is_dir():
         raise FileNotFoundError(f"data.path: local path not found: {cfg.data.path} (run prepare_data first)")
     if cfg.data.kind == "prompts":
-        return PromptSource(cfg.data.path, seed)
-    return LatentSource(cfg.data.path, seed)
+        return PromptSource(cfg.data.path, seed, cfg=cfg)
+    return LatentSource(cfg.data.path, seed, cfg=cfg)

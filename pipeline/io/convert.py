@@ -10,12 +10,11 @@ sampling record beside the weights). This module runs one conversion under the o
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from pipeline.io.guard import Lock, check_output, replacing
 from pipeline.io.readers import read_source
-from pipeline.io.weights import ConvertError, Weights, constructor_args
+from pipeline.io.weights import ConvertError, Weights, read_model_config
 from pipeline.io.writers import write_diffusers, write_file
 from pipeline.models.device import DTYPES
 
@@ -24,12 +23,14 @@ TARGETS = ("diffusers", "safetensors", "wan")
 
 def convert(source: str | Path, dest: str | Path, to: str, ema: bool = False, dtype: str | None = None,
             part: str = "generator", force: bool = False, model_config: str | Path | None = None,
-            command: str | None = None) -> Weights:
+            command: str | None = None, *, allow_nonfinite: bool = False) -> Weights:
     """Read `source`, write it to `dest` as `to` ("diffusers", "safetensors" or "wan").
 
     Args:
         dtype: "fp32", "bf16" or "fp16" to cast floating tensors (None: keep).
         model_config: a diffusers `config.json` for sources that carry no config.
+        allow_nonfinite: write weights holding NaN / inf (refused by default, naming the first such key; a
+            cast that overflows to inf is refused too).
     Returns:
         the `Weights` written.
     """
@@ -46,11 +47,12 @@ def convert(source: str | Path, dest: str | Path, to: str, ema: bool = False, dt
         check_output(dest, inputs, force, "DEST")  # again, now that no other command can be writing it
         weights = read_source(source, ema, part)
         if model_config is not None:
-            path = Path(model_config)
-            if not path.is_file():
-                raise FileNotFoundError(f"--model-config not found: {path}")
-            weights = dataclasses.replace(weights, config=constructor_args(json.loads(path.read_text())))
+            weights = dataclasses.replace(weights, config=read_model_config(model_config))
+        if not allow_nonfinite:  # a broken training run's NaNs would otherwise travel on silently
+            weights.check_finite()
         weights = weights.cast(DTYPES.get(dtype))
+        if not allow_nonfinite and dtype is not None:
+            weights.check_finite(after=f"--dtype {dtype} (values beyond its range)")
         with replacing(dest, force, "DEST") as tmp:
             if to == "diffusers":
                 write_diffusers(weights, tmp)

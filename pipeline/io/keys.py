@@ -1,7 +1,8 @@
 """Weight names: original Wan (`blocks.0.self_attn.q.weight`, `head.head.weight`, `blocks.0.norm3` = the
 cross-attention norm) and diffusers (`blocks.0.attn1.to_q.weight`, `proj_out.weight`), told apart by the
-keys; the prefixes training wrappers add (Self-Forcing's `model.`, DDP's `module.`, torch.compile's
-`_orig_mod.`, FSDP's) stripped.
+keys; the segments training wrappers add (DDP's `module.`, torch.compile's `_orig_mod.`, FSDP's
+`_fsdp_wrapped_module.`, activation checkpointing's `_checkpoint_wrapped_module.`: anywhere in a key, since
+per-block wrapping puts them mid-key; Self-Forcing's `model.` as a prefix of every key) stripped.
 
 Wan → diffusers is diffusers' own `convert_wan_transformer_to_diffusers`; `diffusers_to_wan` is its
 inverse, checked key by key against it on every call.
@@ -15,7 +16,9 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 
 from pipeline.io.weights import ConvertError
 
-_WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Segments wrappers insert into module paths; no Wan or diffusers module is named like them.
+_WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_MODEL_PREFIX = "model."  # Self-Forcing's WanDiffusionWrapper: a real attribute name, so only as everyone's prefix
 
 _DIFFUSERS_TO_WAN = [  # (pattern on a diffusers key, original Wan replacement), applied in order
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
@@ -81,17 +84,30 @@ def diffusers_to_wan(state_dict: dict) -> dict:
     return out
 
 
+def _unwrap(key: str) -> str:
+    parts = key.split(".")
+    return ".".join([p for p in parts[:-1] if p not in _WRAPPER_SEGMENTS] + parts[-1:])
+
+
 def strip_wrappers(state_dict: dict) -> dict:
-    """Drop the prefixes training wrappers add (`model.` of Self-Forcing's WanDiffusionWrapper, DDP's
-    `module.`, torch.compile's `_orig_mod.`, FSDP's), when every key has them."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if state_dict and all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                changed = True
-    return state_dict
+    """Drop what training wrappers add to the keys: their segments anywhere (`module.`, `_orig_mod.`,
+    `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`), then a `model.` prefix (Self-Forcing's
+    WanDiffusionWrapper) when every key has it. Order and tensors are kept.
+
+    Raises:
+        ConvertError: two keys that become one (e.g. `module.x` beside `x`), naming both.
+    """
+    out: dict = {}
+    origin: dict = {}
+    for key, value in state_dict.items():
+        new = _unwrap(key)
+        if new in out:
+            raise ConvertError(f"keys '{origin[new]}' and '{key}' both name '{new}' once wrapper segments are "
+                               "stripped")
+        out[new], origin[new] = value, key
+    while out and all(k.startswith(_MODEL_PREFIX) for k in out):
+        out = {k[len(_MODEL_PREFIX):]: v for k, v in out.items()}
+    return out
 
 
 def to_diffusers_names(state_dict: dict) -> dict:

@@ -23,7 +23,6 @@ the old keys of its `config.json`), a file's metadata, a stage's role and config
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -33,10 +32,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pipeline.config import load_config
+from pipeline.io.jsonfile import get_key, parse_json, read_json
 from pipeline.io.keys import naming, strip_wrappers, to_diffusers_names
 from pipeline.io.weights import ConvertError, Weights, constructor_args
 from pipeline.models.causal_wan import wan_config
-from pipeline.models.sampling_meta import prediction_of, read_sampling, sampling_settings
+from pipeline.models.sampling_meta import check_record, prediction_of, read_sampling, sampling_settings
 from pipeline.training.checkpoint import read_safetensors
 
 # Self-Forcing's published student settings, for a `.pt` generator that carries none of its own.
@@ -102,10 +102,14 @@ def _read_stage(path: Path, ema: bool, part: str) -> Weights:
 def read_diffusers_folder(path: Path) -> Weights:
     """A diffusers transformer folder (ours or anyone's): `config.json`, the weights (one file, sharded or
     `.bin`) and the sampling record (`sampling.json`, or the old keys of `config.json`)."""
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = get_key(read_json(index), "weight_map", where=str(index), expect=dict)
+        bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f), None)
+        if bad is not None:  # a shard is a file name beside the index, nothing else
+            raise ConvertError(f"{index}: weight_map['{bad}'] must be a shard file name, got {weight_map[bad]!r}")
+        files = sorted(set(weight_map.values()))
         sd = {k: v for f in files for k, v in read_safetensors(path / f).items()}
     elif (path / "diffusion_pytorch_model.safetensors").is_file():
         sd = read_safetensors(path / "diffusion_pytorch_model.safetensors")
@@ -138,28 +142,37 @@ def _read_safetensors_file(path: Path) -> Weights:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise ConvertError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
+        raise ConvertError(f"corrupt safetensors file {path}: {_first_line(e)}") from None
     sd = read_safetensors(path)
-    config = json.loads(meta["config"]) if "config" in meta else None
-    sampling = json.loads(meta["sampling"]) if "sampling" in meta else None
+    config = constructor_args(parse_json(meta["config"], where=f"{path}: metadata 'config'")) \
+        if "config" in meta else None
+    sampling = check_record(parse_json(meta["sampling"], where=f"{path}: metadata 'sampling'", expect=None),
+                            where=f"{path}: metadata 'sampling'") if "sampling" in meta else None
     return Weights(to_diffusers_names(sd), config, sampling, f"safetensors file {path} ({naming(strip_wrappers(sd))} names)")
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message (some, e.g. an `EOFError`, have none)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _refusal(e: Exception) -> str:
     """The object `torch.load(weights_only=True)` refused, from its long message."""
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    return f"it pickles {found.group(1)}" if found else str(e).splitlines()[0][:120]
+    return f"it pickles {found.group(1)}" if found else _first_line(e)[:120]
 
 
 def _torch_load(path: Path):
     """`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary objects."""
+    if path.stat().st_size == 0:
+        raise ConvertError(f"corrupt checkpoint {path}: an empty file (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConvertError(f"{path}: refused by torch.load(weights_only=True), it holds objects other than "
                            f"tensors ({_refusal(e)})") from None
     except Exception as e:  # zip/pickle corruption surfaces as several exception types
-        raise ConvertError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+        raise ConvertError(f"corrupt checkpoint {path}: {type(e).__name__}: {_first_line(e)[:120]}") from None
 
 
 def _read_pt(path: Path, ema: bool, part: str) -> Weights:
@@ -175,6 +188,10 @@ def _read_pt(path: Path, ema: bool, part: str) -> Weights:
         if entry is None:
             raise ConvertError(f"{path}: no {' / '.join(order)} entry (it has: {', '.join(map(str, obj))[:200]})")
         sd = obj[entry]
+    bad = next((k for k, v in sd.items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise ConvertError(f"{path}: entry '{entry}' is not a state dict: '{bad}' holds a {type(sd[bad]).__name__}, "
+                           "not a tensor")
     sampling = ({"role": "student", "config": SELF_FORCING_STUDENT}
                 if entry in ("generator", "generator_ema") else None)
     return Weights(to_diffusers_names(sd), None, sampling, f"checkpoint {path}: {entry}")
@@ -212,7 +229,7 @@ def _read_deepspeed(path: Path) -> Weights:
         raise ConvertError(f"{path}: refused, a DeepSpeed file holds objects other than tensors and DeepSpeed's "
                            f"state records ({_refusal(e)})") from None
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
-        raise ConvertError(f"{path}: DeepSpeed could not consolidate it: {str(e).splitlines()[0][:160]}") from None
+        raise ConvertError(f"{path}: DeepSpeed could not consolidate it: {_first_line(e)[:160]}") from None
     return Weights(to_diffusers_names(dict(sd)), None, None, f"DeepSpeed checkpoint {path}")
 
 
@@ -230,5 +247,5 @@ def _read_distributed_checkpoint(path: Path) -> Weights:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, storage_reader=reader, no_dist=True)
     except Exception as e:  # torch wraps reader failures in several exception types
-        raise ConvertError(f"{path}: unreadable distributed checkpoint: {str(e).splitlines()[0][:160]}") from None
+        raise ConvertError(f"{path}: unreadable distributed checkpoint: {_first_line(e)[:160]}") from None
     return Weights(to_diffusers_names(sd), None, None, f"distributed checkpoint {path}")

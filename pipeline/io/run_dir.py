@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.io.jsonfile import read_json
 from pipeline.io.guard import GuardError, check_inputs, write_text
 
 
@@ -44,7 +45,7 @@ class StageDir:
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():
             return {}
-        return json.loads(self.manifest_path.read_text())
+        return read_json(self.manifest_path)  # a malformed one: one line naming the file
 
     def guard(self, inputs: dict | None = None, force: bool = False) -> None:
         """The output rule for the stage folder, checked before the stage reads or writes anything:
@@ -68,6 +69,28 @@ class StageDir:
     def done(self) -> bool:
         return self.manifest().get("status") == "done"
 
+    def check_inputs(self, inputs: dict[str, str | Path] | None) -> dict[str, str]:
+        """The sha256 of each input (`{name: path}`), refusing one that differs from the hash recorded when
+        this stage started (a stage in progress or done: it would mix two inputs, or be kept although its
+        input changed).
+
+        Returns:
+            `{path: sha256}`.
+        Raises:
+            StaleInputError naming the input, its path and both hashes.
+        """
+        m = self.manifest()
+        inputs = {k: str(v) for k, v in (inputs or {}).items()}
+        hashes = {p: file_hash(p) for p in set(inputs.values())}  # a path read under two names is hashed once
+        if m.get("status") in ("running", "done"):
+            for name, rec in m.get("inputs", {}).items():
+                now = hashes.get(inputs.get(name))
+                if now is not None and now != rec["sha256"]:
+                    raise StaleInputError(
+                        f"{self.stage}: input '{name}' ({rec['path']}) changed since this stage started (sha256 "
+                        f"{rec['sha256'][:12]} -> {now[:12]}); rerun it with --force to start over on the new input")
+        return hashes
+
     def begin(self, config_yaml: str, inputs: dict[str, str | Path] | None = None, force: bool = False,
               check_inputs: bool = True) -> None:
         """Mark the stage running; save the resolved config; hash its inputs.
@@ -81,14 +104,10 @@ class StageDir:
         """
         m = self.manifest()
         inputs = {k: str(v) for k, v in (inputs or {}).items()}
-        hashes = {p: file_hash(p) for p in set(inputs.values())}  # a path read under two names is hashed once
-        if check_inputs and not force and m.get("status") in ("running", "done"):
-            for name, rec in m.get("inputs", {}).items():
-                now = hashes.get(inputs.get(name))
-                if now is not None and now != rec["sha256"]:
-                    raise StaleInputError(
-                        f"{self.stage}: input '{name}' ({rec['path']}) changed since this stage started (sha256 "
-                        f"{rec['sha256'][:12]} -> {now[:12]}); rerun it with --force to start over on the new input")
+        if check_inputs and not force:
+            hashes = self.check_inputs(inputs)
+        else:
+            hashes = {p: file_hash(p) for p in set(inputs.values())}
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path / "config.yaml", config_yaml)
@@ -98,7 +117,23 @@ class StageDir:
                  inputs={k: {"path": p, "sha256": hashes[p]} for k, p in inputs.items()})
         write_atomic(self.manifest_path, json.dumps(m, indent=1))
 
-    def finish(self, outputs: dict[str, str], metrics: dict) -> None:
+    def record(self, key: str, entry) -> None:
+        """Append `entry` to the manifest's list `key` (e.g. the harmless setting changes of a resume)."""
         m = self.manifest()
-        m.update(status="done", finished=time.time(), outputs=outputs, metrics=metrics)
+        m.setdefault(key, []).append(entry)
+        write_atomic(self.manifest_path, json.dumps(m, indent=1))
+
+    def move_aside(self) -> Path:
+        """Rename this stage's folder to the first free `<stage>.replaced-<k>` beside it (a rerun from
+        scratch keeps what an earlier run made; nothing is deleted). Returns the new path."""
+        k = 1
+        while (aside := self.path.with_name(f"{self.path.name}.replaced-{k}")).exists():
+            k += 1
+        self.path.rename(aside)
+        return aside
+
+    def finish(self, outputs: dict[str, str], metrics: dict, **fields) -> None:
+        """Mark the stage done with its outputs and metrics (and further manifest `fields`, e.g. `settings`)."""
+        m = self.manifest()
+        m.update(status="done", finished=time.time(), outputs=outputs, metrics=metrics, **fields)
         write_atomic(self.manifest_path, json.dumps(m, indent=1))

@@ -8,14 +8,18 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 
+from pipeline.io.jsonfile import read_json
 from pipeline.training.checkpoint import CheckpointError
 
-WAN_HEAD_DIM = 128  # both released Wan2.1 sizes (1.3B: 12 heads, 14B: 40 heads)
+# The head count is in no weight's shape (q/k norms span all heads): only Wan's own widths are known, from the
+# released configs (Wan2.1 T2V-1.3B: dim 1536, 12 heads; Wan2.2 TI2V-5B: 3072, 24; Wan2.1/2.2 14B: 5120, 40).
+WAN_HEADS = {1536: 12, 3072: 24, 5120: 40}
 
 
 class ConvertError(CheckpointError):
@@ -40,13 +44,33 @@ class Weights:
     origin: str
 
     def model_config(self) -> dict:
-        return self.config if self.config is not None else infer_wan_config(self.state_dict)
+        return self.config if self.config is not None else infer_wan_config(self.state_dict, origin=self.origin)
+
+    def check_finite(self, *, after: str | None = None, hint: str = "pass --allow-nonfinite to convert anyway") -> None:
+        """Refuse NaN / inf in any floating tensor, in one line naming the first such key (`after`: what
+        produced them, e.g. a cast; `hint`: how to proceed)."""
+        for key, value in self.state_dict.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = "NaN" if bool(torch.isnan(value).any()) else "inf"
+                n = int((~torch.isfinite(value)).sum())
+                cause = f" after {after}" if after else ""
+                raise ConvertError(f"{self.origin}: non-finite weights{cause}: '{key}' holds {bad} ({n} of "
+                                   f"{value.numel()} values); {hint}")
 
     def cast(self, dtype: torch.dtype | None) -> "Weights":
         if dtype is None:
             return self
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict.items()}
         return dataclasses.replace(self, state_dict=sd)
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The `WanTransformer3DModel` arguments of a `--model-config` file (a diffusers `config.json`)."""
+    config = read_json(path, what="--model-config")
+    for key in ("num_attention_heads", "attention_head_dim"):
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
+            raise ConvertError(f"--model-config {path}: '{key}' must be a positive integer, got {config[key]!r}")
+    return constructor_args(config)
 
 
 def constructor_args(config: dict) -> dict:
@@ -59,21 +83,27 @@ def constructor_args(config: dict) -> dict:
     return out
 
 
-def infer_wan_config(sd: dict) -> dict:
-    """`WanTransformer3DModel` arguments read off diffusers-named weight shapes. The head count is not
-    in any shape: Wan's head width (128) is assumed."""
+def infer_wan_config(sd: dict, *, origin: str | None = None) -> dict:
+    """`WanTransformer3DModel` arguments read off diffusers-named weight shapes (`origin`: what they were
+    read from, for messages). The head count is in no shape: it is known only for Wan's own widths
+    (`WAN_HEADS`); any other width is an error asking for `--model-config`, never a guess."""
+    where = f"{origin}: " if origin else ""
+
     def need(key):
         if key not in sd:
-            raise ConvertError(f"cannot infer the model config: no '{key}' in the weights; pass --model-config")
+            raise ConvertError(f"{where}cannot infer the model config: no '{key}' in the weights; pass "
+                               "--model-config CONFIG.json")
         return sd[key].shape
 
     pe = need("patch_embedding.weight")  # [dim, in_channels, pt, ph, pw]
     dim, patch = pe[0], list(pe[2:])
-    if dim % WAN_HEAD_DIM:
-        raise ConvertError(f"cannot infer the head count of a {dim}-wide model (Wan's heads are {WAN_HEAD_DIM} "
-                           "wide); pass --model-config CONFIG.json")
+    if dim not in WAN_HEADS:
+        known = ", ".join(f"{w} → {h}" for w, h in WAN_HEADS.items())
+        raise ConvertError(f"{where}the head count of a {dim}-wide model cannot be read from its weights (known only "
+                           f"for Wan's widths: {known} heads); pass --model-config CONFIG.json (a diffusers "
+                           "config.json with num_attention_heads and attention_head_dim)")
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    config = dict(patch_size=patch, num_attention_heads=dim // WAN_HEAD_DIM, attention_head_dim=WAN_HEAD_DIM,
+    config = dict(patch_size=patch, num_attention_heads=WAN_HEADS[dim], attention_head_dim=dim // WAN_HEADS[dim],
                   in_channels=pe[1], out_channels=need("proj_out.weight")[0] // math.prod(patch),
                   text_dim=need("condition_embedder.text_embedder.linear_1.weight")[1],
                   freq_dim=need("condition_embedder.time_embedder.linear_1.weight")[1],

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from pipeline.config import Config, TrainingConfig
 from pipeline.training.distributed import global_norm
 from pipeline.training.optim import ema_step, optimizer_step
+from pipeline.training.settings import flatten, settings_of
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -108,6 +109,22 @@ class Method:
     def engines(self) -> dict[str, float | None]:
         """`{model name: gradient clip, or None for a frozen model}`: one DeepSpeed engine each."""
         return {"model": self.section.grad_clip}
+
+    def fingerprint_sections(self) -> list[str]:
+        """The config sections besides its own that shape what this method trains (see
+        `pipeline/training/settings.py`): a resume refuses a change in them."""
+        return ["run.seed", "run.mixed_precision", "data", "model"]
+
+    def harmless_settings(self) -> tuple[str, ...]:
+        """Keys or sections within the fingerprint that this method only uses for previews."""
+        return ()
+
+    def fingerprint(self) -> dict:
+        """`{"section.key": value}` of everything that shapes what is trained (own section under `stage`)."""
+        out = {**settings_of(self.cfg, self.fingerprint_sections()), **flatten(self.section, self.stage)}
+        if getattr(self.section, "lr_schedule", None) == "cosine":  # the schedule's length is its shape
+            out[f"{self.stage}.cosine_length"] = self.section.steps
+        return out
 
     def load(self) -> None:
         """Read input models (before the accelerator exists)."""

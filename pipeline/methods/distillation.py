@@ -87,6 +87,9 @@ class DMDMethod(Method):
     def recorded_inputs(self) -> dict:
         return {"student": stage_input(self.student_path), "teacher": stage_input(self.teacher_path)}
 
+    def fingerprint_sections(self) -> list[str]:  # the models come from the student and teacher folders
+        return ["run.seed", "run.mixed_precision", "data", "student"]
+
     def engines(self) -> dict:
         dc = self.section
         return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, "teacher": None}
@@ -155,7 +158,8 @@ class DMDMethod(Method):
                                 dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
             if acc.is_main_process and (step // self.ratio) % dc.log_every == 0:  # the levels drawn, whole
                 acc.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
-        c = self.optimize("critic", step=step, batch=(lambda i: reuse[i]) if reuse else (lambda i: (self.batches.next(),)),
+        batch = (lambda i: reuse[i]) if reuse else (lambda i: (self.batches.next(),))  # (batch[, samples])
+        c = self.optimize("critic", step=step, batch=batch,
                           loss=lambda pair: self.dmd.critic_loss(pair[0], self.gen, *pair[1:]))
         self.c_loss, self.c_norm = c.loss, c.grad_norm
 

@@ -45,6 +45,9 @@ class FlowMatching(Method):
     def recorded_inputs(self) -> dict | None:
         return {"pretrained": self.cfg.model.pretrained} if self.cfg.model.pretrained else None
 
+    def harmless_settings(self) -> tuple[str, ...]:
+        return ("pretrain_teacher.sampler",)  # the preview's sampler
+
     def build(self, accelerator) -> None:
         cfg, tc = self.cfg, self.section
         model = trainable(build_transformer(cfg.model), tc)

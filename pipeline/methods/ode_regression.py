@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.diffusion.videos import preview
 from pipeline.methods.base import Method, Trained, register
 from pipeline.models.loading import load_source, student_config
-from pipeline.training.checkpoint import remove_own
 from pipeline.training.distributed import shared_generator
 from pipeline.training.optim import make_optimizer, trainable
 from pipeline.training.resume import data_inputs
+from pipeline.training.settings import flatten
 
 
 def teacher_path(cfg: Config) -> Path:
@@ -74,6 +75,14 @@ class OdeRegression(Method):
     def recorded_inputs(self) -> dict:
         return {"teacher": stage_input(self.source_path)}
 
+    def fingerprint_sections(self) -> list[str]:  # the model comes from the teacher; the pairs from its sampler
+        return ["run.seed", "run.mixed_precision", "data", "student", "pretrain_teacher.sampler",
+                "pretrain_teacher.attention"]
+
+    def harmless_settings(self) -> tuple[str, ...]:  # the student's rollout settings: its preview only
+        return tuple(f"student.{k}" for k in ("context_sigma", "max_context_frames", "sink_frames", "clip_x0", "rope",
+                                              "kv_cache"))
+
     def load(self) -> None:
         self.teacher, self.table, teacher_cfg = load_source(self.source_path)  # EMA weights
         self.prediction = teacher_cfg.model.prediction  # the student predicts what the teacher does
@@ -97,22 +106,26 @@ class OdeRegression(Method):
         out over the processes."""
         cfg, ic, tc, acc = self.cfg, self.section, self.cfg.pretrain_teacher, self.accelerator
         folder = stage_path / "ode_pairs"
-        if force and acc.is_main_process:  # pairs belong to the run being redone
-            remove_own(folder, ("shard_*.safetensors", ".tmp_shard_*"))
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # the manifest (begun by the main process) records the teacher's hash
+        teacher_rec = json.loads((stage_path / "manifest.json").read_text()).get("inputs", {}).get("teacher", {})
         sigmas = few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift)
+        provenance = {"teacher_sha256": teacher_rec.get("sha256"), **flatten(tc.sampler, "pretrain_teacher.sampler"),
+                      "pretrain_teacher.attention": tc.attention, "student_sigmas": sigmas.tolist(),
+                      "run.seed": cfg.run.seed, "latent_shape": list(latent_shape(cfg)),
+                      "init_student.ode_batch_size": ic.ode_batch_size}
         teacher = self.teacher
-        if self.resumed_at and pairs_missing(folder, ic.ode_pairs, ic.ode_shard_size, sigmas):
+        if self.resumed_at and pairs_missing(folder, ic.ode_pairs, ic.ode_shard_size, sigmas, provenance):
             teacher = load_source(self.source_path)[0]  # the student's module holds resumed weights now
         denoiser = Denoiser(teacher.to(acc.device).eval(), tc.attention, cfg.data.frames_per_chunk, self.prediction,
                             tc.sampler.clip_x0, rope=tc.sampler.rope, kv_cache=tc.sampler.kv_cache)
         conditions, uncond = pair_conditions(cfg, self.table)
-        write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None, ic.ode_pairs,
-                        ic.ode_shard_size, latent_shape(cfg), sigmas, tc.sampler, seed=cfg.run.seed, device=acc.device,
-                        rank=acc.process_index, world=acc.num_processes, batch_size=ic.ode_batch_size)
+        paths = write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None,
+                                ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas, tc.sampler,
+                                seed=cfg.run.seed, device=acc.device, rank=acc.process_index, world=acc.num_processes,
+                                batch_size=ic.ode_batch_size, provenance=provenance)
         acc.wait_for_everyone()  # every process trains on all shards
         self.pairs_folder = folder
-        self.pairs = OdePairs(folder)
+        self.pairs = OdePairs(folder, paths)
 
     def bind(self) -> None:
         self.student = Denoiser(self.trained["model"].module, "block_causal", self.cfg.data.frames_per_chunk,

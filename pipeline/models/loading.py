@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -13,8 +13,8 @@ from pipeline.config import Config, ConfigError, ModelConfig, load_config
 from pipeline.data.sources import class_table
 from pipeline.io.guard import replacing
 from pipeline.io.readers import read_diffusers_folder, read_source
-from pipeline.io.run_dir import StageDir
-from pipeline.io.weights import ConvertError, Weights, check_fits
+from pipeline.io.jsonfile import read_json
+from pipeline.io.weights import ConvertError, Weights, check_fits, read_model_config
 from pipeline.models.causal_wan import CausalWanTransformer
 from pipeline.models.sampling_meta import (attach, is_student, sampling_metadata, sampling_record,  # noqa: F401
                                            write_sampling)
@@ -57,6 +57,8 @@ def save_model(model, folder: Path, sampling: dict | None = None) -> Path:
 def build_model(weights: Weights) -> CausalWanTransformer:
     """A `CausalWanTransformer` holding `weights` (no copy), in eval mode, its sampling record attached
     (`sampling_meta.sampling_metadata(model)`)."""
+    # NaN / inf weights give NaN videos and poison whatever trains on them: refused here, for every load
+    weights.check_finite(hint="a model built from them outputs NaN (only convert --allow-nonfinite reads them)")
     model = check_fits(weights.state_dict, weights.model_config(), CausalWanTransformer)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)
     return attach(model, weights.sampling).eval()
@@ -82,34 +84,44 @@ def sampling_config(weights: Weights, text_dim: int):
         raise ConvertError(str(e)) from None
 
 
-def load_source(source: str | Path, raw: bool = False, attention_backend: str | None = None):
+def load_source(source: str | Path, raw: bool = False, attention_backend: str | None = None, *,
+                model_config: str | Path | None = None):
     """Model, class table and config of any source `pipeline.io.readers.read_source` reads.
 
     A stage folder gives its EMA weights (`raw`: the raw ones), class table and config; any other
     source (diffusers folder, safetensors file, `.pt` checkpoint, ...) the default config under the
     sampling record it carries (`sampling.json`, safetensors metadata, a stage folder's config).
     The model carries its sampling record (`is_student(model)`) and attends with `attention_backend`
-    (None: the returned config's `model.attention_backend`).
+    (None: the returned config's `model.attention_backend`). `model_config`: a diffusers `config.json`
+    for a source without one (`sample --model-config`, as `convert`'s).
     """
-    model, table, cfg = _load_source(source, raw)
+    model, table, cfg = _load_source(source, raw, model_config)
     model.set_attention_backend(attention_backend or cfg.model.attention_backend)
     return model, table, cfg
 
 
-def _load_source(source: str | Path, raw: bool):
+def _load_source(source: str | Path, raw: bool, model_config: str | Path | None = None):
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {path}")
     if (path / "manifest.json").is_file():  # a stage folder
-        status = StageDir(path.parent, path.name).manifest().get("status")
+        if model_config is not None:
+            raise ValueError(f"--model-config: {path} is a stage folder, whose config.yaml gives the model")
+        status = read_json(path / "manifest.json").get("status")
         if status != "done" or not (path / "transformer_ema").is_dir():
             raise CheckpointError(f"{path}: the stage has not finished (status '{status}'); run it to the end first")
         cfg = load_config(path / "config.yaml")
         model = load_model(path / ("transformer" if raw else "transformer_ema"))
-        table = read_safetensors(path / "conditioning.safetensors")["class_table"] if cfg.data.kind == "sprites" \
-            else None
+        table = None
+        if cfg.data.kind == "sprites":
+            file = path / "conditioning.safetensors"
+            table = read_safetensors(file).get("class_table")
+            if table is None:
+                raise CheckpointError(f"{file}: no 'class_table' tensor (the class embeddings sprites models need)")
         return model, table, cfg
     weights = read_source(path, ema=not raw)
+    if model_config is not None:
+        weights = replace(weights, config=read_model_config(model_config))
     model = build_model(weights).float()  # a bf16/fp16 export samples in fp32 (an exact upcast)
     cfg = sampling_config(weights, model.config.text_dim)
     return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg

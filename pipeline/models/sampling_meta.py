@@ -26,6 +26,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pipeline.io.jsonfile import read_json
+
 SAMPLING_FILE = "sampling.json"
 ROLES = ("teacher", "student")
 LEGACY_KEYS = ("prediction", "denoising_steps", "shift")  # once written into config.json by our stages
@@ -80,19 +82,27 @@ def read_sampling(folder: str | Path, config: dict | None = None) -> dict | None
     folder = Path(folder)
     file = folder / SAMPLING_FILE
     if file.is_file():
-        try:
-            record = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or record.get("role") not in ROLES \
-                or not isinstance(record.get("config", {}), dict):
-            raise ValueError(f"{file}: expected {{\"role\": \"teacher\" | \"student\", \"config\": {{...}}}}")
-        return record
+        return check_record(read_json(file, expect=None), where=str(file))
     if config is None:
         if not (folder / "config.json").is_file():
             return None
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
     return legacy_record(config)
+
+
+def check_record(record, *, where: str) -> dict:
+    """`record` (read from `where`: a file, a file's metadata), when it is a sampling record.
+
+    Raises:
+        ValueError: one line naming `where` and what is wrong.
+    """
+    if not isinstance(record, dict) or record.get("role") not in ROLES \
+            or not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{where}: expected {{\"role\": \"teacher\" | \"student\", \"config\": {{...}}}}")
+    bad = next((k for k, v in record.get("config", {}).items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: config section '{bad}' must be an object of its keys, got {record['config'][bad]!r}")
+    return record
 
 
 def write_sampling(folder: str | Path, record: dict | None) -> None:

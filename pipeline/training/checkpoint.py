@@ -144,11 +144,43 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint: Path) -> None:
 def _load_optimizer(optimizer, path: Path, meta: dict, checkpoint: Path) -> None:
     try:
         optimizer_from_flat(optimizer, read_safetensors(path), meta)
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint {checkpoint}: optimizer state {path.name} does not fit "
                               f"({str(e).splitlines()[0]})") from None
+
+
+# meta.json's keys (`_write_checkpoint`) and what each must be; others may be added freely
+_META_KEYS = {"step": (int, "an integer"), "optimizer": (dict, "an object"), "ema": (dict, "an object"),
+              "extra": (dict, "an object")}
+
+
+def _read_meta(path: Path) -> dict:
+    """`path/meta.json`, checked to be what `_write_checkpoint` writes: one line naming the file and the key
+    otherwise (a `{}` or a list is a hand-edited or foreign file, not a checkpoint)."""
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_bytes().decode())
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 errors
+        raise CheckpointError(f"corrupt checkpoint {path}: meta.json unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt checkpoint {path}: {file.name} must be a JSON object, got "
+                              f"{type(meta).__name__}")
+    for key, (kind, words) in _META_KEYS.items():
+        if key not in meta:
+            raise CheckpointError(f"corrupt checkpoint {path}: {file.name} has no key '{key}'")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise CheckpointError(f"corrupt checkpoint {path}: {file.name} key '{key}' must be {words}, got "
+                                  f"{type(meta[key]).__name__}")
+    others = meta.get("others", {})
+    if not isinstance(others, dict) or not all(isinstance(v, dict) for v in others.values()):
+        raise CheckpointError(f"corrupt checkpoint {path}: {file.name} key 'others' must map names to objects")
+    for section, value in [("optimizer", meta["optimizer"]), *((f"others.{k}", v) for k, v in others.items())]:
+        if not isinstance(value.get("param_groups"), list) or not isinstance(value.get("scalars"), dict):
+            raise CheckpointError(f"corrupt checkpoint {path}: {file.name} key '{section}' needs 'param_groups' "
+                                  "(a list) and 'scalars' (an object)")
+    return meta
 
 
 def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, optimizer,
@@ -159,14 +191,18 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, opti
         (step, extra, rng) as saved.
     """
     path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: meta.json unreadable ({e})") from None
+    meta = _read_meta(path)
     _load_weights(model, path / "model.safetensors", path)
     ema_weights = read_safetensors(path / "ema.safetensors")
     names = [n for n, _ in model.named_parameters()]
-    ema.load_state_dict({**meta["ema"], "shadow_params": [ema_weights[n] for n in names]})
+    missing = [n for n in names if n not in ema_weights]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: ema.safetensors has no {missing[:3]}")
+    try:
+        ema.load_state_dict({**meta["ema"], "shadow_params": [ema_weights[n] for n in names]})
+    except (ValueError, TypeError, KeyError) as e:  # diffusers' EMAModel checks its counters' types
+        raise CheckpointError(f"corrupt checkpoint {path}: meta.json key 'ema' does not restore the EMA "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     _load_optimizer(optimizer, path / "optimizer.safetensors", meta["optimizer"], path)
     for name, (other, other_opt) in (others or {}).items():
         if name not in meta.get("others", {}):
@@ -188,16 +224,6 @@ class CheckpointManager:
     def __init__(self, root: str | Path, *, keep: int = 2, accelerator=None):
         self.root, self.keep, self.accelerator = Path(root), keep, accelerator
 
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
-
-    def clear(self) -> None:
-        """Delete this stage's own checkpoints (a rerun from scratch: stale ones must not be resumed from
-        later); the main process deletes (`restore` waits for it)."""
-        if self.is_main:
-            remove_own(self.root, ("step_*", ".tmp_step_*"))
-
     def restore(self, *, model, ema, optimizer, others: dict | None = None) -> tuple[int, dict, dict]:
         """Restore the newest complete checkpoint in place (every process reads the same one).
 
@@ -218,13 +244,3 @@ class CheckpointManager:
         return save_training_checkpoint(self.root, step, model, ema, optimizer, extra=extra, rng=rng, keep=self.keep,
                                         others=others)
 
-
-def remove_own(folder: Path, patterns: tuple[str, ...]) -> None:
-    """Delete the entries of `folder` matching `patterns`: what a stage itself writes there (checkpoints,
-    ODE-pair shards), never anything else a folder may hold."""
-    for pattern in patterns:
-        for p in Path(folder).glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)

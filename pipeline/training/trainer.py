@@ -24,6 +24,7 @@ from pipeline.training.distributed import (check_replicas, full_optimizer_state,
 from pipeline.training.faults import maybe_kill
 from pipeline.training.optim import place_ema, replay_schedule
 from pipeline.training.resume import finished_already
+from pipeline.training.settings import changes, refuse_changes
 
 
 class Trainer:
@@ -42,11 +43,21 @@ class Trainer:
         cfg, section = method.cfg, method.section
         stage = StageDir(cfg.run.dir, method.stage)
         stage.guard(method.inputs(), force)
+        settings, harmless = method.fingerprint(), method.harmless_settings()
+        if stage.done and not force:  # a done stage is never kept silently on changed settings or inputs
+            if "settings" in stage.manifest():
+                refuse_changes(stage.stage, "the finished stage", changes(stage.manifest()["settings"], settings),
+                               harmless=harmless)
+            stage.check_inputs(method.recorded_inputs())
         if finished_already(stage, section, force):
             return stage
         method.load()
         accelerator = make_accelerator(cfg, stage.path, grad_accum=section.grad_accum, batch_size=section.batch_size,
                                        models=method.engines())
+        if force and stage.path.exists():  # a rerun from scratch: the earlier run's folder is kept aside
+            if accelerator.is_main_process:
+                print(f"[{stage.stage}] --force: moved the earlier stage folder aside to {stage.move_aside()}")
+            accelerator.wait_for_everyone()
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
         method.accelerator = accelerator
         method.build(accelerator)
@@ -56,12 +67,16 @@ class Trainer:
         # Resume: read the newest checkpoint before anything is written (a failed resume writes nothing).
         checkpoints = CheckpointManager(stage.path / "checkpoints", keep=section.keep_checkpoints,
                                         accelerator=accelerator)
-        if force:
-            checkpoints.clear()
         step, extra, rng = checkpoints.restore(model=main.module, ema=method.ema, optimizer=main.optimizer,
                                                others={n: (t.module, t.optimizer) for n, t in others.items()})
+        changed = {}
+        if step and "settings" in extra:  # checkpoints of older versions carry none
+            changed = refuse_changes(stage.stage, f"the checkpoint step_{step:07d}",
+                                     changes(extra["settings"], settings), harmless=harmless)
         if accelerator.is_main_process:
             stage.begin(to_yaml(cfg), inputs=method.recorded_inputs(), force=force)
+            if changed:  # harmless changes (a longer run, other intervals) are allowed and recorded
+                stage.record("setting_changes", {"at_step": step, **{k: list(v) for k, v in changed.items()}})
         for t in method.trained.values():
             replay_schedule(t.scheduler, t.schedule_steps(step))
         method.restore(step=step, extra=extra, rng=rng)
@@ -100,7 +115,8 @@ class Trainer:
                     if accelerator.is_main_process:
                         checkpoints.save(step, model=accelerator.unwrap_model(main.module), ema=method.ema,
                                          optimizer=states[names[0]], rng=method.rng_state(),
-                                         extra={**method.checkpoint_extra(), "elapsed_s": elapsed0 + time.time() - t0},
+                                         extra={**method.checkpoint_extra(), "settings": settings,
+                                                "elapsed_s": elapsed0 + time.time() - t0},
                                          others={n: (accelerator.unwrap_model(t.module), states[n])
                                                  for n, t in others.items()})
         replicas = check_replicas(accelerator, **{n: t.module for n, t in method.trained.items()})
@@ -122,7 +138,8 @@ class Trainer:
             outputs.update(method.extra_outputs(stage.path))
         accelerator.end_training()
         if accelerator.is_main_process:
-            stage.finish(outputs, {**method.metrics(step=step, extra=extra), "steps": step, "processes": accelerator.num_processes,
-                                   "replicas_identical": replicas})
+            metrics = {**method.metrics(step=step, extra=extra), "steps": step,
+                       "processes": accelerator.num_processes, "replicas_identical": replicas}
+            stage.finish(outputs, metrics, settings=settings)
         return stage
 
