@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,24 +22,19 @@ import torch  # noqa: E402
 from pipeline.models.causal_wan import build_transformer  # noqa: E402
 from pipeline.evaluation.checker import score  # noqa: E402
 from pipeline.training.checkpoint import read_safetensors  # noqa: E402
-from pipeline.config import load_config, to_yaml  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sources import class_table  # noqa: E402
 from pipeline.io.media import save_curves  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
 from pipeline.cli import parse_with_overrides  # noqa: E402
+from pipeline.methods import method_for  # noqa: E402
+from pipeline.training.trainer import Trainer  # noqa: E402
 from pipeline.diffusion.videos import sample_videos  # noqa: E402
 
 
 def train_teacher(cfg) -> None:
-    """Run the `pretrain_teacher` stage of `cfg` in a child process (`python -m stages.pretrain_teacher`, this
-    checkout's code; relative paths resolve where this command runs): the benchmarks import `pipeline/`, never
-    `stages/`."""
-    with tempfile.TemporaryDirectory(prefix="teacher_curve_") as tmp:
-        config = Path(tmp) / "config.yaml"
-        config.write_text(to_yaml(cfg))
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        subprocess.run([sys.executable, "-m", "stages.pretrain_teacher", "--config", str(config)], check=True,
-                       env=dict(os.environ, PYTHONPATH=path))
+    """Run the `pretrain_teacher` stage of `cfg` in this process, as `python -m stages.pretrain_teacher` does."""
+    Trainer(method_for("pretrain_teacher", cfg)).run()
 
 
 def run(cfg, *, n: int = 96, train: bool = True) -> list[dict]:

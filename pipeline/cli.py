@@ -11,7 +11,7 @@ from typing import Callable
 from pipeline.config import ConfigError, load_config
 from pipeline.training.checkpoint import CheckpointError
 from pipeline.training.optim import NonFiniteLoss
-from pipeline.training.resume import lock_run_dir
+from pipeline.training.stage_io import lock_run_dir
 
 # Errors that are the user's to fix: reported as one line and a non-zero exit, never a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, NonFiniteLoss)  # OSError: unwritable/full disk

@@ -38,7 +38,7 @@ from pipeline.evaluation.report import make_report, manifest_metrics, write_repo
 from pipeline.evaluation.scoring import evaluate_entry, evaluate_text_entry, real_reference
 from pipeline.io.run_dir import StageDir
 from pipeline.training.distributed import run_device
-from pipeline.training.resume import component_inputs
+from pipeline.training.stage_io import component_inputs
 
 
 def run_text(cfg: Config, force: bool = False) -> StageDir:

@@ -22,7 +22,7 @@ import yaml
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.plan import plan
-from pipeline.training.resume import lock_run_dir
+from pipeline.training.stage_io import lock_run_dir
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
 AVAILABLE = {"pretrain_teacher": "stages.pretrain_teacher", "init_student": "stages.init_student",

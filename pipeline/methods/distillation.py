@@ -28,7 +28,7 @@ from pipeline.methods.ode_regression import stage_input
 from pipeline.models.loading import load_source, student_config
 from pipeline.training.distributed import local_batch, mixed_precision, shared_generator
 from pipeline.training.optim import hold_frozen, make_optimizer, trainable
-from pipeline.training.resume import data_inputs
+from pipeline.training.stage_io import data_inputs
 
 
 def sources(cfg: Config) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ from pipeline.models.conditioning import drop_prompts
 from pipeline.models.causal_wan import build_transformer
 from pipeline.training.distributed import local_batch, shared_generator
 from pipeline.training.optim import make_optimizer, trainable
-from pipeline.training.resume import data_inputs
+from pipeline.training.stage_io import data_inputs
 
 
 @register("flow_matching")

@@ -29,7 +29,7 @@ from pipeline.methods.base import Method, Trained, register
 from pipeline.models.loading import load_source, student_config
 from pipeline.training.distributed import shared_generator
 from pipeline.training.optim import make_optimizer, trainable
-from pipeline.training.resume import data_inputs
+from pipeline.training.stage_io import data_inputs
 from pipeline.training.settings import flatten
 
 

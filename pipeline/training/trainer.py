@@ -23,7 +23,7 @@ from pipeline.training.distributed import (check_replicas, full_optimizer_state,
                                            restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
 from pipeline.training.optim import place_ema, replay_schedule
-from pipeline.training.resume import finished_already
+from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
 
 
