@@ -17,7 +17,6 @@ the shards an uninterrupted one would have.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.data import shard
+from pipeline.io.guard import replacing
 from pipeline.data.shard_files import shard_path
 from pipeline.training.checkpoint import read_safetensors
 from pipeline.diffusion.sampling import Denoiser, sample_autoregressive, sample_synchronous
@@ -121,11 +121,10 @@ def write_ode_pairs(folder: str | Path, teacher: Denoiser, conditions: Condition
                     keep_sigmas=keep)
             parts.append(states.cpu())
         states = torch.cat(parts, dim=1)
-        tmp = paths[i].with_name(f".tmp_{paths[i].name}")
-        save_file({"states": states.transpose(0, 1).float().cpu().contiguous(), "sigmas": keep,
-                   "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp),
-                  metadata=None if provenance is None else {"provenance": json.dumps(provenance, sort_keys=True)})
-        os.replace(tmp, paths[i])
+        with replacing(paths[i]) as tmp:
+            save_file({"states": states.transpose(0, 1).float().cpu().contiguous(), "sigmas": keep,
+                       "context": context.float().cpu().contiguous(), "labels": labels.long().cpu()}, str(tmp),
+                      metadata=None if provenance is None else {"provenance": json.dumps(provenance, sort_keys=True)})
     return paths
 
 

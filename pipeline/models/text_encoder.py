@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -149,14 +148,14 @@ class TextEncoder:
         there (temp name, then rename) when not: re-running the same prompts does not re-encode."""
         from safetensors.torch import load_file, save_file
 
+        from pipeline.io.guard import replacing
+
         path = Path(cache_dir) / f"prompt_embeds_{self.cache_key(prompts)}.safetensors"
         if path.is_file():
             return load_file(str(path))["prompt_embeds"]
         emb = self.encode_prompts(prompts, batch_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp_{path.name}")
-        save_file({"prompt_embeds": emb.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file({"prompt_embeds": emb.contiguous()}, str(tmp))
         return emb
 
 
