@@ -139,7 +139,7 @@ class Method:
         if step:
             self.gen.set_state(rng["train"])
 
-    def prepare_data(self, *, stage_path: Path, force: bool) -> None:
+    def prepare_data(self, *, stage_path: Path) -> None:
         """Data made by the stage itself before training (ODE pairs), once the stage is marked running."""
 
     def bind(self) -> None:

@@ -101,7 +101,7 @@ class OdeRegression(Method):
         super().restore(step=step, extra=extra, rng=rng)
 
     @torch.no_grad()
-    def prepare_data(self, *, stage_path: Path, force: bool) -> None:
+    def prepare_data(self, *, stage_path: Path) -> None:
         """Sample (or finish sampling) the teacher's ODE pairs into `<stage>/ode_pairs/`, the shards shared
         out over the processes."""
         cfg, ic, tc, acc = self.cfg, self.section, self.cfg.pretrain_teacher, self.accelerator

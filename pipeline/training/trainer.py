@@ -32,7 +32,7 @@ class Trainer:
 
     Args:
         method: the method, constructed with its config and section.
-        force: rerun from scratch (checkpoints of an earlier run are deleted; a done stage is redone).
+        force: rerun from scratch (the earlier stage folder is moved aside whole; a done stage is redone).
     """
 
     def __init__(self, method: Method, *, force: bool = False):
@@ -80,7 +80,7 @@ class Trainer:
         for t in method.trained.values():
             replay_schedule(t.scheduler, t.schedule_steps(step))
         method.restore(step=step, extra=extra, rng=rng)
-        method.prepare_data(stage_path=stage.path, force=force)
+        method.prepare_data(stage_path=stage.path)
 
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
