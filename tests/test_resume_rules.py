@@ -47,7 +47,7 @@ def copy_run(src: Path, tmp_path: Path) -> Path:
     ("pretrain_teacher.lr=0.003", "pretrain_teacher.lr"),
     ("model.prediction=x0", "model.prediction"),
     ("run.seed=7", "run.seed"),
-    ("pretrain_teacher.batch_size=2", "pretrain_teacher.batch_size"),
+    ("pretrain_teacher.batch_size=2", "pretrain_teacher.batch_size*processes=4 (now 2)"),
     ("pretrain_teacher.trajectory=tf", "pretrain_teacher.trajectory"),
     ("data.cond_seed=99", "data.cond_seed"),
 ])

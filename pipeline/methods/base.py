@@ -119,9 +119,14 @@ class Method:
         """Keys or sections within the fingerprint that this method only uses for previews."""
         return ()
 
-    def fingerprint(self) -> dict:
-        """`{"section.key": value}` of everything that shapes what is trained (own section under `stage`)."""
+    def fingerprint(self, *, processes: int = 1) -> dict:
+        """`{"section.key": value}` of everything that shapes what is trained (own section under `stage`).
+
+        The batch counts over all `processes`: N processes × batch B train as one process with batch N·B
+        (`pipeline/data/shard.py`), so a run may resume under another process count."""
         out = {**settings_of(self.cfg, self.fingerprint_sections()), **flatten(self.section, self.stage)}
+        if "batch_size" in getattr(self.section, "__dataclass_fields__", {}):
+            out[f"{self.stage}.batch_size*processes"] = out.pop(f"{self.stage}.batch_size") * processes
         if getattr(self.section, "lr_schedule", None) == "cosine":  # the schedule's length is its shape
             out[f"{self.stage}.cosine_length"] = self.section.steps
         return out

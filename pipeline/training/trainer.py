@@ -9,6 +9,7 @@ logging (tqdm, TensorBoard), fault points, the replica check, saving and the pre
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -43,7 +44,9 @@ class Trainer:
         cfg, section = method.cfg, method.section
         stage = StageDir(cfg.run.dir, method.stage)
         stage.guard(method.inputs(), force)
-        settings, harmless = method.fingerprint(), method.harmless_settings()
+        # WORLD_SIZE: set by `accelerate launch` for every worker (the accelerator does not exist yet)
+        settings = method.fingerprint(processes=int(os.environ.get("WORLD_SIZE", "1")))
+        harmless = method.harmless_settings()
         if stage.done and not force:  # a done stage is never kept silently on changed settings or inputs
             if "settings" in stage.manifest():
                 refuse_changes(stage.stage, "the finished stage", changes(stage.manifest()["settings"], settings),
