@@ -30,6 +30,14 @@ from pipeline.models.conditioning import embed_labels, make_class_table
 from pipeline.data.sprites import NULL_CLASS, SpritesStream
 
 
+def shard_files(path: Path, kind: str) -> list[Path]:
+    """The shards of a `prepare_data` folder, sorted; hidden names are a writer's temporaries (a killed run)."""
+    shards = sorted(p for p in path.glob("*.safetensors") if p.name != "null_embeds.safetensors"
+                    and not p.name.startswith("."))
+    if not shards:
+        raise FileNotFoundError(f"no {kind} shards (*.safetensors) in {path}")
+    return shards
+
 class SpritesSource:
     """Sprites videos as latents `[B, 3, F, S, S]` with class-embedding prompts."""
 
@@ -88,10 +96,7 @@ class LatentSource(_ShuffledRows):
 
     def __init__(self, path: str | Path, seed: int, *, cfg=None):
         path = Path(path)
-        shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
-                        if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
-        if not shards:
-            raise FileNotFoundError(f"no latent shards (*.safetensors) in {path}")
+        shards = shard_files(path, "latent")
         parts = [read_safetensors(p) for p in shards]
         for p, part in zip(shards, parts):
             if "latents" not in part or "prompt_embeds" not in part:
@@ -226,10 +231,7 @@ class PromptSource(_ShuffledRows):
 
     def __init__(self, path: str | Path, seed: int, *, cfg=None):
         path = Path(path)
-        shards = sorted(p for p in path.glob("*.safetensors")  # hidden: a writer's temporary (a killed run)
-                        if p.name != "null_embeds.safetensors" and not p.name.startswith("."))
-        if not shards:
-            raise FileNotFoundError(f"no prompt shards (*.safetensors) in {path}")
+        shards = shard_files(path, "prompt")
         if not (path / "null_embeds.safetensors").is_file():
             raise FileNotFoundError(f"{path}: null_embeds.safetensors (the empty prompt's embeddings) is missing")
         # also what init_student's ODE pairs index; with `cfg`, rows are checked against model.text_dim

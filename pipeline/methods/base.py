@@ -208,3 +208,29 @@ class Method:
         """The manifest's metrics after `step` steps (`extra`: the resumed checkpoint's, for a run resumed at
         its last step)."""
         return {}
+
+
+class OneModelMethod(Method):
+    """A method that trains one model, `trained["model"]`, by one loss: each step is one optimiser step over
+    `batch(i)` / `step_loss(batch) -> (loss, stats)`, then the EMA; it logs loss, gradient norm, LR and
+    samples/s."""
+
+    loss = None  # the last micro-batch's loss (at logging steps: the global batch's); None before any step
+
+    def batch(self, i: int):
+        raise NotImplementedError
+
+    def step_loss(self, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> None:
+        self.trained["model"].module.train()
+        update = self.optimize("model", step=step, batch=self.batch, loss=self.step_loss)
+        self.loss, self.grad_norm = update.loss, update.grad_norm
+        self.update_ema()
+
+    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
+        self.loss = self.accelerator.reduce(self.loss.detach(), "mean")  # the global batch's loss
+        t = self.trained["model"]
+        return ({"loss": self.loss.item(), "grad_norm": float(self.grad_norm), "lr": t.scheduler.get_last_lr()[0],
+                 "samples_per_s": self.samples_seen / elapsed}, {"loss": f"{self.loss.item():.4f}"})

@@ -20,7 +20,7 @@ from pipeline.diffusion.losses import flow_matching_loss
 from pipeline.diffusion.sampling import Denoiser
 from pipeline.diffusion.trajectories import TrajectoryDistribution
 from pipeline.diffusion.videos import preview
-from pipeline.methods.base import Method, Trained, register
+from pipeline.methods.base import OneModelMethod, Trained, register
 from pipeline.models.conditioning import drop_prompts
 from pipeline.models.causal_wan import build_transformer
 from pipeline.training.distributed import local_batch, shared_generator
@@ -29,7 +29,7 @@ from pipeline.training.stage_io import data_inputs
 
 
 @register("flow_matching")
-class FlowMatching(Method):
+class FlowMatching(OneModelMethod):
     """The teacher: one model trained by flow matching (or x0 regression) from scratch or `model.pretrained`."""
 
     stage = "pretrain_teacher"
@@ -60,7 +60,6 @@ class FlowMatching(Method):
             tf_prob=tc.tf_prob, bid_prob=tc.bid_prob, sigma_kind=tc.sigma_kind, sigma_mean=tc.sigma_mean,
             sigma_std=tc.sigma_std, sigma_shift=tc.sigma_shift)
         self.gen = shared_generator(accelerator, cfg.run.seed + 1)  # noise levels, noise, label dropout
-        self.loss = None  # stays None when resuming a checkpoint of the final step (crash after it)
 
     def restore(self, *, step, extra, rng) -> None:
         if step:
@@ -87,18 +86,6 @@ class FlowMatching(Method):
         weight = b["weight"].to(device)
         return flow_matching_loss(self.denoiser, b["x0"], b["context"], b["sigma"].to(device), weight, b["noise"],
                                   self.global_norm(weight)), {}
-
-    def train_step(self, step: int) -> None:
-        self.trained["model"].module.train()
-        update = self.optimize("model", step=step, batch=self.batch, loss=self.step_loss)
-        self.loss, self.grad_norm = update.loss, update.grad_norm
-        self.update_ema()
-
-    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
-        self.loss = self.accelerator.reduce(self.loss.detach(), "mean")  # the global batch's loss
-        t = self.trained["model"]
-        return ({"loss": self.loss.item(), "grad_norm": float(self.grad_norm), "lr": t.scheduler.get_last_lr()[0],
-                 "samples_per_s": self.samples_seen / elapsed}, {"loss": f"{self.loss.item():.4f}"})
 
     def checkpoint_extra(self) -> dict:
         return {"data": self.source.state_dict(), "loss": self.loss.item()}

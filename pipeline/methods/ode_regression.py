@@ -25,7 +25,7 @@ from pipeline.data.sprites import NULL_CLASS
 from pipeline.diffusion.losses import ode_regression_loss, pick_ode_states
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.diffusion.videos import preview
-from pipeline.methods.base import Method, Trained, register
+from pipeline.methods.base import OneModelMethod, Trained, register
 from pipeline.models.loading import load_source, student_config
 from pipeline.training.distributed import shared_generator
 from pipeline.training.optim import make_optimizer, trainable
@@ -59,7 +59,7 @@ def pair_conditions(cfg: Config, table: torch.Tensor | None):
 
 
 @register("ode_regression")
-class OdeRegression(Method):
+class OdeRegression(OneModelMethod):
     """The student regressed on the teacher's ODE trajectories; it starts as the teacher's EMA weights
     (the same module: no separate frozen copy)."""
 
@@ -94,7 +94,6 @@ class OdeRegression(Method):
         optimizer, scheduler = make_optimizer(model, ic)
         self.trained = {"model": Trained(model, optimizer, scheduler, ic.grad_clip, f"{self.stage}.lr")}
         self.gen = shared_generator(accelerator, self.cfg.run.seed + 2)  # pair draws and step indices
-        self.loss = None
 
     def restore(self, *, step, extra, rng) -> None:
         self.resumed_at = step
@@ -136,18 +135,8 @@ class OdeRegression(Method):
         return ode_regression_loss(self.student, x, sigma, batch["context"], batch["states"][:, -1],
                                    self.global_norm((sigma > 0).float())), {}
 
-    def train_step(self, step: int) -> None:
-        self.trained["model"].module.train()
-        batch = lambda i: self.pairs.next_batch(self.section.batch_size, self.gen, self.accelerator.device)  # noqa: E731
-        update = self.optimize("model", step=step, batch=batch, loss=self.step_loss)
-        self.loss, self.grad_norm = update.loss, update.grad_norm
-        self.update_ema()
-
-    def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
-        self.loss = self.accelerator.reduce(self.loss.detach(), "mean")  # the global batch's loss
-        t = self.trained["model"]
-        return ({"loss": self.loss.item(), "grad_norm": float(self.grad_norm), "lr": t.scheduler.get_last_lr()[0],
-                 "samples_per_s": self.samples_seen / elapsed}, {"loss": f"{self.loss.item():.4f}"})
+    def batch(self, i: int) -> dict:
+        return self.pairs.next_batch(self.section.batch_size, self.gen, self.accelerator.device)
 
     def checkpoint_extra(self) -> dict:
         return {"loss": self.loss.item()}
