@@ -76,7 +76,7 @@ EMADevice = choices("EMADevice", "same", "cpu")
 Attention = choices("Attention", "block_causal", "bidirectional")
 Trajectory = choices("Trajectory", "df", "tf", "bid")
 SigmaKind = choices("SigmaKind", "logit_normal", "uniform")
-DistillMethod = choices("DistillMethod", "sf_dmd", "df_dmd")
+DistillMethod = choices("DistillMethod", "sf_dmd", "df_dmd", "sf_gan")
 CriticSamples = choices("CriticSamples", "fresh", "generator")
 TimestepSampling = choices("TimestepSampling", "per_frame", "uniform")
 ExitStep = choices("ExitStep", "per_rollout", "per_chunk")
@@ -387,6 +387,12 @@ class InitStudentConfig(TrainingConfig):
     """CausVid's initialisation: teacher weights, then regression onto the teacher's ODE pairs."""
 
     teacher: Optional[str] = None  # a teacher stage or diffusers folder (default: <run.dir>/pretrain_teacher)
+    # the teacher's attention where its source does not record it (a stock diffusers Wan folder: bidirectional);
+    # a bidirectional teacher makes its ODE pairs synchronously (whole clips), a block_causal one chunk by chunk
+    teacher_attention: Optional[Attention] = None
+    # a diffusers config.json of the teacher's shape, for a source without one (a `.pt`) and for --dry-run
+    # before the weights exist (configs/shapes/); a stage folder's own is used for stage folders
+    teacher_config: Optional[str] = None
     ode_pairs: int = positive(1024)  # teacher ODE trajectories to sample
     ode_shard_size: int = positive(64)  # pairs per safetensors shard (a crash loses at most one shard)
     # videos the teacher samples at once (None: a whole shard); bounds its KV cache
@@ -400,10 +406,21 @@ class DistillConfig(TrainingConfig):
     warmup_steps/ema_decay are the generator's; the critic has its own lr and clip.
     Self-Forcing's Wan settings: lr 2e-6, critic_lr 4e-7, betas (0, 0.999), weight_decay 0.01, clip 10."""
 
-    # sf_dmd (rollout on own outputs) | df_dmd (noised clean videos, one forward)
+    # sf_dmd (rollout on own outputs) | df_dmd (noised clean videos, one forward) | sf_gan (rollouts, GAN only)
     method: DistillMethod = DistillMethod.sf_dmd
     student: Optional[str] = None  # generator start: a student stage/diffusers folder (default <run.dir>/init_student)
     teacher: Optional[str] = None  # real score, frozen; critic start (default <run.dir>/pretrain_teacher)
+    teacher_attention: Optional[Attention] = None  # the real score's, where its source does not record it
+    critic: Optional[str] = None  # the fake score's start, any source (default: the teacher); may be smaller
+    critic_attention: Optional[Attention] = None  # the fake score's, where its source does not record it
+    # `*_config`: a diffusers config.json of that model's shape, for a source without one (a `.pt`) and for
+    # --dry-run before the weights exist (configs/shapes/); a stage folder's own is used for stage folders
+    student_config: Optional[str] = None
+    teacher_config: Optional[str] = None
+    critic_config: Optional[str] = None
+    # the frozen real score lives on the CPU, each layer moved to the device for its call (accelerate's
+    # cpu_offload): its weights leave the GPU's memory for PCIe traffic. (Sharded: a ZeRO-3 --accelerate-config.)
+    teacher_offload: bool = False
     steps: int = redefault(TrainingConfig, "steps", 1000)
     lr: float = redefault(TrainingConfig, "lr", 2e-6)
     critic_lr: float = positive(4e-7)
@@ -427,6 +444,13 @@ class DistillConfig(TrainingConfig):
     exit_step: ExitStep = ExitStep.per_rollout  # sf_dmd: one exit step for all chunks | per_chunk
     # df_dmd: data (the training videos) | ode_pairs (init_student's ODE end points)
     clean_source: CleanSource = CleanSource.data
+    # The GAN (pipeline/methods/gan.py): sf_gan trains by it alone; on sf_dmd / df_dmd, gan_weight > 0 adds DMD2's
+    # GAN term to the generator's loss and the critic's (the fake score doubles as the discriminator's features).
+    gan_weight: float = at_least(0, 0.0)
+    disc_lr: Optional[float] = positive(None)  # the discriminator head's learning rate (None: critic_lr)
+    disc_layer: Optional[int] = at_least(0, None)  # the block whose output the head reads (None: the middle one)
+    disc_hidden: int = positive(256)  # the head's MLP width
+    r1_weight: float = at_least(0, 0.0)  # γ of the R1 penalty γ/2·E‖∇D(real)‖² (0: none)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -512,6 +536,10 @@ def validate(cfg: Config) -> None:
                                              "(use data.kind=latents, or distill.method=sf_dmd)", "distill.method")
         need("pretrain_teacher" not in cfg.run.stages, "run.stages: pretrain_teacher needs videos (data.kind=latents); "
                                                        "data.kind=prompts has none", "run.stages")
+    if cfg.data.kind == "prompts" and (cfg.distill.method == "sf_gan" or cfg.distill.gan_weight > 0):
+        key = "distill.method" if cfg.distill.method == "sf_gan" else "distill.gan_weight"
+        need(False, f"{key}: the GAN's discriminator needs real videos: data.kind=prompts has none "
+                    "(use data.kind=latents or sprites)", key)
     if cfg.data.kind == "sprites":
         for key in ("in_channels", "out_channels"):
             need(getattr(cfg.model, key) == 3, f"model.{key}: sprites videos have 3 channels (RGB), got "

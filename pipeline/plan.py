@@ -6,6 +6,7 @@ benchmarks/memory_estimate.py checks it against measured peaks)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,12 +20,38 @@ from pipeline.training import memory
 from pipeline.training.distributed import mixed_precision, run_device
 
 
-def model_summary(cfg: Config) -> dict:
-    """Parameter count and token shapes without allocating weights (meta device). A `model.pretrained`
-    folder gives its config.json; when it is missing, the shape of `model.*` is used and the path named."""
+def source_config(source: str | Path | None, config_file: str | None = None) -> tuple[dict | None, str]:
+    """The `config.json` of a model source, read without its weights: a stage folder's `transformer_ema/`,
+    a pipeline folder's `transformer/`, a diffusers folder's own, a safetensors file's metadata; else
+    `config_file` (a `*_config` key). Returns (the config or None, where it came from)."""
+    path = Path(source) if source else None
+    found = None
+    if path is not None and path.is_dir():
+        found = next((c for c in (path / "transformer_ema" / "config.json", path / "transformer" / "config.json",
+                                  path / "config.json") if c.is_file()), None)
+        if found is not None:
+            return json.loads(found.read_text()), str(path)
+    if path is not None and path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:
+            return json.loads(meta["config"]), str(path)
+    if config_file and Path(config_file).is_file():
+        return json.loads(Path(config_file).read_text()), config_file
+    return None, ""
+
+
+def model_summary(cfg: Config, config: dict | None = None, origin: str = "") -> dict:
+    """Parameter count and token shapes without allocating weights (meta device). `config`: a diffusers
+    config.json's arguments (else a `model.pretrained` folder's; when it is missing, the shape of
+    `model.*` is used and the path named)."""
     source = ""
     kw = wan_config(cfg.model)
-    if cfg.model.pretrained:
+    if config is not None:
+        kw.update({k: v for k, v in config.items() if k in kw})
+        source = f" from {origin}" if origin else ""
+    elif cfg.model.pretrained:
         conf = Path(cfg.model.pretrained) / "config.json"
         if conf.is_file():
             kw.update({k: v for k, v in json.loads(conf.read_text()).items() if k in kw})
@@ -53,19 +80,64 @@ def masked_attention(cfg: Config) -> str:
     return masked_method(getattr(cfg.model, "attention_backend", "auto"), run_device(cfg), requires_grad=True)
 
 
+def _shape(cfg: Config, ms: dict) -> memory.Shape:
+    return memory.Shape(ms["parameters"], ms["dim"], ms["ffn"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
+                        cfg.data.frames_per_chunk)
+
+
+def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
+    """`{role: (model_summary, attention or None where neither the config nor the source says)}` of distill's
+    student, real score and fake score, read from their sources' config.json (else their `*_config` key,
+    else the shape of `model.*`) without loading weights."""
+    from pipeline.methods.distillation import sources
+    from pipeline.models.sampling_meta import read_sampling, recorded_attention
+
+    dc = cfg.distill
+    student, teacher, critic = sources(cfg)
+
+    def attention(source, configured):
+        if configured is not None:
+            return str(configured)
+        path = Path(source)
+        if path == Path(cfg.run.dir) / "pretrain_teacher" and not path.exists():  # this run will train it
+            return str(cfg.pretrain_teacher.attention)
+        if (path / "manifest.json").is_file() and (path / "config.yaml").is_file():
+            from pipeline.config import load_config
+            record = read_sampling(path / "transformer_ema")
+            return recorded_attention(record) or load_config(path / "config.yaml").pretrain_teacher.attention
+        if path.is_dir() and (path / "config.json").is_file():
+            return recorded_attention(read_sampling(path))
+        return None
+
+    real = (model_summary(cfg, *source_config(teacher, dc.teacher_config)), attention(teacher, dc.teacher_attention))
+    fake = real if critic is None else (model_summary(cfg, *source_config(critic, dc.critic_config)),
+                                        attention(critic, dc.critic_attention))
+    if critic is None and dc.critic_attention is not None:
+        fake = (fake[0], str(dc.critic_attention))
+    return {"student": (model_summary(cfg, *source_config(student, dc.student_config)), "block_causal"),
+            "real score": real, "fake score": fake}
+
+
 def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_processes: int = 1,
                     backend: str | None = None, stage_zero: int = 0) -> memory.MemoryEstimate:
-    """The per-device memory estimate of a training stage (`pipeline/training/memory.py`); `ms`: `model_summary(cfg)`."""
+    """The per-device memory estimate of a training stage (`pipeline/training/memory.py`); `ms`: `model_summary(cfg)`.
+    distill's three models each get their own shape (`distill_roles`)."""
     ms = ms or model_summary(cfg)
-    shape = memory.Shape(ms["parameters"], ms["dim"], ms["ffn"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
-                         cfg.data.frames_per_chunk)
-    return memory.estimate_config(cfg, stage, shape, backend or "DDP", stage_zero, num_processes,
-                                  bf16=mixed_precision(cfg) == "bf16", masked=masked_attention(cfg))
+    real = fake = None
+    kw = {}
+    if stage == "distill":
+        roles = distill_roles(cfg)
+        ms = roles["student"][0]
+        real, fake = _shape(cfg, roles["real score"][0]), _shape(cfg, roles["fake score"][0])
+        kw = {"teacher_attention": roles["fake score"][1], "real_attention": roles["real score"][1]}
+    return memory.estimate_config(cfg, stage, _shape(cfg, ms), backend or "DDP", stage_zero, num_processes,
+                                  bf16=mixed_precision(cfg) == "bf16", masked=masked_attention(cfg), real=real,
+                                  fake=fake, **kw)
 
 
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int) -> str:
     est = memory_estimate(cfg, stage, ms=ms, num_processes=num_processes, backend=backend, stage_zero=stage_zero)
-    return f"  memory: {est.line()}"
+    return "\n".join([f"  memory: {est.line()}", *(f"    {line}" for line in est.model_lines())])
 
 
 def missing_paths(cfg: Config) -> dict[str, str]:
@@ -77,6 +149,17 @@ def missing_paths(cfg: Config) -> dict[str, str]:
             "init_student.teacher": cfg.init_student.teacher, "distill.student": cfg.distill.student,
             "distill.teacher": cfg.distill.teacher}
     return {k: v for k, v in keys.items() if v and not Path(v).exists()}
+
+
+def role_lines(cfg: Config) -> list[str]:
+    """distill's models: shape and attention of each (`pipeline/models/roles.py`)."""
+    keys = {"real score": "distill.teacher_attention", "fake score": "distill.critic_attention"}
+    out = []
+    for role, (ms, attention) in distill_roles(cfg).items():
+        said = attention or f"not recorded by its source: set {keys[role]} (the run stops here otherwise)"
+        out.append(f"  {role}: {memory.params_text(ms['parameters'])} ({ms['layers']} layers x {ms['dim']}), "
+                   f"attention {said}")
+    return out
 
 
 def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None, zero: int = 0) -> str:
@@ -110,6 +193,13 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
             detail = (f"models={','.join(e.models + list(e.extra))} videos={e.num_videos} frames={cfg.data.frames} and "
                       f"{cfg.data.frames * e.long_factor}")
         lines.append(f"stage {s}: {state} {detail}".rstrip())
+        if s == "distill":
+            lines += role_lines(cfg)
         if s in ("pretrain_teacher", "init_student", "distill"):
             lines.append(memory_line(cfg, s, ms, num_processes, backend, zero))
+        if s == "distill":  # the other place for the real score
+            other = replace(cfg, distill=replace(cfg.distill, teacher_offload=not cfg.distill.teacher_offload))
+            est = memory_estimate(other, s, num_processes=num_processes, backend=backend, stage_zero=zero)
+            lines.append(f"    with distill.teacher_offload={str(not cfg.distill.teacher_offload).lower()}: "
+                         f"{est.line().split(' per device')[0]} in all")
     return "\n".join(lines)

@@ -194,3 +194,19 @@ def call(capsys, main, *argv) -> tuple[int, str]:
     capsys.readouterr()
     rc = main([str(a) for a in argv])
     return rc, capsys.readouterr().err
+
+
+def capture_method(monkeypatch) -> dict:
+    """`seen["method"]`: the distill method of the next run, recorded as it binds its losses (its models
+    prepared, `frozen` / `trained` / `offloaded` in place), with the devices of its offloaded real score."""
+    from pipeline.methods.distillation import DMDMethod
+
+    seen, orig = {}, DMDMethod.bind
+
+    def bind(self):
+        seen["method"] = self
+        if self.offloaded is not None:
+            seen["offloaded_devices"] = {p.device.type for p in self.offloaded.parameters()}
+        orig(self)
+    monkeypatch.setattr(DMDMethod, "bind", bind)
+    return seen

@@ -38,7 +38,7 @@ CONFIG_ROWS = [
     ("zero checkpoint interval", ["init_student.checkpoint_every=0"], "checkpoint_every"),
     ("KV window not whole chunks", ["student.max_context_frames=4"], "student.max_context_frames (4) and sink_frames"),
     ("student steps not decreasing", ["student.denoising_steps=[250,500]"], "expected decreasing timesteps"),
-    ("unknown method", ["distill.method=dmd2"], "distill.method: expected sf_dmd or df_dmd, got 'dmd2'"),
+    ("unknown method", ["distill.method=dmd2"], "distill.method: expected sf_dmd, df_dmd or sf_gan, got 'dmd2'"),
     ("unknown precision", ["run.mixed_precision=fp8"], "run.mixed_precision: expected auto, no or bf16"),
     ("sprites size", ["data.size=24"], "data.size: sprites frames are 16 or 32 pixels, got 24"),
     ("unknown evaluated model", ["evaluate.models=[teacher,studnet]"], "evaluate.models: unknown model 'studnet'"),
@@ -112,7 +112,7 @@ def test_invalid_yaml(tmp_path, capsys):
 def test_yaml_of_the_wrong_shape(tmp_path, capsys):
     for body, needle in [("- run\n- data\n", "expected a mapping of config sections"),
                          ("run: 5\n", "config key 'run' is a section: expected a mapping of its keys, got 5"),
-                         ("distill:\n  method: dmd2\n", "distill.method: expected sf_dmd or df_dmd, got 'dmd2'")]:
+                         ("distill:\n  method: dmd2\n", "distill.method: expected sf_dmd, df_dmd or sf_gan, got 'dmd2'")]:
         f = tmp_path / "shape.yaml"
         f.write_text(body)
         rc, err = run_launch(capsys, [str(f), f"run.dir={tmp_path / 'run'}"])

@@ -193,7 +193,7 @@ def test_choices_are_their_strings():
 
 
 def test_bad_value_in_a_file_names_the_file(tmp_path):
-    for body, needle in [("distill:\n  method: dmd2\n", "distill.method: expected sf_dmd or df_dmd, got 'dmd2'"),
+    for body, needle in [("distill:\n  method: dmd2\n", "distill.method: expected sf_dmd, df_dmd or sf_gan, got 'dmd2'"),
                          ("distill:\n  lr: -1\n", "distill.lr must be positive"),
                          ("pretrain_teacher:\n  sampler: 3\n", "config key 'pretrain_teacher.sampler' is a section"),
                          ("- run\n- data\n", "expected a mapping of config sections")]:

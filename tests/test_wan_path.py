@@ -245,7 +245,7 @@ def test_wan_recipe_configs_load(path):
         d = cfg.distill
         assert (d.method, d.lr, d.critic_lr, d.betas, d.critic_steps_per_generator_step, d.real_guidance,
                 d.ema_decay, d.ema_start, d.gradient_checkpointing) == ("sf_dmd", 2e-6, 4e-7, [0.0, 0.999], 5, 4.0,
-                                                                         0.99, 200, True)
+                                                                         0.99, 40, True)
     else:
         assert cfg.data.pixel_size == [480, 832] and cfg.data.pixel_frames == 81
 

@@ -131,6 +131,12 @@ class Method:
             out[f"{self.stage}.cosine_length"] = self.section.steps
         return out
 
+    def fingerprint_defaults(self) -> dict:
+        """The fingerprint's keys at their defaults (a key added since a checkpoint was made, at its default,
+        is no change: `pipeline/training/settings.py: changes`)."""
+        out = {**settings_of(Config(), self.fingerprint_sections()), **flatten(type(self.section)(), self.stage)}
+        return out
+
     def load(self) -> None:
         """Read input models (before the accelerator exists)."""
 
@@ -155,18 +161,21 @@ class Method:
         raise NotImplementedError
 
     def optimize(self, name: str, *, step: int, batch: Callable[[int], Any],
-                 loss: Callable[[Any], tuple[torch.Tensor, dict]]) -> Update:
+                 loss: Callable[[Any], tuple[torch.Tensor, dict]], also: tuple[str, ...] = ()) -> Update:
         """One optimiser step of `trained[name]` over `section.grad_accum` micro-batches: micro-batch i is
         `batch(i)`, its loss `loss(batch(i)) -> (loss, stats)` under autocast; backward, clipping, the
-        optimizer and the LR schedule as `pipeline.training.optim.optimizer_step` does them."""
+        optimizer and the LR schedule as `pipeline.training.optim.optimizer_step` does them. `also`: further
+        trained models the same loss updates, each with its own optimizer (a discriminator's head)."""
         acc, t = self.accelerator, self.trained[name]
+        more = tuple((o.module, o.optimizer, o.scheduler, o.grad_clip) for o in (self.trained[n] for n in also))
         seen, norm = [], None
         for i in range(self.section.grad_accum):
             b = batch(i)
-            with acc.accumulate(t.module):
+            with acc.accumulate(t.module, *(m[0] for m in more)):
                 with acc.autocast():
                     value, stats = loss(b)
-                norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step)
+                norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step,
+                                      also=more)
             seen.append((b, stats))
             self.samples_seen += self.section.batch_size * acc.num_processes
         return Update(value, stats, norm, seen)

@@ -1,8 +1,10 @@
 """DMD distillation of the few-step student as training methods (the equations: `pipeline/methods/dmd.py`).
 
 Three models: the generator (the `init_student` student, trained), the real score (the teacher, frozen,
-guided by `distill.real_guidance`) and the fake score (a critic initialised from the teacher, trained on
-the generator's samples). Every step updates the critic by its denoising loss; every
+guided by `distill.real_guidance`) and the fake score (a critic, trained on the generator's samples,
+initialised from `distill.critic`, default the teacher). Each comes from its own source with its own
+attention (`pipeline/models/roles.py`): Self-Forcing's recipe distils with a bidirectional 14B real score
+and a bidirectional 1.3B fake score. Every step updates the critic by its denoising loss; every
 `critic_steps_per_generator_step`-th step first updates the generator by the DMD loss, on samples from a
 Self-Forcing rollout (`SelfForcing`, `distill.method=sf_dmd`) or from noised clean videos (`CausVid`,
 `df_dmd`, CausVid's approximation).
@@ -11,12 +13,14 @@ Self-Forcing rollout (`SelfForcing`, `distill.method=sf_dmd`) or from noised cle
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
+from accelerate import cpu_offload
 from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.ode_pairs import OdePairs
 from pipeline.data.shard import ShardedGenerator
 from pipeline.data.sources import build_source, latent_shape
@@ -24,17 +28,22 @@ from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.diffusion.videos import preview
 from pipeline.methods.base import Method, Trained, register
 from pipeline.methods.dmd import DFDMD, DMD, SelfForcingDMD
+from pipeline.methods.gan import GAN, Discriminator
 from pipeline.methods.ode_regression import stage_input
+from pipeline.models.discriminator import FrameDiscriminatorHead
 from pipeline.models.loading import load_source, student_config
+from pipeline.models.roles import Role, check_compatible, load_role
+from pipeline.models.sampling_meta import attach, sampling_record
 from pipeline.training.distributed import local_batch, mixed_precision, shared_generator
 from pipeline.training.optim import hold_frozen, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 
 
-def sources(cfg: Config) -> tuple[Path, Path]:
-    """The student to start from and the teacher (real score, critic start)."""
-    run = Path(cfg.run.dir)
-    return (Path(cfg.distill.student or run / "init_student"), Path(cfg.distill.teacher or run / "pretrain_teacher"))
+def sources(cfg: Config) -> tuple[Path, Path, Path | None]:
+    """The student to start from, the teacher (real score) and the critic's start (None: the teacher)."""
+    run, dc = Path(cfg.run.dir), cfg.distill
+    return (Path(dc.student or run / "init_student"), Path(dc.teacher or run / "pretrain_teacher"),
+            Path(dc.critic) if dc.critic else None)
 
 
 def generator_updates(step: int, ratio: int) -> int:
@@ -77,27 +86,52 @@ class DMDMethod(Method):
 
     def __init__(self, *, cfg, section=None):
         super().__init__(cfg=cfg, section=section or cfg.distill)
-        self.student_path, self.teacher_path = sources(cfg)
+        self.student_path, self.teacher_path, self.critic_path = sources(cfg)
         self.ratio = self.section.critic_steps_per_generator_step
         self.desc = f"{self.stage} ({self.section.method})"
+        self.gan_only = self.section.method == "sf_gan"  # no DMD: the real score is only the critic's start
+        self.gan_on = self.gan_only or self.section.gan_weight > 0
 
     def inputs(self) -> dict:
-        return {"distill.student": self.student_path, "distill.teacher": self.teacher_path, **data_inputs(self.cfg)}
+        return {"distill.student": self.student_path, "distill.teacher": self.teacher_path,
+                "distill.critic": self.critic_path, **data_inputs(self.cfg)}
 
     def recorded_inputs(self) -> dict:
-        return {"student": stage_input(self.student_path), "teacher": stage_input(self.teacher_path)}
+        critic = {"critic": stage_input(self.critic_path)} if self.critic_path else {}
+        return {"student": stage_input(self.student_path), "teacher": stage_input(self.teacher_path), **critic}
+
+    def harmless_settings(self) -> tuple[str, ...]:  # where the real score's weights wait: same results
+        return ("distill.teacher_offload",)
 
     def fingerprint_sections(self) -> list[str]:  # the models come from the student and teacher folders
         return ["run.seed", "run.mixed_precision", "data", "student"]
 
     def engines(self) -> dict:
         dc = self.section
-        return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, "teacher": None}
+        frozen = {} if dc.teacher_offload or self.gan_only else {"teacher": None}  # an offloaded real score: no engine
+        head = {"discriminator": dc.critic_grad_clip} if self.gan_on else {}
+        return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, **head, **frozen}
 
     def load(self) -> None:
-        self.generator, _, student_cfg = load_source(self.student_path)  # EMA weights of init_student
-        self.teacher, _, self.teacher_cfg = load_source(self.teacher_path)
-        self.critic = copy.deepcopy(self.teacher)  # the fake score starts as the real one
+        dc = self.section
+        stage = (self.student_path / "manifest.json").is_file()  # init_student's EMA weights, by default
+        self.generator, _, student_cfg = load_source(self.student_path, model_config=None if stage else dc.student_config)
+        self.real = load_role("real score", self.teacher_path, configured=dc.teacher_attention,
+                              key="distill.teacher_attention", run=self.cfg,
+                              model_config=dc.teacher_config)
+        if self.critic_path is None:  # the fake score starts as the real one
+            self.fake = replace(self.real, name="fake score", model=copy.deepcopy(self.real.model),
+                                attention=dc.critic_attention or self.real.attention)
+        else:
+            self.fake = load_role("fake score", self.critic_path, configured=dc.critic_attention,
+                                  key="distill.critic_attention", run=self.cfg,
+                                  model_config=dc.critic_config)
+        student = Role("student", self.student_path, self.generator, None, student_cfg, "block_causal",
+                       student_cfg.model.prediction)
+        check_compatible(student, self.real, self.fake)
+        self.teacher, self.critic = self.real.model, self.fake.model
+        # the saved critic/ says how it attends (a fake score is a teacher-like model)
+        attach(self.critic, sampling_record(self.fake.prediction, attention=self.fake.attention))
         self.prediction = student_cfg.model.prediction
 
     def build(self, accelerator) -> None:
@@ -106,9 +140,13 @@ class DMDMethod(Method):
         # chunk's exit step, the only call with gradients) and the critic's (the whole clip).
         trainable(self.generator, dc)
         trainable(self.critic, dc)
-        # the real score: bf16 matmul weights when the run computes in bf16 (a DeepSpeed engine casts it itself)
-        hold_frozen(self.teacher, "no" if accelerator.distributed_type == DistributedType.DEEPSPEED
-                    else mixed_precision(self.cfg))
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.gan_only:  # the GAN needs no real score: only the critic (the discriminator's backbone) started as it
+            self.teacher = None
+        else:  # bf16 matmul weights when the run computes in bf16 (a DeepSpeed engine casts it itself)
+            hold_frozen(self.teacher, "no" if deepspeed and not dc.teacher_offload else mixed_precision(self.cfg))
+        if dc.teacher_offload and self.teacher is not None:  # in CPU memory; each layer visits the device for its call
+            cpu_offload(self.teacher, execution_device=accelerator.device)
         self.ema = EMAModel(self.generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
         gen_opt, gen_sched = make_optimizer(self.generator, dc, total_steps=generator_updates(dc.steps, self.ratio))
         critic_opt, critic_sched = make_optimizer(self.critic, dc, lr=dc.critic_lr)
@@ -116,12 +154,31 @@ class DMDMethod(Method):
             "generator": Trained(self.generator, gen_opt, gen_sched, dc.grad_clip, f"{self.stage}.lr",
                                  schedule_steps=lambda step: generator_updates(step, self.ratio)),
             "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr")}
-        self.frozen = {"teacher": self.teacher}
+        if self.gan_on:
+            self.trained["discriminator"] = self.discriminator_head(deepspeed)
+        self.frozen = {} if dc.teacher_offload or self.teacher is None else {"teacher": self.teacher}
+        self.offloaded = self.teacher if dc.teacher_offload else None
         del self.generator, self.critic, self.teacher  # from here on: self.trained / self.frozen (wrapped)
+        self.real.model = self.fake.model = None
         self.gen = shared_generator(accelerator, self.cfg.run.seed + 4)  # rollout noise, exit steps, DMD levels
         self.batches = Batches(self.cfg, self.student_path, self.gen, accelerator.device)
         self.g_loss = self.c_loss = None
         self.scalars: dict = {}
+
+    def discriminator_head(self, deepspeed: bool) -> Trained:
+        """The GAN discriminator's head (`pipeline/methods/gan.py`) on the critic's block `disc_layer`, with its
+        own optimizer (`distill.disc_lr`)."""
+        dc, critic = self.section, self.critic.config
+        if deepspeed:
+            raise ConfigError("distill: the GAN (sf_gan, gan_weight) trains the critic and its head from one loss, "
+                              "which DeepSpeed engines cannot share; run it with DDP", "distill.gan_weight")
+        self.layer = critic.num_layers // 2 if dc.disc_layer is None else dc.disc_layer
+        if self.layer >= critic.num_layers:
+            raise ConfigError(f"distill.disc_layer={self.layer}: the critic has {critic.num_layers} blocks "
+                              f"(0 .. {critic.num_layers - 1})", "distill.disc_layer")
+        head = FrameDiscriminatorHead(dim=critic.num_attention_heads * critic.attention_head_dim, hidden=dc.disc_hidden)
+        opt, sched = make_optimizer(head, dc, lr=dc.disc_lr or dc.critic_lr)
+        return Trained(head, opt, sched, dc.critic_grad_clip, f"{self.stage}.disc_lr")
 
     def restore(self, *, step, extra, rng) -> None:
         super().restore(step=step, extra=extra, rng=rng)
@@ -129,16 +186,27 @@ class DMDMethod(Method):
             self.batches.source.load_state_dict(extra["data"])
 
     def bind(self) -> None:
-        fpc, st, tcfg = self.cfg.data.frames_per_chunk, self.cfg.student, self.teacher_cfg
-        dc, attention = self.section, tcfg.pretrain_teacher.attention
+        fpc, st, dc = self.cfg.data.frames_per_chunk, self.cfg.student, self.section
+        real, fake = self.real, self.fake
+        gan = None
+        if self.gan_on:  # the discriminator reads the critic's features; the generator's loss uses it unwrapped
+            critic, head = self.trained["critic"].module, self.trained["discriminator"].module
+            unwrap = self.accelerator.unwrap_model
+            gan = GAN(disc=Discriminator(critic, head, fake.attention, fpc, self.layer),
+                      frozen_disc=Discriminator(unwrap(critic), unwrap(head), fake.attention, fpc, self.layer),
+                      draw_sigma=None, r1_weight=dc.r1_weight)
+        teacher = self.frozen.get("teacher", self.offloaded)
         self.dmd = self.losses(
             generator=Denoiser(self.trained["generator"].module, "block_causal", fpc, self.prediction, st.clip_x0,
                                rope=st.rope),
-            real=Denoiser(self.frozen["teacher"], attention, fpc, tcfg.model.prediction),
-            fake=Denoiser(self.trained["critic"].module, attention, fpc, tcfg.model.prediction),
+            real=None if teacher is None else Denoiser(teacher, real.attention, fpc, real.prediction),
+            fake=Denoiser(self.trained["critic"].module, fake.attention, fpc, fake.prediction),
+            dmd_weight=0.0 if self.gan_only else 1.0, gan=gan, gan_weight=1.0 if self.gan_only else dc.gan_weight,
             sigmas=few_step_sigmas(st.denoising_steps, st.shift), real_guidance=dc.real_guidance,
             fake_guidance=dc.fake_guidance, per_frame=dc.timestep_sampling == "per_frame",
             sigma_min=dc.sigma_min, sigma_max=dc.sigma_max, sigma_shift=dc.sigma_shift)
+        if gan is not None:  # the discriminator's levels: the DMD levels' distribution
+            gan.draw_sigma = self.dmd.draw_sigma
 
     def losses(self, **common) -> DMD:
         """The DMD loss object over the bound denoisers (`pipeline/methods/dmd.py`)."""
@@ -152,16 +220,18 @@ class DMDMethod(Method):
             seen = [(b, stats.pop("samples", None)) for b, stats in g.seen]
             reuse = seen if dc.critic_samples == "generator" else None
             self.update_ema()
-            sigma = g.stats.pop("dmd_sigma")
+            sigma = g.stats.pop("dmd_sigma", None)  # none under sf_gan
             self.g_loss = acc.reduce(g.loss.detach(), "mean")  # over the global batch
-            self.scalars.update(generator_loss=self.g_loss.item(), generator_grad_norm=float(g.grad_norm), **g.stats,
-                                dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
-            if acc.is_main_process and (step // self.ratio) % dc.log_every == 0:  # the levels drawn, whole
-                acc.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
+            self.scalars.update(generator_loss=self.g_loss.item(), generator_grad_norm=float(g.grad_norm), **g.stats)
+            if sigma is not None:
+                self.scalars.update(dmd_sigma_mean=sigma.mean().item(), dmd_sigma_frame_std=sigma.std(dim=1).mean().item())
+                if acc.is_main_process and (step // self.ratio) % dc.log_every == 0:  # the levels drawn, whole
+                    acc.get_tracker("tensorboard", unwrap=True).add_histogram("dmd_sigma", sigma, step)
         batch = (lambda i: reuse[i]) if reuse else (lambda i: (self.batches.next(),))  # (batch[, samples])
-        c = self.optimize("critic", step=step, batch=batch,
+        c = self.optimize("critic", step=step, batch=batch, also=("discriminator",) if self.gan_on else (),
                           loss=lambda pair: self.dmd.critic_loss(pair[0], self.gen, *pair[1:]))
         self.c_loss, self.c_norm = c.loss, c.grad_norm
+        self.scalars.update({k: v for k, v in c.stats.items() if k.startswith(("gan_", "d_", "r1"))})
 
     def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
         self.c_loss = self.accelerator.reduce(self.c_loss.detach(), "mean")
@@ -192,6 +262,12 @@ class SelfForcing(DMDMethod):
         st, dc = self.cfg.student, self.section
         return SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
                               sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk")
+
+
+@register("sf_gan")
+class SelfForcingGAN(SelfForcing):
+    """Self-Forcing rollouts trained by the GAN alone (seed 002's SF+GAN, an expected JSD): no DMD, no real
+    score; the discriminator is the critic (started as the teacher) read at `disc_layer`, plus a head."""
 
 
 @register("df_dmd")

@@ -24,6 +24,9 @@ Where x comes from is the method:
 - `DFDMD` (`df_dmd`, CausVid's approximation): clean videos are noised per chunk to random steps of the
   student's list and denoised in one block-causal forward; neither forward nor reverse KL (seed 002).
 
+With `gan` set, the GAN terms of `pipeline/methods/gan.py` are added to both losses (DMD2's DMD + GAN); with
+`dmd_weight` 0 they are the whole loss (`sf_gan`: no score calls).
+
 Noise levels for DMD and the critic (`sample_dmd_sigma`): `per_frame` draws one σ per frame
 (seed 002's correction: the paper's algorithm draws one per video, its code per frame), `uniform`
 one per video.
@@ -40,6 +43,7 @@ from pipeline.data import shard
 from pipeline.diffusion.flow import add_noise, shift_sigma
 from pipeline.diffusion.losses import flow_matching_loss
 from pipeline.diffusion.sampling import Denoiser, few_step_rollout
+from pipeline.methods.gan import GAN
 
 
 def sample_dmd_sigma(batch: int, frames: int, generator: torch.Generator, per_frame: bool = True,
@@ -83,6 +87,8 @@ class DMD:
         real_guidance, fake_guidance: guidance weights w of the two scores (1 = conditional only).
         per_frame, sigma_min, sigma_max, sigma_shift: the DMD/critic noise levels (`sample_dmd_sigma`).
         context_sigma, max_context_frames, sink_frames: the student's KV cache at rollout (sf_dmd).
+        dmd_weight: 1 for DMD; 0 for `sf_gan` (no score calls: the GAN alone, `real` unused).
+        gan, gan_weight: the GAN terms (`pipeline/methods/gan.py`) added to both losses with this weight.
     """
 
     generator: Denoiser
@@ -98,6 +104,9 @@ class DMD:
     context_sigma: float = 0.0
     max_context_frames: int | None = None
     sink_frames: int = 0
+    dmd_weight: float = 1.0
+    gan: GAN | None = None
+    gan_weight: float = 0.0
 
     def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Generator samples `[B, C, F, H, W]` (with gradients when grad mode is on) and stats to log."""
@@ -126,16 +135,23 @@ class DMD:
             `[B, F]`), `samples` (x detached, for the critic to reuse) and what `samples` reports.
         """
         x, stats = self.samples(batch, gen)
-        sigma = self.draw_sigma(x, gen)
-        noise = shard.randn(x.shape, gen).to(x.device)
-        with torch.no_grad():
-            x_t = add_noise(x.detach(), noise, sigma)
-            x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
-            x0_real = self.guided_x0(self.real, x_t, sigma, batch["context"], batch["null"], self.real_guidance)
-            grad = dmd_gradient(x.detach(), x0_fake, x0_real)
-        stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu(),
-                     samples=x.detach())
-        return dmd_loss(x, grad), stats
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self.dmd_weight:
+            sigma = self.draw_sigma(x, gen)
+            noise = shard.randn(x.shape, gen).to(x.device)
+            with torch.no_grad():
+                x_t = add_noise(x.detach(), noise, sigma)
+                x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
+                x0_real = self.guided_x0(self.real, x_t, sigma, batch["context"], batch["null"], self.real_guidance)
+                grad = dmd_gradient(x.detach(), x0_fake, x0_real)
+            stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu())
+            loss = dmd_loss(x, grad) if self.dmd_weight == 1 else self.dmd_weight * dmd_loss(x, grad)
+        if self.gan is not None:
+            g, gan_stats = self.gan.generator_term(x, batch["context"], gen)
+            loss = loss + self.gan_weight * g
+            stats.update(gan_stats, gan_g_loss=g.item())
+        stats["samples"] = x.detach()
+        return loss, stats
 
     def critic_loss(self, batch: dict, gen: torch.Generator, samples: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict]:
@@ -150,10 +166,17 @@ class DMD:
         else:
             with torch.no_grad():
                 x, stats = self.samples(batch, gen)
-        sigma = self.draw_sigma(x, gen)
-        noise = shard.randn(x.shape, gen).to(x.device)
-        weight = torch.ones_like(sigma)
-        return flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise), stats
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self.dmd_weight:  # the fake score's denoising loss
+            sigma = self.draw_sigma(x, gen)
+            noise = shard.randn(x.shape, gen).to(x.device)
+            weight = torch.ones_like(sigma)
+            loss = flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise)
+        if self.gan is not None:  # the discriminator: real videos of the batch's prompts against x
+            d, gan_stats = self.gan.discriminator_term(batch["x0"], batch["context"], x, batch["context"], gen)
+            loss = loss + self.gan_weight * d
+            stats = {**stats, **gan_stats}
+        return loss, stats
 
 
 @dataclass

@@ -90,6 +90,9 @@ class FlowMatching(OneModelMethod):
     def checkpoint_extra(self) -> dict:
         return {"data": self.source.state_dict(), "loss": self.loss.item()}
 
+    def sampling_settings(self) -> dict:  # a teacher records how it attends (`pipeline/models/roles.py`)
+        return {"prediction": self.cfg.model.prediction, "attention": self.section.attention}
+
     def preview(self, model, path: Path) -> Path:
         return preview(self.cfg, model, path, self.section.attention, self.section.sampler, n=self.section.preview_n)
 

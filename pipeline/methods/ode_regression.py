@@ -5,7 +5,10 @@
 2. ODE pairs: the teacher samples videos from noise with its many-step sampler (`pretrain_teacher.sampler`,
    guidance included) on a path through the student's levels `student.denoising_steps` (warped by
    `student.shift`); the states there and the clean end point go to `ode_pairs/shard_*.safetensors`
-   (`pipeline/data/ode_pairs.py`; resumable shard by shard).
+   (`pipeline/data/ode_pairs.py`; resumable shard by shard). The sampler follows the teacher's attention
+   (`pipeline/models/roles.py`): a bidirectional teacher (a stock Wan model: CausVid, Self-Forcing)
+   denoises whole clips synchronously; a block-causal one (Causal-Forcing) chunk by chunk with its KV
+   cache, as `pretrain_teacher.sampler.kind` says.
 3. Regression (`pipeline/diffusion/losses.py: ode_regression_loss`): per chunk a random entry of the stored
    path, loss `mean((G_θ(x_σk, σk) - x0)²)` over the noisy chunks (clean ones are context only).
 """
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,10 +31,17 @@ from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.diffusion.videos import preview
 from pipeline.methods.base import OneModelMethod, Trained, register
 from pipeline.models.loading import load_source, student_config
+from pipeline.models.roles import load_role
 from pipeline.training.distributed import shared_generator
 from pipeline.training.optim import make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 from pipeline.training.settings import flatten
+
+
+def ode_sampler(sampler, attention: str):
+    """The teacher's sampler for ODE pairs: a bidirectional teacher has no causal order to follow, so it
+    denoises whole clips synchronously (with the sampler's steps, shift and guidance)."""
+    return replace(sampler, kind="synchronous") if attention == "bidirectional" else sampler
 
 
 def teacher_path(cfg: Config) -> Path:
@@ -84,8 +95,11 @@ class OdeRegression(OneModelMethod):
                                               "kv_cache"))
 
     def load(self) -> None:
-        self.teacher, self.table, teacher_cfg = load_source(self.source_path)  # EMA weights
-        self.prediction = teacher_cfg.model.prediction  # the student predicts what the teacher does
+        role = load_role("teacher", self.source_path, configured=self.section.teacher_attention,
+                         key="init_student.teacher_attention", run=self.cfg,
+                         model_config=self.section.teacher_config)  # EMA weights
+        self.teacher, self.table, self.attention = role.model, role.table, role.attention
+        self.prediction = role.prediction  # the student predicts what the teacher does
 
     def build(self, accelerator) -> None:
         ic = self.section
@@ -109,17 +123,18 @@ class OdeRegression(OneModelMethod):
         teacher_rec = json.loads((stage_path / "manifest.json").read_text()).get("inputs", {}).get("teacher", {})
         sigmas = few_step_sigmas(cfg.student.denoising_steps, cfg.student.shift)
         provenance = {"teacher_sha256": teacher_rec.get("sha256"), **flatten(tc.sampler, "pretrain_teacher.sampler"),
-                      "pretrain_teacher.attention": tc.attention, "student_sigmas": sigmas.tolist(),
+                      "pretrain_teacher.attention": self.attention, "student_sigmas": sigmas.tolist(),
                       "run.seed": cfg.run.seed, "latent_shape": list(latent_shape(cfg)),
                       "init_student.ode_batch_size": ic.ode_batch_size}
         teacher = self.teacher
         if self.resumed_at and pairs_missing(folder, ic.ode_pairs, ic.ode_shard_size, sigmas, provenance):
             teacher = load_source(self.source_path)[0]  # the student's module holds resumed weights now
-        denoiser = Denoiser(teacher.to(acc.device).eval(), tc.attention, cfg.data.frames_per_chunk, self.prediction,
+        denoiser = Denoiser(teacher.to(acc.device).eval(), self.attention, cfg.data.frames_per_chunk, self.prediction,
                             tc.sampler.clip_x0, rope=tc.sampler.rope, kv_cache=tc.sampler.kv_cache)
         conditions, uncond = pair_conditions(cfg, self.table)
         paths = write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None,
-                                ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas, tc.sampler,
+                                ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas, ode_sampler(tc.sampler,
+                                                                                                        self.attention),
                                 seed=cfg.run.seed, device=acc.device, rank=acc.process_index, world=acc.num_processes,
                                 batch_size=ic.ode_batch_size, provenance=provenance)
         acc.wait_for_everyone()  # every process trains on all shards

@@ -142,8 +142,9 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def _rope(self, num_frames: int, height: int, width: int, device):
         """RoPE (cos, sin) `[1, F*h*w, 1, head_dim]` for latent frames `0 .. num_frames-1`."""
-        # diffusers' rope reads only the shape of its input; a meta tensor costs nothing.
-        shape_only = torch.empty((1, 1, num_frames * self.config.patch_size[0], height, width), device="meta")
+        # diffusers' rope reads only the shape of its input: an uninitialised one, on the device, where a
+        # CPU-offloaded model's hooks can move it (a meta tensor cannot be moved)
+        shape_only = torch.empty((1, 1, num_frames * self.config.patch_size[0], height, width), device=device)
         cos, sin = self.rope(shape_only)
         return cos.to(device), sin.to(device)
 
@@ -179,6 +180,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         kv_cache: KVCache | None = None,
         write_cache: bool = False,
         context_frames: int = 0,
+        features_at: int | None = None,
     ) -> torch.Tensor:
         """The network's prediction for every latent frame: the flow `ε - x0` for Wan checkpoints (our
         `Denoiser` also supports x0-predicting networks, see `sampling.Denoiser.prediction`).
@@ -198,6 +200,9 @@ class CausalWanTransformer(WanTransformer3DModel):
                 on those frames followed by a call on the rest, in one network pass (a streaming
                 sampler makes one call fewer per chunk). Needs `kv_cache`, block-causal attention,
                 whole chunks; not with `write_cache` or gradient checkpointing.
+            features_at: return the hidden states after block `features_at` instead, `[B, F·T, D]` (T tokens
+                per frame; the blocks after it are not run): the discriminator's features (DMD2 reads its
+                classifier off the fake score's features).
         Returns:
             `[B, C_out, F - context_frames, H, W]` flow prediction (the context frames' own output
             is dropped).
@@ -270,8 +275,11 @@ class CausalWanTransformer(WanTransformer3DModel):
         denoise = self._denoise
         if static and self._steady_step is not None and kv_cache.steady(static_passes):
             denoise = self._steady_step  # the window is full: every call of this kind has the same shapes
+        if features_at is not None and (static or cf or not 0 <= features_at < len(self.blocks)):
+            raise ValueError(f"features_at={features_at}: a block index below {len(self.blocks)}, on a call "
+                             "without a static cache or context frames")
         out = denoise(hidden_states, timestep, encoder_hidden_states, rotary_emb, mask, context_attn,
-                      static_passes or (), cache, write_cache, cf)
+                      static_passes or (), cache, write_cache, cf, *(() if features_at is None else (features_at,)))
         if kv_cache is not None and not static and (write_cache or cf):
             written = ppf if write_cache else cf
             kv_cache.seen_frames += written
@@ -294,7 +302,7 @@ class CausalWanTransformer(WanTransformer3DModel):
     _steady_step = None
 
     def _denoise(self, hidden_states, timestep, encoder_hidden_states, rotary_emb, mask, context_attn, static_passes,
-                 cache, write_cache: bool, cf: int) -> torch.Tensor:
+                 cache, write_cache: bool, cf: int, features_at: int | None = None) -> torch.Tensor:
         """The network pass of `forward` once positions, masks and cache slots are prepared: patch
         embedding, per-frame modulation, the blocks, the output head. Shapes as `forward`."""
         b, _, f, h, w = hidden_states.shape
@@ -317,6 +325,8 @@ class CausalWanTransformer(WanTransformer3DModel):
                     _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
             else:
                 x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+            if i == features_at:
+                return x
 
         # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb[:, cf:].unsqueeze(2)).chunk(2, dim=2)
@@ -343,6 +353,16 @@ def _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwar
     Mirrors diffusers' block (adaLN self-attention, cross-attention, adaLN feed-forward) with the
     modulation broadcast per frame instead of per token, and the mask/cache passed to self-attention.
     """
+    # A block of a model under accelerate's `cpu_offload` (distill.teacher_offload) gets its own weights
+    # (the modulation table; its submodules fetch theirs) from its hook, which `block.forward` would run.
+    hook = getattr(block, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(block)
+    x = _block_body(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, num_frames)
+    return x if hook is None else hook.post_forward(block, x)
+
+
+def _block_body(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, num_frames):
     mod = (block.scale_shift_table.unsqueeze(0) + timestep_proj.float()).unsqueeze(3)  # [B, F, 6, 1, D]
     shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)  # each [B, F, 1, D]
 

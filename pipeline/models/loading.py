@@ -16,8 +16,8 @@ from pipeline.io.readers import read_diffusers_folder, read_source
 from pipeline.io.jsonfile import read_json
 from pipeline.io.weights import ConvertError, Weights, check_fits, read_model_config
 from pipeline.models.causal_wan import CausalWanTransformer
-from pipeline.models.sampling_meta import (attach, is_student, sampling_metadata, sampling_record,  # noqa: F401
-                                           write_sampling)
+from pipeline.models.sampling_meta import (attach, is_student, prediction_of, sampling_metadata,  # noqa: F401
+                                           sampling_record, sampling_settings, write_sampling)
 from pipeline.training.checkpoint import CheckpointError, read_safetensors
 
 
@@ -112,6 +112,9 @@ def _load_source(source: str | Path, raw: bool, model_config: str | Path | None 
             raise CheckpointError(f"{path}: the stage has not finished (status '{status}'); run it to the end first")
         cfg = load_config(path / "config.yaml")
         model = load_model(path / ("transformer" if raw else "transformer_ema"))
+        # the stage's whole record (its attention and samplers from config.yaml), as `convert` would store it
+        record = sampling_metadata(model)
+        attach(model, sampling_settings(cfg, (record or {}).get("role", "teacher"), prediction_of(record)))
         table = None
         if cfg.data.kind == "sprites":
             file = path / "conditioning.safetensors"

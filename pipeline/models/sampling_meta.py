@@ -34,8 +34,10 @@ LEGACY_KEYS = ("prediction", "denoising_steps", "shift")  # once written into co
 _ATTR = "sampling"  # the attribute `attach` sets on a model
 
 
-def sampling_record(prediction: str = "flow", denoising_steps=None, shift: float | None = None) -> dict:
-    """The record a stage writes: what the network predicts and, with `denoising_steps`, a student's sampler.
+def sampling_record(prediction: str = "flow", denoising_steps=None, shift: float | None = None,
+                    attention: str | None = None) -> dict:
+    """The record a stage writes: what the network predicts and, with `denoising_steps`, a student's sampler
+    (a student attends block-causally); a teacher's `attention` (`pretrain_teacher.attention`).
 
     The keyword arguments are those training stages pass to `save_weights` (`student_config(cfg)`).
     """
@@ -44,8 +46,17 @@ def sampling_record(prediction: str = "flow", denoising_steps=None, shift: float
         student["denoising_steps"] = list(denoising_steps)
     if shift is not None:
         student["shift"] = shift
+    teacher = {"pretrain_teacher": {"attention": attention}} if attention is not None and not student else {}
     return {"role": "student" if student else "teacher",
-            "config": {"model": {"prediction": prediction}, **({"student": student} if student else {})}}
+            "config": {"model": {"prediction": prediction}, **({"student": student} if student else {}), **teacher}}
+
+
+def recorded_attention(record: dict | None) -> str | None:
+    """How the model of `record` attends ("bidirectional" | "block_causal"), None where it does not say
+    (a stock diffusers folder). A student is block-causal by definition."""
+    if (record or {}).get("role") == "student":
+        return "block_causal"
+    return ((record or {}).get("config") or {}).get("pretrain_teacher", {}).get("attention")
 
 
 def sampling_settings(cfg, role: str, prediction: str | None = None) -> dict:

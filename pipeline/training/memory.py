@@ -78,6 +78,7 @@ class MemoryEstimate:
     activations: float
     kv_cache: float
     phase: str = field(default="", compare=False)
+    models: dict = field(default_factory=dict, compare=False)  # distill: each model's own states, by role
 
     COMPONENTS = ("weights", "gradients", "optimizer", "ema", "frozen", "activations", "kv_cache")
 
@@ -90,6 +91,16 @@ class MemoryEstimate:
         parts = ", ".join(f"{k} {getattr(self, k) / size:.2f}" for k in self.COMPONENTS if getattr(self, k))
         at = f", peak: {self.phase}" if self.phase else ""
         return f"~{self.total / size:.1f} {unit} per device ({parts} {unit}{at})"
+
+    def model_lines(self) -> list[str]:
+        """One line per model (distill): its weights, gradients, optimizer and EMA on each device."""
+        unit, size = ("GiB", GIB) if self.total >= GIB else ("MiB", 2 ** 20)
+        return [f"{role}: {desc}, {b / size:.2f} {unit} of states per device" for role, (desc, b) in self.models.items()]
+
+
+def params_text(n: int) -> str:
+    """A parameter count in words: `14.3B params`, `693k params`."""
+    return f"{n / 1e9:.3g}B params" if n >= 1e8 else (f"{n / 1e6:.3g}M params" if n >= 1e6 else f"{n / 1e3:.3g}k params")
 
 
 def model_states(params: int, trained: int, ema: int, frozen: int, backend: str, zero_stage: int, processes: int,
@@ -254,11 +265,16 @@ class Run:
     ode_videos: int = 1
     ode_guidance: float = 1.0
     ode_sampler: str = "autoregressive"
+    real_attention: str | None = None  # distill's real score's, when it differs from the critic's (`attention`)
+    teacher_offload: bool = False  # distill: the real score waits on the CPU, one block at a time on the device
 
 
 def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
-                   processes: int = 1) -> MemoryEstimate:
-    """Per-device memory of one training stage at its peak phase (see the module docstring)."""
+                   processes: int = 1, real: Shape | None = None, fake: Shape | None = None) -> MemoryEstimate:
+    """Per-device memory of one training stage at its peak phase (see the module docstring).
+
+    `shape` is the trained model's (distill: the student's); distill's real and fake scores may have
+    their own (`real`, `fake`; default: the student's)."""
     act = 2 if run.bf16 else 4
     p, b = shape.params, run.batch
     ema = 0 if run.ema_cpu else 1
@@ -283,13 +299,24 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             else:
                 kv, work = no_grad_rollout(shape, rows, 4, None, fused=False)
                 phases.append(("ODE pairs", pair_states, work, kv))
-    elif stage == "distill":  # generator (EMA) + critic trained, teacher frozen
-        states = model_states(p, 2, ema, 1, backend, zero_stage, processes, 2 if run.bf16 else 4)
+    elif stage == "distill":  # generator (EMA) + critic trained, real score frozen
+        real, fake = real or shape, fake or shape
+        frozen_bytes = 2 if run.bf16 else 4
+        gen_states = model_states(p, 1, ema, 0, backend, zero_stage, processes)
+        critic_states = model_states(fake.params, 1, 0, 0, backend, zero_stage, processes)
+        # offloaded: one block's weights on the device at a time (besides the embeddings and head, small)
+        real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
+                                   "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
+        states = {k: gen_states[k] + critic_states[k] + real_states[k] for k in gen_states}
         critic_masked = masked(run.attention)
-        score_rows = b * max(2 if run.real_guidance != 1.0 else 1, 2 if run.fake_guidance != 1.0 else 1)
-        # the DMD forwards (no gradients); the critic's bf16 weight copies are cached by autocast meanwhile
-        scores = no_grad_forward(shape, score_rows * shape.video, act, shape.video, shape.video,
-                                 critic_masked) + weight_copies
+        real_masked = masked(run.real_attention or run.attention)
+        real_rows = b * (2 if run.real_guidance != 1.0 else 1)
+        fake_rows = b * (2 if run.fake_guidance != 1.0 else 1)
+        # the DMD forwards (no gradients), one after the other; the critic's bf16 weight copies are cached
+        # by autocast meanwhile
+        scores = max(no_grad_forward(real, real_rows * real.video, act, real.video, real.video, real_masked),
+                     no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked)
+                     ) + (2 * fake.params if run.bf16 else 0.0)
         if run.method == "sf_dmd":
             held, kv, extra = rollout_held(shape, b, act, run.checkpointing, run.window_frames)
             _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
@@ -302,16 +329,25 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             phases.append(("generator update", states, held + max(extra, scores) + weight_copies, 0.0))
             sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
                                                           masked("block_causal"))
-        held, extra = trained_pass(shape, b, act, run.checkpointing, critic_masked)
+        held, extra = trained_pass(fake, b, act, run.checkpointing, critic_masked)
         # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
+        copies = weight_copies + (2 * fake.params if run.bf16 else 0.0)
         if held + extra >= sample_kv + sample_work:
-            phases.append(("critic update", states, held + extra + 2 * weight_copies, 0.0))
+            phases.append(("critic update", states, held + extra + copies, 0.0))
         else:
-            phases.append(("critic update", states, sample_work + 2 * weight_copies, sample_kv))
+            phases.append(("critic update", states, sample_work + copies, sample_kv))
+        models = {"generator": gen_states, "critic": critic_states, "real score": real_states}
     else:
         raise ValueError(f"no memory estimate for stage '{stage}'")
     name, states, activations, kv = max(phases, key=lambda ph: sum(ph[1].values()) + ph[2] + ph[3])
-    return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name)
+    described = {}
+    if stage == "distill":
+        where = {"real score": "offloaded to the CPU" if run.teacher_offload else
+                 ("ZeRO-3 shard" if backend == "DEEPSPEED" else "on the device")}
+        for role, sh in (("generator", shape), ("critic", fake), ("real score", real)):
+            desc = f"{params_text(sh.params)}, {sh.layers} layers x {sh.dim}"
+            described[role] = (desc + (f", {where[role]}" if role in where else ""), sum(models[role].values()))
+    return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name, models=described)
 
 
 def estimate(stage: str, params: int, dim: int, layers: int, tokens_per_frame: int, frames: int, batch: int,
@@ -325,19 +361,26 @@ def estimate(stage: str, params: int, dim: int, layers: int, tokens_per_frame: i
 
 
 def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_stage: int = 2, processes: int = 1,
-                    bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None
+                    bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None,
+                    real: Shape | None = None, fake: Shape | None = None, real_attention: str | None = None
                     ) -> MemoryEstimate:
     """`stage_estimate` of a `Config`'s stage (`bf16`, `masked`: the run's resolved mixed precision and
-    masked-attention method; `teacher_attention`: the loaded teacher's, default the config's)."""
+    masked-attention method; `teacher_attention`: the loaded teacher's (distill: the fake score's),
+    default the config's; distill's `real` / `fake` score shapes and the real score's attention)."""
     section = getattr(cfg, stage)
     tc, st, dc, ic = cfg.pretrain_teacher, cfg.student, cfg.distill, cfg.init_student
+    if stage == "init_student":
+        teacher_attention = teacher_attention or ic.teacher_attention
+    # a bidirectional teacher makes its ODE pairs synchronously (pipeline/methods/ode_regression.py: ode_sampler)
+    ode_sampler = "synchronous" if (teacher_attention or tc.attention) == "bidirectional" else tc.sampler.kind
     run = Run(batch=section.batch_size, checkpointing=bool(section.gradient_checkpointing), bf16=bf16, masked=masked,
               attention=teacher_attention or tc.attention, ema_cpu=getattr(section, "ema_device", "same") == "cpu",
               method=dc.method, window_frames=st.max_context_frames, real_guidance=dc.real_guidance,
               fake_guidance=dc.fake_guidance, ode_videos=min(ic.ode_batch_size or ic.ode_shard_size, ic.ode_shard_size,
                                                              ic.ode_pairs),
-              ode_guidance=tc.sampler.guidance, ode_sampler=tc.sampler.kind)
-    return stage_estimate(stage, shape, run, backend, zero_stage, processes)
+              ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, real_attention=real_attention,
+              teacher_offload=dc.teacher_offload)
+    return stage_estimate(stage, shape, run, backend, zero_stage, processes, real=real, fake=fake)
 
 
 # ---------------------------------------------------------------------------------------------------

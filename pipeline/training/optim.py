@@ -91,10 +91,12 @@ def replay_schedule(scheduler, steps: int) -> None:
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: torch.Tensor, lr_key: str,
-                   grad_clip: float, step: int):
+                   grad_clip: float, step: int, also: tuple = ()):
     """One backward pass and (when gradients sync, i.e. at the end of an accumulation) one clipped
     optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`
-    naming the config key `lr_key` to lower.
+    naming the config key `lr_key` to lower. `also`: `(model, optimizer, scheduler, grad_clip)` of
+    further models the same loss trains (a discriminator's head), each clipped and stepped on its own
+    (not under DeepSpeed, where each engine runs its own backward).
 
     Returns:
         the gradient norm before clipping, or None between accumulation steps.
@@ -113,9 +115,12 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: 
         norm = model.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
     accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator.sync_gradients else None
-    optimizer.step()
-    if accelerator.sync_gradients:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = None
+    for i, (m, opt, sched, clip) in enumerate(((model, optimizer, scheduler, grad_clip), *also)):
+        norm = accelerator.clip_grad_norm_(m.parameters(), clip) if accelerator.sync_gradients else None
+        grad_norm = norm if i == 0 else grad_norm
+        opt.step()
+        if accelerator.sync_gradients:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
     return grad_norm

@@ -55,9 +55,13 @@ def is_harmless(key: str, harmless: tuple[str, ...] = ()) -> bool:
             or any(key == h or key.startswith(h + ".") for h in harmless))
 
 
-def changes(before: dict, now: dict) -> dict:
-    """`{key: (before, now)}` for every key whose value differs (a key only on one side counts)."""
-    return {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+def changes(before: dict, now: dict, defaults: dict | None = None) -> dict:
+    """`{key: (before, now)}` for every key whose value differs (a key only on one side counts, except a key
+    added to the config since `before` was recorded that now holds its default, from `defaults`: runs
+    made before it existed trained as its default does)."""
+    defaults = defaults or {}
+    return {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+            and not (k not in before and k in defaults and now.get(k) == defaults[k])}
 
 
 def refuse_changes(stage: str, what: str, diff: dict, *, harmless: tuple[str, ...] = ()) -> dict:

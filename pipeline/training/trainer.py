@@ -46,10 +46,11 @@ class Trainer:
         stage.guard(method.inputs(), force)
         # WORLD_SIZE: set by `accelerate launch` for every worker (the accelerator does not exist yet)
         settings = method.fingerprint(processes=int(os.environ.get("WORLD_SIZE", "1")))
-        harmless = method.harmless_settings()
+        harmless, defaults = method.harmless_settings(), method.fingerprint_defaults()
         if stage.done and not force:  # a done stage is never kept silently on changed settings or inputs
             if "settings" in stage.manifest():
-                refuse_changes(stage.stage, "the finished stage", changes(stage.manifest()["settings"], settings),
+                refuse_changes(stage.stage, "the finished stage",
+                               changes(stage.manifest()["settings"], settings, defaults),
                                harmless=harmless)
             stage.check_inputs(method.recorded_inputs())
         if finished_already(stage, section, force):
@@ -75,7 +76,7 @@ class Trainer:
         changed = {}
         if step and "settings" in extra:  # checkpoints of older versions carry none
             changed = refuse_changes(stage.stage, f"the checkpoint step_{step:07d}",
-                                     changes(extra["settings"], settings), harmless=harmless)
+                                     changes(extra["settings"], settings, defaults), harmless=harmless)
         if accelerator.is_main_process:
             stage.begin(to_yaml(cfg), inputs=method.recorded_inputs(), force=force)
             if changed:  # harmless changes (a longer run, other intervals) are allowed and recorded

@@ -1,0 +1,95 @@
+"""The models of a run by role, each from its own source with its own attention.
+
+`init_student` reads a teacher (its ODE pairs, and the student's first weights); `distill` reads the
+student (generator), the real score (the teacher, frozen) and the fake score (the critic, trained;
+by default a copy of the real score). Every one of them may come from any source
+`pipeline.io.readers.read_source` reads (a stage folder, a diffusers folder, a `.safetensors` file, a
+Self-Forcing / CausVid `.pt`), and the real score may be a bigger architecture than the other two
+(Self-Forcing: a 14B real score, 1.3B fake score and student).
+
+How a model attends is a fact about how it was trained, so it is never guessed: it comes from its
+config key (`init_student.teacher_attention`, `distill.teacher_attention`, `distill.critic_attention`)
+or from what the source records (a stage's `config.yaml`, a `sampling.json`, a file's metadata; a
+student is block-causal); a source that records nothing (a stock diffusers Wan folder) with no key
+set is a one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.sources import class_table
+from pipeline.models.loading import load_source
+from pipeline.models.sampling_meta import recorded_attention, sampling_metadata
+
+ATTENTIONS = ("bidirectional", "block_causal")
+
+
+def attention_of(model: torch.nn.Module, *, configured: str | None, key: str, source: Path) -> str:
+    """How `model` (loaded from `source`) attends: the config's `configured` value (key `key`) if set, else
+    what the model's record says.
+
+    Raises:
+        ConfigError: neither says (one line naming `key`).
+    """
+    recorded = recorded_attention(sampling_metadata(model))
+    if configured is not None:
+        if recorded is not None and recorded != configured:
+            print(f"[roles] {key}={configured}: {source} records {recorded} attention; using {configured} as set")
+        return str(configured)
+    if recorded is None:
+        raise ConfigError(f"{key}: {source} does not record how it attends (a stock model?); set {key}=bidirectional "
+                          f"(stock Wan models) or {key}=block_causal", key)
+    return recorded
+
+
+@dataclass
+class Role:
+    """A model of the run: its module, class table (sprites), config (the stage's, or the defaults under
+    the source's record), attention and what it predicts."""
+
+    name: str
+    source: Path
+    model: torch.nn.Module
+    table: torch.Tensor | None
+    cfg: Config
+    attention: str
+    prediction: str
+
+
+def load_role(name: str, source: str | Path, *, configured: str | None, key: str, run: Config,
+              model_config: str | None = None) -> Role:
+    """Load the model of role `name` from `source` (its EMA weights for a stage folder), with its attention
+    (`attention_of`: `configured` is the value of config key `key`). A sprites model from anything but a
+    stage folder (which keeps its own) is conditioned by the class table of the run `run`. `model_config`:
+    a diffusers `config.json` for a source that has none (a stage folder's own config wins)."""
+    stage = (Path(source) / "manifest.json").is_file()
+    model, table, cfg = load_source(source, model_config=None if stage else model_config)
+    attention = attention_of(model, configured=configured, key=key, source=Path(source))
+    if table is not None and not stage:
+        table = class_table(run)
+    return Role(name, Path(source), model, table, cfg, attention, cfg.model.prediction)
+
+
+def check_compatible(first: Role, *others: Role) -> None:
+    """The models of one run must read the same latents and prompts: channels and text width equal (layers,
+    width and heads may differ: a bigger real score).
+
+    Raises:
+        ConfigError: one line naming both sources and the mismatched setting.
+    """
+    keys = ("in_channels", "out_channels", "text_dim")
+    for other in others:
+        for k in keys:
+            a, b = first.model.config[k], other.model.config[k]
+            if a != b:
+                raise ConfigError(f"{other.name} {other.source} has {k}={b}, the {first.name} {first.source} has {a}: "
+                                  "the models of a run must read the same latents and prompts")
+
+
+def parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
