@@ -1,0 +1,46 @@
+"""`benchmarks/matrix.py`: seed 002's method × loss matrix, end to end at tiny scale (the measured one is in the
+README)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import matrix
+from conftest import TINY_OVERRIDES
+
+
+def test_matrix_trains_scores_and_resumes(student_stage, tmp_path, capsys):
+    cfg, _ = student_stage
+    base, out = Path(cfg.run.dir), tmp_path / "m"
+    args = ["--base", str(base), "--out", str(out), "--cells", "df_l2,df_l2_4step,tf_l2,sf_gan,sf_dmd_gan",
+            "--steps", "2", "--tf-steps", "2", "--videos", "6", "--seeds", "0,1", *TINY_OVERRIDES]
+    assert matrix.main(args) == 0
+    result = json.loads((out / "matrix.json").read_text())
+    assert set(result["cells"]) == {"df_l2", "df_l2_4step", "tf_l2", "sf_gan", "sf_dmd_gan"}
+    for cell, r in result["cells"].items():
+        assert 0 <= r["valid_0_11"] <= 1 and 0 <= r["mode_cells"] <= 1 and 0 <= r["mode_tv_to_data"] <= 1, cell
+        assert "lawful_0_11_spread" in r and math.isfinite(r["frames_per_s"])
+    assert (out / "matrix.png").stat().st_size > 0 and "| sf_gan | expected JSD" in (out / "matrix.md").read_text()
+    manifest = json.loads((out / "sf_gan" / "distill" / "manifest.json").read_text())
+    assert manifest["metrics"]["method"] == "sf_gan" and manifest["metrics"]["steps"] == 2
+    before = (out / "sf_gan" / "distill" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert matrix.main(args) == 0  # everything done: nothing trained again
+    after = (out / "sf_gan" / "distill" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert before == after
+
+
+def test_matrix_refuses_a_base_without_its_stages(tmp_path, capsys):
+    assert matrix.main(["--base", str(tmp_path), "--out", str(tmp_path / "m"), *TINY_OVERRIDES]) == 2
+    assert "stage pretrain_teacher has not finished" in capsys.readouterr().err
+
+
+def test_matrix_evaluates_again_when_a_cell_is_added(student_stage, tmp_path):
+    cfg, _ = student_stage
+    base, out = Path(cfg.run.dir), tmp_path / "m"
+    common = ["--base", str(base), "--out", str(out), "--steps", "2", "--videos", "6", "--seeds", "0", *TINY_OVERRIDES]
+    assert matrix.main([*common, "--cells", "df_l2"]) == 0
+    assert matrix.main([*common, "--cells", "df_l2,sf_gan"]) == 0
+    assert set(json.loads((out / "matrix.json").read_text())["cells"]) == {"df_l2", "sf_gan"}
