@@ -119,9 +119,9 @@ class DMDMethod(Method):
         self.real = load_role("real score", self.teacher_path, configured=dc.teacher_attention,
                               key="distill.teacher_attention", run=self.cfg,
                               model_config=dc.teacher_config)
-        if self.critic_path is None:  # the fake score starts as the real one
-            self.fake = replace(self.real, name="fake score", model=copy.deepcopy(self.real.model),
-                                attention=dc.critic_attention or self.real.attention)
+        if self.critic_path is None:  # the fake score starts as the real one (sf_gan keeps no real score: no copy)
+            self.fake = replace(self.real, name="fake score", attention=dc.critic_attention or self.real.attention,
+                                model=self.real.model if self.gan_only else copy.deepcopy(self.real.model))
         else:
             self.fake = load_role("fake score", self.critic_path, configured=dc.critic_attention,
                                   key="distill.critic_attention", run=self.cfg,
