@@ -1,4 +1,4 @@
-"""`benchmarks/matrix.py`: seed 002's method × loss matrix, end to end at tiny scale (the measured one is in the
+"""`stages/matrix.py`: seed 002's method × loss matrix, end to end at tiny scale (the measured one is in the
 README)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import matrix
+from stages import matrix
 from conftest import TINY_OVERRIDES
 
 

@@ -1,6 +1,6 @@
 """Seed 002's method × loss matrix, measured on sprites: one table and one plot.
 
-    python benchmarks/matrix.py --base runs/tiny --out runs/matrix [--config configs/tiny.yaml]
+    python -m stages.matrix --base runs/tiny --out runs/matrix [--config configs/tiny.yaml]
         [--cells sf_dmd,sf_gan,...] [--steps 300] [--tf-steps 4000] [--videos 480] [--seeds 0,1] [key=value ...]
 
 From one teacher and one initialised student (`--base`: a run whose `pretrain_teacher` and `init_student` are
@@ -33,12 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.io.run_dir import StageDir  # noqa: E402
-from pipeline.methods import method_for  # noqa: E402
-from pipeline.training.trainer import Trainer  # noqa: E402
+from pipeline.config import load_config
+from pipeline.io.run_dir import StageDir
+from pipeline.methods import method_for
+from pipeline.training.trainer import Trainer
 
 # cell -> (stage, overrides of that stage's section)
 TRAINED = {"tf_l2": ("pretrain_teacher", {"trajectory": "tf", "tf_prob": 0.0, "bid_prob": 0.0}),
