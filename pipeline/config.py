@@ -451,9 +451,16 @@ class DistillConfig(TrainingConfig):
     disc_layer: Optional[int] = at_least(0, None)  # the block whose output the head reads (None: the middle one)
     disc_hidden: int = positive(256)  # the head's MLP width
     r1_weight: float = at_least(0, 0.0)  # γ of the R1 penalty γ/2·E‖∇D(real)‖² (0: none)
+    # sf_dmd: LongLive's switch DMD: this fraction of rollouts switch prompt at a random chunk (to another video's
+    # prompt of the batch); the scores judge every frame under the prompt in force there
+    switch_prob: float = in_range(0, 1, 0.0)
+    switch_recache: bool = True  # rebuild the rollout's KV window under the new prompt at the switch (as LongLive)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
+        need(not self.switch_prob or (self.method == "sf_dmd" and not self.gan_weight),
+             f"{prefix}.switch_prob: prompt switches train sf_dmd without a GAN term (method {self.method}, "
+             f"gan_weight {self.gan_weight})", f"{prefix}.switch_prob")
         need(self.sigma_min < self.sigma_max, f"{prefix}: need 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min}, "
                                               f"{self.sigma_max}", f"{prefix}.sigma_min")
 

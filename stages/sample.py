@@ -8,6 +8,13 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
+
+Prompt switching (SPRITES.md "Switched videos"): `--switch-at K [K2 ...]` switches every video's class at
+frame K (it takes effect from the first chunk starting at or after K); `--switch-to shift` (default: class c
+becomes (c + 1) mod 6) or a class id 0..5. `--recache` rebuilds the KV window under the new class at the switch
+(LongLive's re-cache); without it the cache is kept. FILE then also holds `schedule` int64 `[N, F]`, the class
+of every frame (`labels` stays the first class), and the switch metrics are printed
+(`pipeline/evaluation/switching.py`).
 `--n`, `--frames`, `--steps` must be positive, `--guidance` finite and >= 0, `--seed` in 0 .. 2**32-1;
 weights holding NaN or inf are refused; a source whose head count cannot be read off it needs `--model-config`.
 An existing FILE or GIF is replaced only with `--force`; FILE must not be SOURCE, lie inside it or contain
@@ -59,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, help="teacher only (students are distilled without guidance)")
     ap.add_argument("--sampler", choices=["autoregressive", "synchronous"], help="teacher only")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    ap.add_argument("--switch-at", type=int, nargs="+", metavar="K",
+                    help="sprites: switch every video's class at these frames (prompt switching)")
+    ap.add_argument("--switch-to", default="shift", help="sprites: 'shift' ((c + 1) mod 6) or a class id 0..5")
+    ap.add_argument("--recache", action="store_true", help="rebuild the KV window under the new prompt at a switch")
     ap.add_argument("--model-config", help="a diffusers config.json for a source without one whose head count cannot "
                                            "be read off its weights (as convert's)")
     ap.add_argument("--prompts", help="text models: prompt file, one per line")
@@ -96,6 +107,7 @@ def sample_sprites(args, command: str = "") -> int:
         if frames % fpc:
             raise ValueError(f"--frames ({frames}) must be a multiple of frames_per_chunk ({fpc})")
         labels = balanced_labels(args.n)
+        schedule = switch_labels(args, labels, frames, fpc)
         lock = guard_outputs(out, {"SOURCE": args.source}, args.force, command)
         clock = ChunkClock()
         steps, sampler = None, None
@@ -109,21 +121,50 @@ def sample_sprites(args, command: str = "") -> int:
             sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
                 steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
-        videos = sample_videos(model, table, labels, frames=frames, size=cfg.data.size, frames_per_chunk=fpc,
-                               prediction=cfg.model.prediction, student=cfg.student, sampler=sampler,
-                               attention=cfg.pretrain_teacher.attention, seed=args.seed, denoising_steps=steps,
-                               on_chunk=clock)
+        videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
+                               size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
+                               student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
+                               seed=args.seed, denoising_steps=steps, on_chunk=clock, recache=args.recache)
         elapsed = time.perf_counter() - clock.start
-        preview = save_samples(out, videos, labels, force=args.force)
+        preview = save_samples(out, videos, labels, force=args.force, schedule=schedule)
     finally:
         if lock is not None:
             lock.release()
     print(f"wrote {out} ({len(videos)} videos × {frames} frames) and {preview}")
+    if schedule is not None:
+        from pipeline.evaluation.switching import score_switched
+
+        s = {k: "-" if v is None else f"{v:.3f}" for k, v in score_switched(videos, schedule, fpc).items()
+             if k in ("post_switch_valid", "first_chunk_valid", "lawful_across_switch", "valid_frames",
+                      "lawful_transitions")}  # None: no frame after the switch (it fell in the last chunk)
+        print(f"switches at {args.switch_at} ({'re-cached' if args.recache else 'cache kept'}): "
+              f"new class after the switch {s['post_switch_valid']}, first chunk {s['first_chunk_valid']}, "
+              f"lawful across the switch {s['lawful_across_switch']}, valid frames {s['valid_frames']}, "
+              f"lawful {s['lawful_transitions']}")
     speed = f"{what}: {len(videos) * frames / elapsed:.1f} frames/s ({elapsed:.2f} s)"
     if clock.times:
         speed += f", first chunk after {clock.times[0] * 1000:.0f} ms (batch of {min(len(videos), 64)})"
     print(speed)
     return 0
+
+
+def switch_labels(args, labels: torch.Tensor, frames: int, fpc: int) -> torch.Tensor | None:
+    """`--switch-at` / `--switch-to` as a class schedule `[N, frames]` (None without switches)."""
+    from pipeline.data.sprites import switch_schedule
+
+    if not args.switch_at:
+        if args.recache or args.switch_to != "shift":
+            raise ValueError("--recache and --switch-to need --switch-at K")
+        return None
+    to = args.switch_to
+    if to != "shift":
+        if not to.isdigit():
+            raise ValueError(f"--switch-to must be 'shift' or a class id 0..5, got {to!r}")
+        to = int(to)
+    try:
+        return switch_schedule(labels, frames, args.switch_at, to)
+    except ValueError as e:
+        raise ValueError(f"--switch-at / --switch-to: {e}") from None
 
 
 def check_numbers(args) -> None:

@@ -3,6 +3,7 @@
 This module implements /work/shared/SPRITES.md exactly. Summary of the contract:
 
 - A video is float32 ``[F, 3, S, S]`` in {-1, +1}; a batch is ``[N, F, 3, S, S]`` with int64 labels ``[N]``.
+  Switched videos (SPRITES.md addendum) carry a per-frame class schedule ``[N, F]`` instead.
 - ``S`` is 16 or 32, sprite size ``s = S // 4``, speed unit ``k = S // 16``.
 - Class ``c`` in 0..5: colour ``c // 2`` (0 red, 1 green, 2 blue), shape ``c % 2`` (0 square, 1 disk).
   Class 6 is the null class (classifier-free guidance) and never labels a real video.
@@ -154,9 +155,11 @@ def _row_spans(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def render(positions: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
-    """Render sprites: positions LongTensor ``[N, F, 2]`` (x, y), labels ``[N]`` (0..5).
+    """Render sprites: positions LongTensor ``[N, F, 2]`` (x, y), labels int64 ``[N]`` or ``[N, F]`` (0..5).
 
-    Returns float32 ``[N, F, 3, size, size]`` with values exactly -1 (off) or +1 (on).
+    Labels ``[N]`` give each video one class; ``[N, F]`` is a per-frame schedule (the class of every
+    frame, SPRITES.md addendum: switched videos). Returns float32 ``[N, F, 3, size, size]`` with values
+    exactly -1 (off) or +1 (on).
     """
     s = sprite_size(size)
     positions = torch.as_tensor(positions, dtype=torch.long)
@@ -164,26 +167,112 @@ def render(positions: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Te
     if positions.dim() != 3 or positions.shape[-1] != 2:
         raise ValueError(f"positions must be [N, F, 2], got {list(positions.shape)}")
     n, frames = positions.shape[:2]
-    if labels.shape != (n,):
-        raise ValueError(f"labels must be [{n}], got {list(labels.shape)}")
-    if n and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    if labels.shape not in ((n,), (n, frames)):
+        raise ValueError(f"labels must be [{n}] or a per-frame schedule [{n}, {frames}], got {list(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError(f"labels must be in 0..{NUM_CLASSES - 1}, got {labels.unique().tolist()}")
     if positions.numel() and (positions.min() < 0 or positions.max() > size - s):
         lo, hi = int(positions.min()), int(positions.max())
         raise ValueError(f"positions must be in [0, {size - s}], got range [{lo}, {hi}]")
+    # One code path: a per-video label is the constant schedule (pure indexing, so bit-identical).
+    sched = labels[:, None].expand(n, frames) if labels.dim() == 1 else labels  # [N, F]
     first, last = _row_spans(size)
     grid = torch.arange(size)
     x = positions[..., 0, None]  # [N, F, 1]
     i = grid - positions[..., 1, None]  # [N, F, S] row inside the box
     inside = (i >= 0) & (i < s)
     ic = i.clamp(0, s - 1)
-    lab = labels[:, None, None]
+    lab = sched[:, :, None]  # [N, F, 1] class of each frame
     lo = x + first[lab, ic]  # [N, F, S] first on column of each frame row
     hi = torch.where(inside, x + last[lab, ic], -1)
     on = (grid >= lo[..., None]) & (grid <= hi[..., None])  # [N, F, S, S]
     out = torch.full((n, frames, NUM_COLOURS, size, size), -1.0)
-    out[torch.arange(n), :, class_colour(labels)] = on.float() * 2 - 1
+    out[torch.arange(n)[:, None], torch.arange(frames)[None, :], class_colour(sched)] = on.float() * 2 - 1
     return out
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def switch_schedule(labels: torch.Tensor, frames: int, at: Any, to: Any = "shift") -> torch.Tensor:
+    """Per-frame class schedule LongTensor ``[N, frames]`` of videos switching class at frames ``at``.
+
+    ``labels`` int64 ``[N]`` is each video's class from frame 0 (c0); ``at`` is one switch frame ``K1`` or
+    an increasing sequence ``K1 < K2 < ...`` with ``0 < K1`` and ``Ki < frames``. From frame ``Ki`` on the
+    class is ``ci``, chosen by ``to``:
+
+    - ``"shift"`` (default): each switch moves the class on by one, ``ci = (c{i-1} + 1) mod 6``;
+    - an int in 0..5: every switch of every video goes to that class (a video already in that class
+      then keeps it, so its schedule shows no change there);
+    - a sequence of ints in 0..5, one per switch: switch ``i`` goes to ``to[i]`` for every video.
+
+    The null class (6) never appears.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [N], got {list(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels must be in 0..{NUM_CLASSES - 1}, got {labels.unique().tolist()}")
+    _check_int("frames", frames)
+    if frames < 1:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    if isinstance(at, int) and not isinstance(at, bool):
+        ks = [at]
+    elif isinstance(at, (list, tuple, range)) and len(at):
+        ks = list(at)
+    else:
+        raise ValueError(f"at must be a switch frame or a non-empty sequence of them, got {at!r}")
+    for k in ks:
+        _check_int("at", k)
+    if ks[0] <= 0 or ks[-1] >= frames or any(a >= b for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"at must satisfy 0 < K1 < K2 < ... < frames={frames}, got {ks}")
+    if isinstance(to, str):
+        if to != "shift":
+            raise ValueError(f"to must be 'shift', a class or a sequence of classes, got {to!r}")
+        targets = None
+    elif isinstance(to, int) and not isinstance(to, bool):
+        targets = [to] * len(ks)
+    elif isinstance(to, (list, tuple)):
+        targets = list(to)
+        if len(targets) != len(ks):
+            raise ValueError(f"to must give one class per switch ({len(ks)}), got {targets}")
+    else:
+        raise ValueError(f"to must be 'shift', a class or a sequence of classes, got {to!r}")
+    if targets is not None:
+        for c in targets:
+            _check_int("to", c)
+            if not 0 <= c < NUM_CLASSES:
+                raise ValueError(f"to must hold classes in 0..{NUM_CLASSES - 1}, got {to!r}")
+    out = labels[:, None].repeat(1, frames)  # [N, F]
+    cur = labels.clone()
+    for i, k in enumerate(ks):
+        cur = (cur + 1) % NUM_CLASSES if targets is None else torch.full_like(cur, targets[i])
+        out[:, k:] = cur[:, None]
+    return out
+
+
+def make_switched_videos(params: "SpriteParams", frames: int, size: int, schedule: torch.Tensor) -> torch.Tensor:
+    """Switched videos float32 ``[N, frames, 3, size, size]``: the motion of ``params``, appearance per frame.
+
+    ``schedule`` int64 ``[N, frames]`` (see :func:`switch_schedule`) gives the class of every frame; the
+    positions are exactly those of ``make_videos(params, frames, size)`` (a switch changes appearance only),
+    and ``params.cls`` is not used. A constant schedule equal to ``params.cls`` gives ``make_videos``'s videos.
+    """
+    _check_int("frames", frames)
+    schedule = torch.as_tensor(schedule)
+    if schedule.shape != (len(params), frames):
+        raise ValueError(f"schedule must be [N, F] = [{len(params)}, {frames}], got {list(schedule.shape)}")
+    if schedule.dtype.is_floating_point or schedule.dtype.is_complex or schedule.dtype == torch.bool:
+        raise ValueError(f"schedule must be integers, got dtype {schedule.dtype}")
+    vx, vy = mode_velocity(params.mode, size)
+    positions = trajectory(params.x, params.y, vx, vy, frames, size)
+    return render(positions, schedule, size)
 
 
 @dataclass

@@ -152,6 +152,53 @@ def _noise(like: torch.Tensor, generator) -> torch.Tensor:
     return shard.randn(like.shape, generator).to(like.device)
 
 
+def prompt_at(cond: torch.Tensor, switches, start: int) -> torch.Tensor:
+    """The prompt in force for the chunk starting at frame `start`: `cond`, or the last of `switches`
+    `[(K, cond_K [B, L, D]), ...]` (K increasing) with `K <= start` (a switch inside a chunk takes effect at
+    the next chunk: the chunk in progress keeps its prompt, SPRITES.md "Switched videos")."""
+    for k, c in switches:
+        if k <= start:
+            cond = c
+    return cond
+
+
+def check_switches(switches, frames: int) -> list:
+    """`switches` as a list `[(K, cond), ...]`, its frames increasing inside `(0, frames)`."""
+    switches = [(int(k), c) for k, c in switches]
+    ks = [k for k, _ in switches]
+    if any(not 0 < k < frames for k in ks) or ks != sorted(set(ks)):
+        raise ValueError(f"prompt switches must be at increasing frames in 1..{frames - 1}, got {ks}")
+    return switches
+
+
+class ContextWindow:
+    """The finished chunks a KV cache holds, kept as model inputs so the cache can be rebuilt under another
+    prompt (LongLive's KV re-cache on a prompt switch): the sink chunks and the last window's chunks.
+
+    `add(start, ctx)`: chunk at absolute frame `start`, `ctx = (x [B, C, fpc, H, W], σ [B, fpc])` as written.
+    `rebuild(write, cache)`: an empty cache filled again chunk by chunk, oldest first, by `write(ctx, cache)`
+    (one network call each, under the caller's new prompt); each chunk is written at its own absolute frame
+    (`seen_frames`), so relative and absolute RoPE caches both hold the positions the stream gave them. The
+    first window chunk attends to the sinks only, not to the evicted chunks before it (as LongLive's)."""
+
+    def __init__(self, max_frames: int | None, sink_frames: int):
+        self.max_frames, self.sink_frames = max_frames, sink_frames
+        self.chunks: list[tuple[int, tuple]] = []
+
+    def add(self, start: int, ctx: tuple) -> None:
+        self.chunks.append((start, ctx))
+        if self.max_frames is not None:
+            end = start + ctx[0].shape[2]
+            recent = end - (self.max_frames - self.sink_frames)
+            self.chunks = [(a, c) for a, c in self.chunks if a < self.sink_frames or a >= recent]
+
+    def rebuild(self, write, cache):
+        for a, ctx in self.chunks:
+            cache.seen_frames = a
+            write(ctx, cache)
+        return cache
+
+
 def schedule_through(sigmas: torch.Tensor, stops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Insert the levels `stops` into a decreasing schedule so an Euler path lands exactly on them.
 
@@ -190,7 +237,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
                           generator: torch.Generator | None = None, lag: int = 0,
                           max_context_frames: int | None = None, sink_frames: int = 0,
                           keep_sigmas: torch.Tensor | None = None,
-                          on_chunk: Callable[[int, torch.Tensor], None] | None = None):
+                          on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                          switches=(), recache: bool = False):
     """Chunk-wise autoregressive sampling with a KV cache.
 
     Args:
@@ -203,6 +251,9 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         keep_sigmas: `[K]` levels to record the ODE path at (inserted into the schedule, see
             `schedule_through`); a student's few-step levels, for ODE-pair regression.
         on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` when a chunk is finished.
+        switches: prompt switches `[(K, cond_K [B, L, D]), ...]`: from the first chunk starting at or after
+            frame K, `cond_K` conditions the video (`prompt_at`; the null prompt stays `uncond`).
+        recache: on a switch, rebuild the KV window under the new prompt (`ContextWindow`); else keep it.
     Returns:
         `[B, C, F, H, W]` samples; with `keep_sigmas` also the states `[K, B, C, F, H, W]` at those levels.
     """
@@ -213,10 +264,18 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
     sigmas, keep = sampling_sigmas(steps, shift), ()
     if keep_sigmas is not None:
         sigmas, keep = schedule_through(sigmas, keep_sigmas)
+    switches = check_switches(switches, f)
     cache = denoiser.new_cache(max_context_frames, sink_frames)
-    chunks, kept = [], []
+    window = ContextWindow(max_context_frames, sink_frames) if recache and switches else None
+    chunks, kept, prompt = [], [], cond
     for start in range(0, f, fpc):
-        x = _euler(denoiser, noise[:, :, start:start + fpc], cond, uncond, guidance, sigmas, cache, lag, keep)
+        now = prompt_at(cond, switches, start)
+        if now is not prompt and window is not None:
+            cache = window.rebuild(lambda ctx, kv: guided_flow(denoiser, *ctx, now, uncond, guidance, kv,
+                                                               write_cache=True),
+                                   denoiser.new_cache(max_context_frames, sink_frames))
+        prompt = now
+        x = _euler(denoiser, noise[:, :, start:start + fpc], prompt, uncond, guidance, sigmas, cache, lag, keep)
         if keep:
             x, states = x
             kept.append(states)
@@ -224,8 +283,10 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
         if on_chunk is not None:
             on_chunk(start // fpc, x)
         if start + fpc < f:  # the last chunk is never context
-            ctx, ctx_sigma = _as_context(x, context_sigma, generator)
-            guided_flow(denoiser, ctx, ctx_sigma, cond, uncond, guidance, cache, write_cache=True)
+            ctx = _as_context(x, context_sigma, generator)
+            guided_flow(denoiser, *ctx, prompt, uncond, guidance, cache, write_cache=True)
+            if window is not None:
+                window.add(start, ctx)
     out = torch.cat(chunks, dim=2)
     return (out, torch.cat(kept, dim=3)) if keep else out
 
@@ -234,7 +295,8 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
 def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, latent_shape: tuple, *,
              kind: str = "autoregressive", steps: int = 32, guidance: float = 1.0, shift: float = 1.0, context_sigma: float = 0.0,
              seed: int = 0, batch_size: int = 64, lag: int = 0, max_context_frames: int | None = None,
-             sink_frames: int = 0, on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+             sink_frames: int = 0, on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+             switches=(), recache: bool = False) -> torch.Tensor:
     """Sample `len(cond)` videos in batches with seeded noise.
 
     Args:
@@ -242,12 +304,17 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
         latent_shape: `(C, F, H, W)` of one video.
         kind: "autoregressive" or "synchronous".
         on_chunk: per finished chunk, as in `sample_autoregressive` (synchronous: once, the whole video).
+        switches, recache: prompt switches `[(K, cond_K [N, L, D]), ...]` and what the cache does at them
+            (`sample_autoregressive`; a synchronous sampler has no chunks to switch between).
     Returns:
         `[N, C, F, H, W]` latents (for sprites: pixels in the model layout).
     """
     def sample(noise, sl, gen):
         c, u = cond[sl].to(noise.device), uncond[sl].to(noise.device)
+        sw = [(k, ck[sl].to(noise.device)) for k, ck in switches]
         if kind == "synchronous":
+            if switches:
+                raise ValueError("prompt switches need a chunk-wise sampler (autoregressive), not synchronous")
             out = sample_synchronous(denoiser, noise, c, u, steps=steps, guidance=guidance, shift=shift)
             if on_chunk is not None:
                 on_chunk(0, out)
@@ -256,7 +323,7 @@ def generate(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, laten
             return sample_autoregressive(denoiser, noise, c, u, steps=steps, guidance=guidance, shift=shift,
                                          context_sigma=context_sigma, generator=gen, lag=lag,
                                          max_context_frames=max_context_frames, sink_frames=sink_frames,
-                                         on_chunk=on_chunk)
+                                         on_chunk=on_chunk, switches=sw, recache=recache)
         raise ValueError(f"unknown sampler {kind!r} (autoregressive, synchronous)")
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)
@@ -305,7 +372,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                      generator: torch.Generator | None = None, max_context_frames: int | None = None,
                      sink_frames: int = 0,
                      on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                     fuse_cache_write: bool = True) -> torch.Tensor:
+                     fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
     """The few-step student rolled out chunk by chunk on its own outputs (CausVid / Self-Forcing).
 
     Per chunk c: start from noise at `sigmas[0]`; at each step predict x̂0 and re-noise it to the next
@@ -325,6 +392,11 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
         exit_steps: `[F / frames_per_chunk]` indices into `sigmas` (K-1 everywhere = the full sampler).
         on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` as soon as a chunk is finished
             (streaming consumers, per-chunk timing).
+        switches: prompt switches `[(K, cond_K [B, L, D]), ...]`: from the first chunk starting at or after
+            frame K, `cond_K` conditions the rollout (`prompt_at`).
+        recache: on a switch, rebuild the KV window under the new prompt (LongLive's re-cache,
+            `ContextWindow`; no gradients); else the cache is kept (the chunk before the switch is written
+            under its own prompt, never fused into the new prompt's first call).
     Returns:
         `[B, C, F, H, W]` clean predictions.
     """
@@ -334,21 +406,32 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
         raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
     if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
         raise ValueError(f"exit_steps must hold {f // fpc} indices into {len(sigmas)} levels, got {list(exit_steps)}")
+    switches = check_switches(switches, f)
     cache = denoiser.new_cache(max_context_frames, sink_frames)
-    chunks, pending = [], None  # pending: the previous chunk as context, not yet in the cache
+    window = ContextWindow(max_context_frames, sink_frames) if recache and switches else None
+    chunks, pending, prompt = [], None, cond  # pending: the previous chunk as context, not yet in the cache
 
     def step(x, k):
         nonlocal pending
         sigma = torch.full((b, fpc), float(sigmas[k]), device=x.device)
         if pending is not None and torch.is_grad_enabled():  # never fuse into a call with gradients
             with torch.no_grad():
-                denoiser(*pending, cond, cache, write_cache=True)
+                denoiser(*pending, prompt, cache, write_cache=True)
             pending = None
-        x0 = denoiser.predict_x0(x, sigma, cond, cache, cache_first=pending)
+        x0 = denoiser.predict_x0(x, sigma, prompt, cache, cache_first=pending)
         pending = None
         return x0
 
     for c, start in enumerate(range(0, f, fpc)):
+        now = prompt_at(cond, switches, start)
+        if now is not prompt:
+            with torch.no_grad():
+                if window is not None:  # the held chunks again, under the new prompt
+                    cache = window.rebuild(lambda ctx, kv: denoiser(*ctx, now, kv, write_cache=True),
+                                           denoiser.new_cache(max_context_frames, sink_frames))
+                elif pending is not None:  # the last chunk under the prompt it was made with
+                    denoiser(*pending, prompt, cache, write_cache=True)
+            pending, prompt = None, now
         x, exit_k = noise[:, :, start:start + fpc], int(exit_steps[c])
         with torch.no_grad():
             for k in range(exit_k):
@@ -361,9 +444,11 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
             on_chunk(c, x0)
         if start + fpc < f:  # the last chunk is never context
             pending = _as_context(x0.detach(), context_sigma, generator)
+            if window is not None:
+                window.add(start, pending)
             if not fuse_cache_write:
                 with torch.no_grad():
-                    denoiser(*pending, cond, cache, write_cache=True)
+                    denoiser(*pending, prompt, cache, write_cache=True)
                 pending = None
     return torch.cat(chunks, dim=2)
 
@@ -373,13 +458,13 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
                     context_sigma: float = 0.0, generator: torch.Generator | None = None,
                     max_context_frames: int | None = None, sink_frames: int = 0,
                     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                    fuse_cache_write: bool = True) -> torch.Tensor:
+                    fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
     """Few-step chunk-wise sampling (CausVid / Self-Forcing inference, no guidance): `few_step_rollout`
     with every chunk going through all of `sigmas`. Shapes and arguments as there."""
     exits = [len(sigmas) - 1] * (noise.shape[2] // denoiser.frames_per_chunk)
     return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma=context_sigma, generator=generator,
                             max_context_frames=max_context_frames, sink_frames=sink_frames, on_chunk=on_chunk,
-                            fuse_cache_write=fuse_cache_write)
+                            fuse_cache_write=fuse_cache_write, switches=switches, recache=recache)
 
 
 @torch.no_grad()
@@ -387,14 +472,16 @@ def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tupl
                       context_sigma: float = 0.0, seed: int = 0, batch_size: int = 64,
                       max_context_frames: int | None = None, sink_frames: int = 0,
                       on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                      fuse_cache_write: bool = True) -> torch.Tensor:
+                      fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
     """`generate` for a few-step student: `len(cond)` videos `[N, C, F, H, W]` in seeded batches.
 
-    `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch).
+    `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch); `switches`
+    `[(K, cond_K [N, L, D]), ...]` and `recache` as there.
     """
     def sample(noise, sl, gen):
+        sw = [(k, ck[sl].to(noise.device)) for k, ck in switches]
         return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma=context_sigma,
                                generator=gen, max_context_frames=max_context_frames, sink_frames=sink_frames,
-                               on_chunk=on_chunk, fuse_cache_write=fuse_cache_write)
+                               on_chunk=on_chunk, fuse_cache_write=fuse_cache_write, switches=sw, recache=recache)
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)

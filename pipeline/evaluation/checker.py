@@ -4,6 +4,7 @@ Videos are ``[N, F, 3, S, S]`` with labels ``[N]`` in 0..5. Generated videos are
 channel is binarised at 0 (on iff value > 0). Three levels are checked:
 
 - frame: exactly one sprite of the labelled colour, shape and size, fully inside the frame;
+  labels are per video ``[N]`` or, for switched videos, per frame ``[N, F]``;
 - transition ``t -> t+1``: both frames valid and the move obeys the bounce physics, with a velocity
   consistent with the previous lawful transition;
 - data set: every class shows every motion mode.
@@ -25,7 +26,11 @@ from pipeline.data.sprites import NUM_CLASSES, NUM_MODES, SIZES, shape_mask
 _MODE_OF_SIGNS = {(1, 1): 0, (1, -1): 1, (-1, -1): 2, (-1, 1): 3}
 
 
-def _check_inputs(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _check_inputs(
+    videos: torch.Tensor, labels: torch.Tensor, allow_schedule: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Validate videos ``[N, F, 3, S, S]`` and labels ``[N]`` (or, with ``allow_schedule``, a per-frame
+    schedule ``[N, F]``); return the labels as int64 on the videos' device and the frame size S."""
     if not isinstance(videos, torch.Tensor) or videos.dim() != 5:
         got = list(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise ValueError(f"videos must be [N, F, 3, S, S], got {got}")
@@ -37,13 +42,14 @@ def _check_inputs(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     if f < 1:
         raise ValueError(f"videos must have at least one frame, got {list(videos.shape)}")
     labels = torch.as_tensor(labels)
-    if labels.shape != (n,):
-        raise ValueError(f"labels must be [{n}] to match videos {list(videos.shape)}, "
+    if labels.shape != (n,) and not (allow_schedule and labels.shape == (n, f)):
+        also = f" or a per-frame schedule [{n}, {f}]" if allow_schedule else ""
+        raise ValueError(f"labels must be [{n}]{also} to match videos {list(videos.shape)}, "
                          f"got {list(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if n and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        bad = sorted({int(v) for v in labels.tolist() if not 0 <= v < NUM_CLASSES})
+        bad = sorted({int(v) for v in labels.reshape(-1).tolist() if not 0 <= v < NUM_CLASSES})
         raise ValueError(f"labels must be in 0..{NUM_CLASSES - 1}, got {bad}")
     return labels.to(device=videos.device, dtype=torch.long), h
 
@@ -65,40 +71,42 @@ def _box(flat: torch.Tensor, s: int, clamp_corner: bool = False):
 
 
 def check_frames(videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame validity of videos ``[N, F, 3, S, S]`` with labels ``[N]``.
+    """Frame validity of videos ``[N, F, 3, S, S]`` with labels ``[N]`` or a per-frame schedule ``[N, F]``.
 
-    A frame is valid iff the pixels with any channel on are exactly the labelled shape's mask (side
+    A frame is valid iff the pixels with any channel on are exactly its class's shape mask (side
     ``s = S / 4``) placed at some integer ``(x, y)``, ``0 <= x, y <= S - s``, and each of those pixels
-    has exactly the labelled colour channel on (all other pixels all off).
+    has exactly its class's colour channel on (all other pixels all off). The class of frame ``f`` of
+    video ``n`` is ``labels[n]``, or ``labels[n, f]`` for a schedule (switched videos, SPRITES.md addendum).
 
     Returns ``valid`` BoolTensor ``[N, F]`` and ``positions`` LongTensor ``[N, F, 2]`` (x, y of the
     sprite box; -1 where invalid), on the videos' device.
     """
-    labels, size = _check_inputs(videos, labels)
+    labels, size = _check_inputs(videos, labels, allow_schedule=True)
     n, f = videos.shape[:2]
     s = size // 4
     dev = videos.device
+    # Per-video labels are the constant schedule; everything below works per frame.
+    sched = labels[:, None].expand(n, f) if labels.dim() == 1 else labels  # [N, F]
     on = videos > 0  # [N, F, 3, S, S]
     any_on = on.any(dim=2)  # [N, F, S, S]
 
-    colour = F_.one_hot(labels // 2, 3).bool()  # [N, 3]
-    expected = any_on[:, :, None] & colour[:, None, :, None, None]
+    colour = F_.one_hot(sched // 2, 3).bool()  # [N, F, 3]
+    expected = any_on[:, :, None] & colour[..., None, None]
     colour_ok = (on == expected).flatten(2).all(dim=2)  # [N, F]
 
-    shape = labels % 2
+    shape = (sched % 2).reshape(n * f)  # [N*F]
     masks = torch.stack([shape_mask(0, s), shape_mask(1, s)]).to(dev)  # [2, s, s]
     # Both masks touch all four sides of their box, so a placed mask's top-left corner is the
     # top-left of the on-set's bounding box: one candidate placement per frame, no search needed.
     assert masks[:, 0].any(1).all() and masks[:, :, 0].any(1).all()
-    area = masks.flatten(1).sum(1)[shape]  # [N] pixel count of each video's shape
+    area = masks.flatten(1).sum(1)[shape]  # [N*F] pixel count of each frame's shape
     flat = any_on.reshape(n * f, size, size)
     count = flat.flatten(1).sum(1)  # [N*F]
     x0, y0, window = _box(flat, s)
     inside = (x0 <= size - s) & (y0 <= size - s)
-    want = masks[shape].repeat_interleave(f, dim=0)  # [N*F, s, s]
-    area_f = area.repeat_interleave(f)
+    want = masks[shape]  # [N*F, s, s]
     # The window equals the mask and no pixel lies outside it, so the on-set is exactly the placed mask.
-    shape_ok = inside & (window == want).flatten(1).all(1) & (count == area_f)
+    shape_ok = inside & (window == want).flatten(1).all(1) & (count == area)
     valid = shape_ok.reshape(n, f) & colour_ok
     positions = torch.stack([x0, y0], dim=-1).reshape(n, f, 2).long()
     positions = torch.where(valid[..., None], positions, torch.full_like(positions, -1))

@@ -65,13 +65,17 @@ def save_curves(path: str | Path, x, curves: dict[str, list], xlabel: str, ylabe
 
 
 def save_samples(path: str | Path, videos: torch.Tensor, labels: torch.Tensor, preview: int = 36,
-                 force: bool = True) -> Path:
-    """A samples file (INTERFACE.md: `videos [N, F, 3, S, S]` float32 in [-1, 1], `labels [N]` int64) and a
-    GIF grid of its first `preview` videos next to it; returns the GIF's path. Both are written under
-    temporary names and renamed; existing ones are replaced only with `force`."""
+                 force: bool = True, schedule: torch.Tensor | None = None) -> Path:
+    """A samples file (INTERFACE.md: `videos [N, F, 3, S, S]` float32 in [-1, 1], `labels [N]` int64; switched
+    videos also `schedule [N, F]` int64, the class of every frame) and a GIF grid of its first `preview` videos
+    next to it; returns the GIF's path. Both are written under temporary names and renamed; existing ones are
+    replaced only with `force`."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    tensors = {"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}
+    if schedule is not None:
+        tensors["schedule"] = schedule.long().contiguous()
     with replacing(path, force, "--out") as tmp:
-        save_file({"videos": videos.float().contiguous(), "labels": labels.long().contiguous()}, str(tmp))
+        save_file(tensors, str(tmp))
     return save_video_grid(videos[:preview], path.with_suffix(".gif"), force=force)

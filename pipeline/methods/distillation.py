@@ -261,7 +261,8 @@ class SelfForcing(DMDMethod):
     def losses(self, **common) -> DMD:
         st, dc = self.cfg.student, self.section
         return SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
-                              sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk")
+                              sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk",
+                              switch_prob=dc.switch_prob, switch_recache=dc.switch_recache)
 
 
 @register("sf_gan")

@@ -125,6 +125,17 @@ class DMD:
         x0_cond, x0_uncond = both.chunk(2)
         return x0_uncond + guidance * (x0_cond - x0_uncond)
 
+    def score_x0(self, denoiser: Denoiser, x, sigma, batch: dict, guidance: float) -> torch.Tensor:
+        """`guided_x0` under the prompt in force at every frame: with a prompt switch in `batch` (`switch`:
+        `(K, cond_K [B, L, D])`, set by a switched rollout) the frames from K on take the score under `cond_K`
+        (a second pass; a block-causal score's frames before K are exactly the first pass's)."""
+        x0 = self.guided_x0(denoiser, x, sigma, batch["context"], batch["null"], guidance)
+        if batch.get("switch") is None:
+            return x0
+        k, cond = batch["switch"]
+        after = self.guided_x0(denoiser, x, sigma, cond, batch["null"], guidance)
+        return torch.cat([x0[:, :, :k], after[:, :, k:]], dim=2)
+
     def generator_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """DMD loss of freshly generated samples.
 
@@ -141,8 +152,8 @@ class DMD:
             noise = shard.randn(x.shape, gen).to(x.device)
             with torch.no_grad():
                 x_t = add_noise(x.detach(), noise, sigma)
-                x0_fake = self.guided_x0(self.fake, x_t, sigma, batch["context"], batch["null"], self.fake_guidance)
-                x0_real = self.guided_x0(self.real, x_t, sigma, batch["context"], batch["null"], self.real_guidance)
+                x0_fake = self.score_x0(self.fake, x_t, sigma, batch, self.fake_guidance)
+                x0_real = self.score_x0(self.real, x_t, sigma, batch, self.real_guidance)
                 grad = dmd_gradient(x.detach(), x0_fake, x0_real)
             stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu())
             loss = dmd_loss(x, grad) if self.dmd_weight == 1 else self.dmd_weight * dmd_loss(x, grad)
@@ -171,7 +182,14 @@ class DMD:
             sigma = self.draw_sigma(x, gen)
             noise = shard.randn(x.shape, gen).to(x.device)
             weight = torch.ones_like(sigma)
-            loss = flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise)
+            if batch.get("switch") is None:
+                loss = flow_matching_loss(self.fake, x, batch["context"], sigma, weight, noise)
+            else:  # each frame denoised under the prompt in force there: two passes, complementary weights
+                k, cond = batch["switch"]
+                after = torch.arange(x.shape[2], device=x.device) >= k
+                total = weight.sum()
+                loss = (flow_matching_loss(self.fake, x, batch["context"], sigma, weight * ~after, noise, norm=total)
+                        + flow_matching_loss(self.fake, x, cond, sigma, weight * after, noise, norm=total))
         if self.gan is not None:  # the discriminator: real videos of the batch's prompts against x
             d, gan_stats = self.gan.discriminator_term(batch["x0"], batch["context"], x, batch["context"], gen)
             loss = loss + self.gan_weight * d
@@ -189,6 +207,20 @@ class SelfForcingDMD(DMD):
     """
 
     per_chunk_exit: bool = False
+    switch_prob: float = 0.0
+    switch_recache: bool = True
+
+    def draw_switch(self, batch: dict, num_chunks: int, gen: torch.Generator):
+        """LongLive's switch DMD: with probability `switch_prob`, `(K, cond_K)`: the prompt switches at the
+        start of a random chunk K (never the first) to another video's prompt of the batch (rolled by one);
+        else None. Drawn from the shared generator (every process switches alike); nothing is drawn when
+        `switch_prob` is 0, so runs without switches keep their random streams."""
+        if not self.switch_prob or num_chunks < 2:
+            return None
+        g = shard.base(gen)
+        on = float(torch.rand((), generator=g)) < self.switch_prob
+        chunk = int(torch.randint(1, num_chunks, (), generator=g))
+        return (chunk * self.generator.frames_per_chunk, batch["context"].roll(1, 0)) if on else None
 
     def exit_steps(self, num_chunks: int, gen: torch.Generator) -> torch.Tensor:
         """Exit step indices `[num_chunks]` into the student's levels, uniform over them."""
@@ -202,9 +234,14 @@ class SelfForcingDMD(DMD):
         shape = batch["shape"]  # (C, F, H, W)
         exits = self.exit_steps(shape[1] // fpc, gen)
         noise = shard.randn((b, *shape), gen).to(cond.device)
+        batch["switch"] = switch = self.draw_switch(batch, shape[1] // fpc, gen)  # the scores read it
         x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), context_sigma=self.context_sigma,
-                             generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames)
-        return x, {"exit_step": exits.float().mean().item()}
+                             generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames,
+                             switches=[switch] if switch else (), recache=self.switch_recache)
+        stats = {"exit_step": exits.float().mean().item()}
+        if self.switch_prob:
+            stats["switched"] = float(switch is not None)
+        return x, stats
 
 
 @dataclass
