@@ -451,6 +451,9 @@ class DistillConfig(TrainingConfig):
     disc_layer: Optional[int] = at_least(0, None)  # the block whose output the head reads (None: the middle one)
     disc_hidden: int = positive(256)  # the head's MLP width
     r1_weight: float = at_least(0, 0.0)  # γ of the R1 penalty γ/2·E‖∇D(real)‖² (0: none)
+    # the first steps train the critic (and discriminator) alone: a generator following an untrained discriminator's
+    # gradients drifts (Adam scales even noise to full steps); sf_gan on sprites fell from 0.96 to 0.38 valid frames
+    critic_warmup: int = at_least(0, 0)
     # sf_dmd: LongLive's switch DMD: this fraction of rollouts switch prompt at a random chunk (to another video's
     # prompt of the batch); the scores judge every frame under the prompt in force there
     switch_prob: float = in_range(0, 1, 0.0)

@@ -41,7 +41,7 @@ from pipeline.training.trainer import Trainer
 # cell -> (stage, overrides of that stage's section)
 TRAINED = {"tf_l2": ("pretrain_teacher", {"trajectory": "tf", "tf_prob": 0.0, "bid_prob": 0.0}),
            "sf_dmd": ("distill", {"method": "sf_dmd"}),
-           "sf_gan": ("distill", {"method": "sf_gan"}),
+           "sf_gan": ("distill", {"method": "sf_gan", "critic_warmup": 150}),
            "sf_dmd_gan": ("distill", {"method": "sf_dmd", "gan_weight": 0.5}),
            "df_dmd": ("distill", {"method": "df_dmd"})}
 CELLS = ("df_l2", "df_l2_4step", *TRAINED)

@@ -9,6 +9,9 @@ spaced steps. Any `--frames` (a multiple of the chunk): past the window, the KV 
 Writes `videos` float32 `[N, F, 3, S, S]` in [-1, 1] and `labels` int64 `[N]` (balanced over the
 classes) to FILE and a GIF preview grid next to it; prints frames/s and the first chunk's latency.
 
+`--rolling` (students): rolling-window joint denoising (`sampling.sample_rolling`): the window of chunks at
+staggered levels, one chunk finished per network call after warm-up.
+
 Prompt switching (SPRITES.md "Switched videos"): `--switch-at K [K2 ...]` switches every video's class at
 frame K (it takes effect from the first chunk starting at or after K); `--switch-to shift` (default: class c
 becomes (c + 1) mod 6) or a class id 0..5. `--recache` rebuilds the KV window under the new class at the switch
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
                     help="sprites: switch every video's class at these frames (prompt switching)")
     ap.add_argument("--switch-to", default="shift", help="sprites: 'shift' ((c + 1) mod 6) or a class id 0..5")
     ap.add_argument("--recache", action="store_true", help="rebuild the KV window under the new prompt at a switch")
+    ap.add_argument("--rolling", action="store_true", help="student: rolling-window joint denoising (one chunk "
+                                                          "finished per network call after warm-up)")
     ap.add_argument("--model-config", help="a diffusers config.json for a source without one whose head count cannot "
                                            "be read off its weights (as convert's)")
     ap.add_argument("--prompts", help="text models: prompt file, one per line")
@@ -115,16 +120,21 @@ def sample_sprites(args, command: str = "") -> int:
             if args.guidance is not None or args.sampler:
                 raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
                                  "sampler (--steps K)")
+            if args.rolling and schedule is not None:
+                raise ValueError("--rolling does not take prompt switches (--switch-at)")
             steps = uniform_denoising_steps(args.steps) if args.steps else None
             what = f"{len(steps or cfg.student.denoising_steps)}-step student"
         else:
             sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
                 steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
+            if args.rolling:
+                raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
         videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
                                size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
                                student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
-                               seed=args.seed, denoising_steps=steps, on_chunk=clock, recache=args.recache)
+                               seed=args.seed, denoising_steps=steps, on_chunk=clock, recache=args.recache,
+                               rolling=args.rolling)
         elapsed = time.perf_counter() - clock.start
         preview = save_samples(out, videos, labels, force=args.force, schedule=schedule)
     finally:

@@ -97,6 +97,26 @@ def test_alternation_ratio_holds(student_stage, tmp_path, monkeypatch):
     assert counts == {"generator_term": 3, "discriminator_term": 7}  # generator at steps 0, 3, 6
 
 
+def test_critic_warmup_trains_the_discriminator_alone_first(student_stage, tmp_path, monkeypatch):
+    """`critic_warmup: 4`: no generator update before step 4, then every `ratio`-th step (4 and 6 of 7 at ratio
+    2); the generator's LR schedule counts only those; the manifest reports them."""
+    from pipeline.methods.distillation import generator_updates
+
+    cfg, _ = student_stage
+    counts = {"generator_term": [], "discriminator_term": []}
+    for name in counts:
+        orig = getattr(gan_module.GAN, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            counts[_name].append(1)
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(gan_module.GAN, name, counted)
+    path = distill.run(gan_cfg(cfg, tmp_path / "r", steps=7, critic_steps_per_generator_step=2, critic_warmup=4)).path
+    assert (len(counts["generator_term"]), len(counts["discriminator_term"])) == (2, 7)
+    assert [generator_updates(s, 2, 4) for s in range(9)] == [0, 0, 0, 0, 0, 1, 1, 2, 2]
+    assert json.loads((path / "manifest.json").read_text())["metrics"]["generator_updates"] == 2
+
+
 def test_sf_gan_resume_restores_the_discriminator_bit_exactly(student_stage, tmp_path, monkeypatch, capsys):
     cfg, _ = student_stage
     full = distill.run(gan_cfg(cfg, tmp_path / "full", r1_weight=0.1)).path

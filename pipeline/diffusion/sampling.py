@@ -472,16 +472,80 @@ def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tupl
                       context_sigma: float = 0.0, seed: int = 0, batch_size: int = 64,
                       max_context_frames: int | None = None, sink_frames: int = 0,
                       on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                      fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
+                      fuse_cache_write: bool = True, switches=(), recache: bool = False,
+                      rolling: bool = False) -> torch.Tensor:
     """`generate` for a few-step student: `len(cond)` videos `[N, C, F, H, W]` in seeded batches.
 
     `on_chunk` is passed to `sample_few_step` (chunk indices restart at 0 in every batch); `switches`
-    `[(K, cond_K [N, L, D]), ...]` and `recache` as there.
+    `[(K, cond_K [N, L, D]), ...]` and `recache` as there; `rolling`: `sample_rolling` instead (no switches).
     """
+    if rolling and switches:
+        raise ValueError("prompt switches are not supported by the rolling-window sampler")
+
     def sample(noise, sl, gen):
+        if rolling:
+            return sample_rolling(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma=context_sigma,
+                                  generator=gen, max_context_frames=max_context_frames, sink_frames=sink_frames,
+                                  on_chunk=on_chunk)
         sw = [(k, ck[sl].to(noise.device)) for k, ck in switches]
         return sample_few_step(denoiser, noise, cond[sl].to(noise.device), sigmas, context_sigma=context_sigma,
                                generator=gen, max_context_frames=max_context_frames, sink_frames=sink_frames,
                                on_chunk=on_chunk, fuse_cache_write=fuse_cache_write, switches=sw, recache=recache)
 
     return _in_batches(denoiser, len(cond), latent_shape, seed, batch_size, sample)
+
+
+@torch.no_grad()
+def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, *,
+                   context_sigma: float = 0.0, generator: torch.Generator | None = None,
+                   max_context_frames: int | None = None, sink_frames: int = 0,
+                   on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                   calls: list | None = None) -> torch.Tensor:
+    """Rolling-window joint denoising (Rolling Forcing; seed 002's cascading noise levels for Diffusion Forcing).
+
+    A window of up to K = len(sigmas) chunks stands at staggered levels, oldest (least noisy) first: every network
+    call denoises the whole window at once (block-causal: each chunk attends to the finished chunks in the KV cache
+    and to the older chunks of the window), the oldest chunk, at the last level, is finished, every other chunk is
+    re-noised one level down (`x ← (1-σ')·x̂0 + σ'·ε'`) and a new chunk enters at `sigmas[0]`. After K - 1 warm-up
+    calls each call finishes one chunk: `n + K - 1` calls for n chunks, against `n·K` chunk by chunk, each over up
+    to K chunks. A finished chunk enters the cache (at `context_sigma`) fused into the next call. K = 1 is
+    `sample_few_step`.
+
+    Args:
+        noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
+        cond: `[B, L, D]`; sigmas `[K]` decreasing levels (`few_step_sigmas`).
+        calls: if given, gets one `[levels of the window's chunks]` list per network call (for tests, counts).
+    Returns:
+        `[B, C, F, H, W]` clean predictions.
+    """
+    fpc = denoiser.frames_per_chunk
+    b, f = noise.shape[0], noise.shape[2]
+    if f % fpc:
+        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    n, k_last = f // fpc, len(sigmas) - 1
+    cache = denoiser.new_cache(max_context_frames, sink_frames)
+    window: list[list] = []  # [chunk index, level index, x] oldest first
+    chunks, pending, entered = [], None, 0
+    while len(chunks) < n:
+        if entered < n:  # a new chunk of pure noise enters at the first level
+            window.append([entered, 0, noise[:, :, entered * fpc:(entered + 1) * fpc]])
+            entered += 1
+        levels = [k for _, k, _ in window]
+        if calls is not None:
+            calls.append(levels)
+        sigma = torch.cat([torch.full((b, fpc), float(sigmas[k]), device=noise.device) for k in levels], dim=1)
+        x0 = denoiser.predict_x0(torch.cat([x for _, _, x in window], dim=2), sigma, cond, cache, cache_first=pending)
+        pending = None
+        x0 = x0.split(fpc, dim=2)
+        if window[0][1] == k_last:  # the oldest chunk is finished
+            idx, _, _ = window.pop(0)
+            done, x0 = x0[0], x0[1:]
+            chunks.append(done)
+            if on_chunk is not None:
+                on_chunk(idx, done)
+            if idx + 1 < n:
+                pending = _as_context(done, context_sigma, generator)
+        for entry, y in zip(window, x0):  # the others one level down, with fresh noise
+            entry[1] += 1
+            entry[2] = add_noise(y, _noise(y, generator), torch.full((b, fpc), float(sigmas[entry[1]]), device=y.device))
+    return torch.cat(chunks, dim=2)

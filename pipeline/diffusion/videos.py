@@ -24,7 +24,8 @@ def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk:
                    student: StudentConfig | None = None, sampler: SamplerConfig | None = None,
                    attention: str = "block_causal", uncond: torch.Tensor | None = None, seed: int = 0,
                    batch_size: int = 64, few_step: bool | None = None, denoising_steps=None, on_chunk=None,
-                   fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
+                   fuse_cache_write: bool = True, switches=(), recache: bool = False,
+                   rolling: bool = False) -> torch.Tensor:
     """Latents `[N, C, F, H, W]` of `model` for prompt embeddings `cond [N, L, D]`, noise seeded by `seed`.
 
     Args:
@@ -39,6 +40,7 @@ def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk:
         fuse_cache_write: few-step only (see `sampling.few_step_rollout`).
         switches, recache: prompt switches `[(K, cond_K [N, L, D]), ...]` and whether the KV window is rebuilt
             under the new prompt (`sampling.few_step_rollout`, `sampling.sample_autoregressive`).
+        rolling: few-step only: rolling-window joint denoising (`sampling.sample_rolling`).
     """
     model.eval()
     if is_student(model) if few_step is None else few_step:
@@ -50,7 +52,10 @@ def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk:
         return generate_few_step(den, cond, shape, sigmas, context_sigma=student.context_sigma, seed=seed,
                                  batch_size=batch_size, max_context_frames=student.max_context_frames,
                                  sink_frames=student.sink_frames, on_chunk=on_chunk,
-                                 fuse_cache_write=fuse_cache_write, switches=switches, recache=recache)
+                                 fuse_cache_write=fuse_cache_write, switches=switches, recache=recache,
+                                 rolling=rolling)
+    if rolling:
+        raise ValueError("the rolling-window sampler is a few-step (student) sampler")
     if sampler is None:
         raise ValueError("the many-step sampler needs the teacher's sampler section (sampler=)")
     den = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
@@ -65,7 +70,7 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, *, frames: i
                   prediction: str, student: StudentConfig | None = None, sampler: SamplerConfig | None = None,
                   attention: str = "block_causal", seed: int = 0, channels: int = 3, batch_size: int = 64,
                   few_step: bool | None = None, denoising_steps=None, on_chunk=None,
-                  fuse_cache_write: bool = True, recache: bool = False) -> torch.Tensor:
+                  fuse_cache_write: bool = True, recache: bool = False, rolling: bool = False) -> torch.Tensor:
     """Sprites-like videos `[N, F, 3, S, S]` in [-1, 1] for class ids `labels [N]` (their rows of the class
     `table [K+1, L, D]`; the null class guides the many-step sampler), or for a class schedule `labels [N, F]`
     (switched videos, SPRITES.md: the prompt switches at every frame where a video's class changes, from the
@@ -83,7 +88,8 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, *, frames: i
     lat = sample_latents(model, table[labels], shape=(channels, frames, size, size), frames_per_chunk=frames_per_chunk,
                          prediction=prediction, student=student, sampler=sampler, attention=attention, uncond=uncond,
                          seed=seed, batch_size=batch_size, few_step=few, denoising_steps=denoising_steps,
-                         on_chunk=on_chunk, fuse_cache_write=fuse_cache_write, switches=switches, recache=recache)
+                         on_chunk=on_chunk, fuse_cache_write=fuse_cache_write, switches=switches, recache=recache,
+                         rolling=rolling)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
 
 

@@ -46,9 +46,10 @@ def sources(cfg: Config) -> tuple[Path, Path, Path | None]:
             Path(dc.critic) if dc.critic else None)
 
 
-def generator_updates(step: int, ratio: int) -> int:
-    """Generator updates within the first `step` steps (it updates at steps 0, ratio, 2·ratio, ...)."""
-    return (step + ratio - 1) // ratio
+def generator_updates(step: int, ratio: int, warmup: int = 0) -> int:
+    """Generator updates within the first `step` steps (it updates at steps 0, ratio, 2·ratio, ..., those from
+    `warmup` on)."""
+    return (step + ratio - 1) // ratio - (min(warmup, step) + ratio - 1) // ratio
 
 
 class Batches:
@@ -148,11 +149,11 @@ class DMDMethod(Method):
         if dc.teacher_offload and self.teacher is not None:  # in CPU memory; each layer visits the device for its call
             cpu_offload(self.teacher, execution_device=accelerator.device)
         self.ema = EMAModel(self.generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
-        gen_opt, gen_sched = make_optimizer(self.generator, dc, total_steps=generator_updates(dc.steps, self.ratio))
+        gen_opt, gen_sched = make_optimizer(self.generator, dc, total_steps=generator_updates(dc.steps, self.ratio, dc.critic_warmup))
         critic_opt, critic_sched = make_optimizer(self.critic, dc, lr=dc.critic_lr)
         self.trained = {
             "generator": Trained(self.generator, gen_opt, gen_sched, dc.grad_clip, f"{self.stage}.lr",
-                                 schedule_steps=lambda step: generator_updates(step, self.ratio)),
+                                 schedule_steps=lambda step: generator_updates(step, self.ratio, dc.critic_warmup)),
             "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr")}
         if self.gan_on:
             self.trained["discriminator"] = self.discriminator_head(deepspeed)
@@ -214,7 +215,7 @@ class DMDMethod(Method):
 
     def train_step(self, step: int) -> None:
         acc, dc, reuse = self.accelerator, self.section, None
-        if step % self.ratio == 0:  # generator update (DMD), Self-Forcing's order: before the critic's
+        if step % self.ratio == 0 and step >= dc.critic_warmup:  # generator update, Self-Forcing's order: before the critic's
             g = self.optimize("generator", step=step, batch=lambda i: self.batches.next(),
                               loss=lambda b: self.dmd.generator_loss(b, self.gen))
             seen = [(b, stats.pop("samples", None)) for b, stats in g.seen]
@@ -249,7 +250,7 @@ class DMDMethod(Method):
         return preview(self.cfg, model, path, n=self.section.preview_n)
 
     def metrics(self, *, step: int, extra: dict) -> dict:
-        return {"generator_updates": generator_updates(step, self.ratio), "method": self.section.method,
+        return {"generator_updates": generator_updates(step, self.ratio, self.section.critic_warmup), "method": self.section.method,
                 "final_critic_loss": self.c_loss.item() if self.c_loss is not None else extra.get("critic_loss"),
                 "final_generator_loss": self.g_loss.item() if self.g_loss is not None else None}
 
