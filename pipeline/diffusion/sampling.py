@@ -152,6 +152,14 @@ def _noise(like: torch.Tensor, generator) -> torch.Tensor:
     return shard.randn(like.shape, generator).to(like.device)
 
 
+def _chunked(denoiser: Denoiser, noise: torch.Tensor) -> tuple[int, int, int]:
+    """`(frames_per_chunk, B, F)` of `noise [B, C, F, H, W]`, F a whole number of chunks."""
+    fpc, (b, f) = denoiser.frames_per_chunk, (noise.shape[0], noise.shape[2])
+    if f % fpc:
+        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    return fpc, b, f
+
+
 def prompt_at(cond: torch.Tensor, switches, start: int) -> torch.Tensor:
     """The prompt in force for the chunk starting at frame `start`: `cond`, or the last of `switches`
     `[(K, cond_K [B, L, D]), ...]` (K increasing) with `K <= start` (a switch inside a chunk takes effect at
@@ -400,10 +408,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
     Returns:
         `[B, C, F, H, W]` clean predictions.
     """
-    fpc = denoiser.frames_per_chunk
-    b, f = noise.shape[0], noise.shape[2]
-    if f % fpc:
-        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    fpc, b, f = _chunked(denoiser, noise)
     if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
         raise ValueError(f"exit_steps must hold {f // fpc} indices into {len(sigmas)} levels, got {list(exit_steps)}")
     switches = check_switches(switches, f)
@@ -518,10 +523,7 @@ def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, 
     Returns:
         `[B, C, F, H, W]` clean predictions.
     """
-    fpc = denoiser.frames_per_chunk
-    b, f = noise.shape[0], noise.shape[2]
-    if f % fpc:
-        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    fpc, b, f = _chunked(denoiser, noise)
     n, k_last = f // fpc, len(sigmas) - 1
     cache = denoiser.new_cache(max_context_frames, sink_frames)
     window: list[list] = []  # [chunk index, level index, x] oldest first
