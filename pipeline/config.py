@@ -458,6 +458,10 @@ class DistillConfig(TrainingConfig):
     # prompt of the batch); the scores judge every frame under the prompt in force there
     switch_prob: float = in_range(0, 1, 0.0)
     switch_recache: bool = True  # rebuild the rollout's KV window under the new prompt at the switch (as LongLive)
+    # sf_dmd / sf_gan: long self-rollout tuning (LongLive, Self-Forcing++): the student rolls out this many frames
+    # (its KV window and sinks), the scores judge a clip-length window at a random chunk of it; gradients only
+    # through that window's exit steps (None: rollouts of data.frames)
+    long_frames: Optional[int] = positive(None)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -558,6 +562,13 @@ def validate(cfg: Config) -> None:
     need(h % ph == 0 and w % pw == 0, f"model.patch_size {cfg.model.patch_size} must divide the {h}x{w} frames "
                                       f"(data.{'latent_size' if cfg.data.latent_size else 'size'})", "model.patch_size")
     fpc = cfg.data.frames_per_chunk
+    long = cfg.distill.long_frames
+    if long is not None:
+        need(long % fpc == 0 and long >= cfg.data.frames and cfg.distill.method != "df_dmd"
+             and not cfg.distill.switch_prob,
+             f"distill.long_frames ({long}) must be a multiple of data.frames_per_chunk ({fpc}), at least data.frames "
+             f"({cfg.data.frames}), with a self-rollout method (sf_dmd, sf_gan; got {cfg.distill.method}) and no "
+             "switch_prob", "distill.long_frames")
     for name, sec in (("pretrain_teacher.sampler", cfg.pretrain_teacher.sampler), ("student", cfg.student)):
         window, sinks = sec.max_context_frames, sec.sink_frames
         if window is not None:

@@ -380,7 +380,8 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                      generator: torch.Generator | None = None, max_context_frames: int | None = None,
                      sink_frames: int = 0,
                      on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                     fuse_cache_write: bool = True, switches=(), recache: bool = False) -> torch.Tensor:
+                     fuse_cache_write: bool = True, switches=(), recache: bool = False,
+                     grad_from: int = 0) -> torch.Tensor:
     """The few-step student rolled out chunk by chunk on its own outputs (CausVid / Self-Forcing).
 
     Per chunk c: start from noise at `sigmas[0]`; at each step predict x̂0 and re-noise it to the next
@@ -405,6 +406,8 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
         recache: on a switch, rebuild the KV window under the new prompt (LongLive's re-cache,
             `ContextWindow`; no gradients); else the cache is kept (the chunk before the switch is written
             under its own prompt, never fused into the new prompt's first call).
+        grad_from: chunks before this one are generated without gradients, exit call included (long rollouts:
+            only a late window learns, so what autograd keeps does not grow with the rollout).
     Returns:
         `[B, C, F, H, W]` clean predictions.
     """
@@ -443,7 +446,8 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                 x0 = step(x, k)
                 nxt = torch.full((b, fpc), float(sigmas[k + 1]), device=x.device)
                 x = add_noise(x0, _noise(x0, generator), nxt)
-        x0 = step(x, exit_k)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and c >= grad_from):
+            x0 = step(x, exit_k)
         chunks.append(x0)
         if on_chunk is not None:
             on_chunk(c, x0)

@@ -263,7 +263,8 @@ class SelfForcing(DMDMethod):
         st, dc = self.cfg.student, self.section
         return SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
                               sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk",
-                              switch_prob=dc.switch_prob, switch_recache=dc.switch_recache)
+                              switch_prob=dc.switch_prob, switch_recache=dc.switch_recache,
+                              long_frames=dc.long_frames)
 
 
 @register("sf_gan")

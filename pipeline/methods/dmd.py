@@ -209,6 +209,16 @@ class SelfForcingDMD(DMD):
     per_chunk_exit: bool = False
     switch_prob: float = 0.0
     switch_recache: bool = True
+    long_frames: int | None = None
+
+    def window_start(self, clip_chunks: int, gen: torch.Generator) -> int:
+        """Long self-rollout tuning: the first chunk of the judged clip-length window, uniform over the rollout of
+        `long_frames` (shared generator; nothing drawn without `long_frames`, so other runs keep their streams).
+        The rollout stops at the window's end: later frames would not be judged."""
+        if not self.long_frames:
+            return 0
+        last = self.long_frames // self.generator.frames_per_chunk - clip_chunks
+        return int(torch.randint(0, last + 1, (), generator=shard.base(gen))) if last > 0 else 0
 
     def draw_switch(self, batch: dict, num_chunks: int, gen: torch.Generator):
         """LongLive's switch DMD: with probability `switch_prob`, `(K, cond_K)`: the prompt switches at the
@@ -231,17 +241,20 @@ class SelfForcingDMD(DMD):
     def samples(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         cond = batch["context"]
         b, fpc = cond.shape[0], self.generator.frames_per_chunk
-        shape = batch["shape"]  # (C, F, H, W)
-        exits = self.exit_steps(shape[1] // fpc, gen)
-        noise = shard.randn((b, *shape), gen).to(cond.device)
-        batch["switch"] = switch = self.draw_switch(batch, shape[1] // fpc, gen)  # the scores read it
+        c, frames, h, w = batch["shape"]  # the clip's (C, F, H, W)
+        start = self.window_start(frames // fpc, gen)  # long tuning: the window judged; 0 otherwise
+        exits = self.exit_steps(start + frames // fpc, gen)
+        noise = shard.randn((b, c, start * fpc + frames, h, w), gen).to(cond.device)
+        batch["switch"] = switch = self.draw_switch(batch, frames // fpc, gen)  # the scores read it
         x = few_step_rollout(self.generator, noise, cond, self.sigmas, exits.tolist(), context_sigma=self.context_sigma,
                              generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames,
-                             switches=[switch] if switch else (), recache=self.switch_recache)
-        stats = {"exit_step": exits.float().mean().item()}
+                             switches=[switch] if switch else (), recache=self.switch_recache, grad_from=start)
+        stats = {"exit_step": exits[start:].float().mean().item()}
         if self.switch_prob:
             stats["switched"] = float(switch is not None)
-        return x, stats
+        if self.long_frames:
+            stats["window_start"] = float(start * fpc)
+        return x[:, :, start * fpc:], stats
 
 
 @dataclass
