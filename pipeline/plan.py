@@ -14,7 +14,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.sources import latent_shape
 from pipeline.diffusion.sampling import few_step_sigmas
-from pipeline.io.run_dir import StageDir
+from pipeline.io.run_dir import StageDir, is_stage_folder
 from pipeline.models.causal_wan import CausalWanTransformer, wan_config
 from pipeline.training import memory
 from pipeline.training.distributed import mixed_precision, run_device
@@ -101,7 +101,7 @@ def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
         path = Path(source)
         if path == Path(cfg.run.dir) / "pretrain_teacher" and not path.exists():  # this run will train it
             return str(cfg.pretrain_teacher.attention)
-        if (path / "manifest.json").is_file() and (path / "config.yaml").is_file():
+        if is_stage_folder(path) and (path / "config.yaml").is_file():
             from pipeline.config import load_config
             record = read_sampling(path / "transformer_ema")
             return recorded_attention(record) or load_config(path / "config.yaml").pretrain_teacher.attention

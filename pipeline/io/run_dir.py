@@ -25,6 +25,12 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def is_stage_folder(path: str | Path) -> bool:
+    """Whether `path` is a stage's folder (it has a `manifest.json`): a source whose EMA weights, config and
+    class table are its own, as opposed to a diffusers folder or a checkpoint file."""
+    return (Path(path) / "manifest.json").is_file()
+
+
 class StaleInputError(ValueError):
     """An input of a stage in progress changed since the stage started (e.g. the stage before was re-run)."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
+from pipeline.io.run_dir import is_stage_folder
 from pipeline.config import Config
 from pipeline.data.ode_pairs import OdePairs, pairs_missing, write_ode_pairs
 from pipeline.data.sources import build_source, latent_shape
@@ -50,7 +51,7 @@ def teacher_path(cfg: Config) -> Path:
 
 def stage_input(path: Path) -> Path:
     """The weights a stage reads from `path`: a stage folder's EMA transformer, else `path` itself."""
-    return path / "transformer_ema" if (path / "manifest.json").is_file() else path
+    return path / "transformer_ema" if is_stage_folder(path) else path
 
 
 def pair_conditions(cfg: Config, table: torch.Tensor | None):

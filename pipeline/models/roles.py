@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.io.run_dir import is_stage_folder
 from pipeline.config import Config, ConfigError
 from pipeline.data.sources import class_table
 from pipeline.models.loading import load_source
@@ -67,7 +68,7 @@ def load_role(name: str, source: str | Path, *, configured: str | None, key: str
     (`attention_of`: `configured` is the value of config key `key`). A sprites model from anything but a
     stage folder (which keeps its own) is conditioned by the class table of the run `run`. `model_config`:
     a diffusers `config.json` for a source that has none (a stage folder's own config wins)."""
-    stage = (Path(source) / "manifest.json").is_file()
+    stage = is_stage_folder(source)
     model, table, cfg = load_source(source, model_config=None if stage else model_config)
     attention = attention_of(model, configured=configured, key=key, source=Path(source))
     if table is not None and not stage:
