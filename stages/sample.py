@@ -28,7 +28,9 @@ Text-conditioned latent models (data.kind latents / prompts):
     ./launch.sh sample SOURCE --prompts FILE --vbench-dir DIR [--per-prompt 5] [--vae PATH]
                        [--text-encoder PATH] [--tokenizer PATH] [--frames F] [--steps K] [--seed S]
 
-encode every line of FILE with the text encoder (cached in DIR/.cache), sample `--per-prompt` videos
+(a line `a cat walks || 6: the cat sits` switches the prompt at latent frame 6, `--recache` choosing the cache
+policy; each such line is sampled alone) encode every prompt of FILE with the text encoder (cached in
+DIR/.cache), sample `--per-prompt` videos
 each, decode them with the VAE chunk by chunk as the sampler finishes them (the mean decode time per chunk is
 printed) and write `DIR/<prompt>-<i>.mp4` (VBench's layout, `pipeline/evaluation/vbench.py`).
 `--vae` / `--text-encoder` / `--tokenizer` default to the model's config (`components.*`).
@@ -215,7 +217,7 @@ def sample_text(args, command: str = "") -> int:
 
 
 def _sample_text(args, command: str) -> int:
-    from pipeline.data.prompts import read_prompts
+    from pipeline.data.prompts import parse_schedule, read_prompts
     from pipeline.data.sources import latent_shape
     from pipeline.evaluation.vbench import ChunkDecodeSink, vbench_name, write_text_samples
     from pipeline.models.text_encoder import prompt_embeds
@@ -228,6 +230,9 @@ def _sample_text(args, command: str) -> int:
         if args.guidance is not None or args.sampler:
             raise ValueError("--guidance and --sampler are not options of text sampling (the config's sampler is used)")
         check_numbers(args)
+        if args.switch_at or args.rolling:
+            raise ValueError("--switch-at and --rolling are sprites options; text prompts switch inside the prompt "
+                             "file ('a cat walks || 6: the cat sits')")
         prompts = read_prompts(args.prompts)
         model, _, cfg = load_source(args.source, args.raw,  # a bare folder: default config + --vae etc.
                                     model_config=args.model_config)
@@ -253,7 +258,14 @@ def _sample_text(args, command: str) -> int:
         for v in videos:
             check_output(v, None, args.force, "--vbench-dir video")
         vae = WanVAE.from_config(cfg)
-        context, null = prompt_embeds(cfg, prompts, out / ".cache")
+        lines = [parse_schedule(p) for p in prompts]  # `first || K: next ...`: prompt switches
+        texts = list(dict.fromkeys(t for line in lines for _, t in line))
+        rows, null = prompt_embeds(cfg, texts, out / ".cache")
+        context = rows[[texts.index(line[0][1]) for line in lines]]
+        schedules = [[(k, texts.index(t)) for k, t in line[1:]] for line in lines]
+        bad = [k for line in lines for k, _ in line if k >= frames]
+        if bad:
+            raise ValueError(f"--prompts: a switch at latent frame {bad[0]} lies past the video ({frames} latent frames)")
         shape = (*latent_shape(cfg)[:1], frames, *latent_shape(cfg)[2:])
         device = run_device(cfg)
         steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
@@ -262,7 +274,8 @@ def _sample_text(args, command: str) -> int:
         paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,
-                                   force=args.force)
+                                   force=args.force, schedules=[[(k, rows[j]) for k, j in sc] for sc in schedules],
+                                   recache=args.recache)
     finally:
         if lock is not None:
             lock.release()

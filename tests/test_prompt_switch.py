@@ -249,3 +249,14 @@ def test_distill_trains_with_switches(student_stage, tmp_path):
     assert {e.value for e in events.Scalars("switched")} == {1.0}
     a, b = weights(switched, "transformer"), weights(plain, "transformer")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompt_schedule_lines():
+    from pipeline.data.prompts import parse_schedule
+
+    assert parse_schedule("a cat walks") == [(0, "a cat walks")]
+    assert parse_schedule("a cat walks || 6: the cat sits ||12:it sleeps") == [(0, "a cat walks"), (6, "the cat sits"),
+                                                                              (12, "it sleeps")]
+    for bad in ("a || b", "a || 6:", "a || 6: b || 3: c", "a || 0: b", "|| 3: b", "a || x: b"):
+        with pytest.raises(ValueError, match="prompt schedule"):
+            parse_schedule(bad)

@@ -303,6 +303,24 @@ def test_end_to_end_videos_to_vbench(wan_folder, tmp_path):
     frames = iio.imread(vb / "student" / "a red square-0.mp4")
     assert frames.shape == (21, 32, 32, 3)  # 6 latent frames -> 21 pixel frames, 4x4 latents -> 32x32
 
+    # prompt switching from the prompt file: the switched line's latents follow the first prompt until frame 3
+    from pipeline.evaluation import vbench as vb_module
+    seen = []
+    orig = vb_module.sample_text_latents
+    vb_module.sample_text_latents = lambda *a, **kw: seen.append(orig(*a, **kw)) or seen[-1]
+    try:
+        (tmp_path / "switch.txt").write_text("a red square || 3: a dog jumps left\na red square\n")
+        assert sample.main([str(tmp_path / "run" / "distill"), "--prompts", str(tmp_path / "switch.txt"),
+                            "--vbench-dir", str(vb / "switch"), "--per-prompt", "2", "--steps", "2", "--recache"]) == 0
+    finally:
+        vb_module.sample_text_latents = orig
+    switched, plain = seen  # each line alone, from the same noise
+    assert (vb / "switch" / "a red square || 3: a dog jumps left-1.mp4").is_file()
+    assert torch.equal(switched[:, :, :3], plain[:, :, :3]) and not torch.equal(switched[:, :, 3:], plain[:, :, 3:])
+    (tmp_path / "far.txt").write_text("a red square || 6: a dog jumps left\n")
+    assert sample.main([str(tmp_path / "run" / "distill"), "--prompts", str(tmp_path / "far.txt"),
+                        "--vbench-dir", str(vb / "far"), "--steps", "2"]) == 2
+
     # evaluate on a text run: every model of the run in VBench's layout, resumable per model
     from stages import evaluate
     eval_cfg = wan_cfg(tmp_path, wan_folder, "model.prediction=x0", f"evaluate.prompts={tmp_path / 'eval_prompts.txt'}",

@@ -54,14 +54,16 @@ def write_vbench_videos(out: str | Path, videos: torch.Tensor, prompts: list[str
 
 def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, latent_shape: tuple, seed: int, *,
                         denoising_steps=None, steps: int | None = None, guidance: float | None = None,
-                        batch_size: int = 8, on_chunk=None, few_step: bool | None = None) -> torch.Tensor:
+                        batch_size: int = 8, on_chunk=None, few_step: bool | None = None, switches=(),
+                        recache: bool = False) -> torch.Tensor:
     """Latents `[N, C, F, H, W]` of a text-conditioned model for prompt embeddings `context [N, L, D]`.
 
     A student (`is_student`: the role in its `sampling.json`) samples with the few-step chunk-wise sampler (`cfg.student`,
     `denoising_steps` replacing its list); a teacher with its many-step sampler
     (`cfg.pretrain_teacher.sampler`, `steps` / `guidance` replacing its own), guided against `null [1, L, D]`
     (the empty prompt's embeddings). `latent_shape` is `(C, F, H, W)`; noise is seeded by `seed`.
-    `few_step=True` runs a teacher through the student's sampler (the no-distillation baseline).
+    `few_step=True` runs a teacher through the student's sampler (the no-distillation baseline). `switches`
+    `[(K, cond_K [N, L, D]), ...]`, `recache`: prompt switches (`sampling.few_step_rollout`).
     """
     from dataclasses import replace
 
@@ -77,7 +79,8 @@ def sample_text_latents(model, cfg, context: torch.Tensor, null: torch.Tensor, l
     return sample_latents(model, context, shape=latent_shape, frames_per_chunk=cfg.data.frames_per_chunk,
                           prediction=cfg.model.prediction, student=cfg.student, sampler=sp,
                           attention=cfg.pretrain_teacher.attention, uncond=uncond, seed=seed, batch_size=batch_size,
-                          few_step=few_step, denoising_steps=denoising_steps, on_chunk=on_chunk)
+                          few_step=few_step, denoising_steps=denoising_steps, on_chunk=on_chunk, switches=switches,
+                          recache=recache)
 
 
 def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
@@ -143,10 +146,14 @@ class ChunkDecodeSink:
 def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, null: torch.Tensor, vae,
                        out: str | Path, videos_per_prompt: int = 5, latent_shape: tuple | None = None,
                        seed: int = 0, batch_size: int = 8, fps: int = 16, stream_decode: bool = True,
-                       sink: ChunkDecodeSink | None = None, force: bool = True, **sampler) -> list[Path]:
+                       sink: ChunkDecodeSink | None = None, force: bool = True, schedules=None,
+                       **sampler) -> list[Path]:
     """Sample `videos_per_prompt` videos for each prompt (`context [P, L, D]` its embeddings), decode them
     with the VAE and write `<out>/<prompt>-<i>.mp4` (VBench's layout). `sampler` goes to
-    `sample_text_latents` (denoising_steps / steps / guidance / on_chunk). Returns the paths, prompt-major.
+    `sample_text_latents` (denoising_steps / steps / guidance / on_chunk / recache). Returns the paths,
+    prompt-major. `schedules`: per prompt, its switches `[(K, embeddings [L, D]), ...]` (`prompts.parse_schedule`;
+    `prompts[i]` names the whole schedule, `context[i]` is its first prompt); each prompt is then sampled alone, from the same noise (`seed`), so schedules
+    that share a beginning share it exactly up to their first switch.
 
     With `stream_decode` (default) every chunk is decoded as soon as the sampler finishes it, through `sink`
     (a `ChunkDecodeSink`; pass one to get frames per chunk via its `on_frames`, or to read its per-chunk
@@ -167,8 +174,15 @@ def write_text_samples(model, cfg, prompts: list[str], context: torch.Tensor, nu
             sink(index, chunk)
 
         sampler["on_chunk"] = on_chunk
-    lat = sample_text_latents(model, cfg, context[idx].float(), null, latent_shape or config_latent_shape(cfg), seed,
-                              batch_size=batch_size, **sampler)
+    shape = latent_shape or config_latent_shape(cfg)
+    if schedules and any(schedules):  # one prompt's videos at a time: a batch shares its switch frames
+        lat = torch.cat([sample_text_latents(
+            model, cfg, context[[i] * videos_per_prompt].float(), null, shape, seed, batch_size=batch_size,
+            switches=[(k, emb[None].float().expand(videos_per_prompt, *emb.shape)) for k, emb in schedules[i]],
+            **sampler)
+            for i in range(len(prompts))])
+    else:
+        lat = sample_text_latents(model, cfg, context[idx].float(), null, shape, seed, batch_size=batch_size, **sampler)
     if stream_decode:
         videos = sink.videos()
         if len(videos) != len(lat) or sum(sink.latent_frames) != len(sink.batches) * lat.shape[2]:
