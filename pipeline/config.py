@@ -314,6 +314,21 @@ STEPS_AND_BATCH = "{section}.steps and batch_size must be positive"
 
 
 @dataclass
+class LoraSection(Section):
+    """LoRA adapters (peft) on the models a stage trains (`pipeline/models/lora.py`); rank 0: full fine-tuning.
+    Checkpoints hold the adapters and their optimizer state; the saved `transformer/`, `transformer_ema/` and
+    `critic/` are merged plain weights."""
+
+    rank: int = at_least(0, 0)
+    alpha: Optional[float] = positive(None)  # the update's scale is alpha / rank (None: alpha = rank, scale 1)
+    # Linear layers to adapt, by name suffix (diffusers' Wan attention projections; add "ffn.net.0.proj",
+    # "ffn.net.2" for the feed-forward)
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = in_range(0, 1, 0.0, hi_open=True)
+    critic: bool = True  # distill: the critic (fake score) gets adapters too, as LongLive's
+
+
+@dataclass
 class TrainingConfig(Section):
     """What every training stage's section has: length, optimiser (AdamW, constant LR after warm-up),
     EMA, checkpoints, logging."""
@@ -335,6 +350,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
     # where the EMA copy lives: same (the model's device) | cpu (frees 4 bytes/param on the GPU)
     ema_device: EMADevice = EMADevice.same
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass

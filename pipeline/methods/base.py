@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, TrainingConfig
 from pipeline.training.distributed import global_norm
-from pipeline.training.optim import ema_step, optimizer_step
+from pipeline.training.optim import averaged, ema_step, optimizer_step
 from pipeline.training.settings import flatten, settings_of
 
 METHODS: dict[str, type["Method"]] = {}
@@ -183,7 +183,7 @@ class Method:
     def update_ema(self) -> None:
         """One EMA step over the first trained model's current weights (after that model's optimiser step)."""
         first = next(iter(self.trained.values()))
-        ema_step(self.ema, self.accelerator.unwrap_model(first.module).parameters())
+        ema_step(self.ema, averaged(self.accelerator.unwrap_model(first.module)))
 
     def global_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """A loss denominator over the global batch (`pipeline.training.distributed.global_norm`)."""

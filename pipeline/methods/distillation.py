@@ -36,7 +36,7 @@ from pipeline.models.loading import load_source, student_config
 from pipeline.models.roles import Role, check_compatible, load_role
 from pipeline.models.sampling_meta import attach, sampling_record
 from pipeline.training.distributed import local_batch, mixed_precision, shared_generator
-from pipeline.training.optim import hold_frozen, make_optimizer, trainable
+from pipeline.training.optim import averaged, hold_frozen, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 
 
@@ -140,8 +140,8 @@ class DMDMethod(Method):
         dc = self.section
         # With dc.gradient_checkpointing every trained pass recomputes its blocks: the generator's (sf_dmd: a
         # chunk's exit step, the only call with gradients) and the critic's (the whole clip).
-        trainable(self.generator, dc)
-        trainable(self.critic, dc)
+        trainable(self.generator, dc, name="generator")
+        trainable(self.critic, dc, lora=dc.lora.critic, name="critic")
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.gan_only:  # the GAN needs no real score: only the critic (the discriminator's backbone) started as it
             self.teacher = None
@@ -149,7 +149,7 @@ class DMDMethod(Method):
             hold_frozen(self.teacher, "no" if deepspeed and not dc.teacher_offload else mixed_precision(self.cfg))
         if dc.teacher_offload and self.teacher is not None:  # in CPU memory; each layer visits the device for its call
             cpu_offload(self.teacher, execution_device=accelerator.device)
-        self.ema = EMAModel(self.generator.parameters(), decay=dc.ema_decay, update_after_step=dc.ema_start)
+        self.ema = EMAModel(averaged(self.generator), decay=dc.ema_decay, update_after_step=dc.ema_start)
         gen_opt, gen_sched = make_optimizer(self.generator, dc, total_steps=generator_updates(dc.steps, self.ratio, dc.critic_warmup))
         critic_opt, critic_sched = make_optimizer(self.critic, dc, lr=dc.critic_lr)
         self.trained = {

@@ -24,7 +24,7 @@ from pipeline.methods.base import OneModelMethod, Trained, register
 from pipeline.models.conditioning import drop_prompts
 from pipeline.models.causal_wan import build_transformer
 from pipeline.training.distributed import local_batch, shared_generator
-from pipeline.training.optim import make_optimizer, trainable
+from pipeline.training.optim import averaged, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 
 
@@ -51,7 +51,7 @@ class FlowMatching(OneModelMethod):
     def build(self, accelerator) -> None:
         cfg, tc = self.cfg, self.section
         model = trainable(build_transformer(cfg.model), tc)
-        self.ema = EMAModel(model.parameters(), decay=tc.ema_decay)
+        self.ema = EMAModel(averaged(model), decay=tc.ema_decay)
         optimizer, scheduler = make_optimizer(model, tc)
         self.trained = {"model": Trained(model, optimizer, scheduler, tc.grad_clip, f"{self.stage}.lr")}
         self.source = build_source(cfg, seed=cfg.run.seed)

@@ -34,7 +34,7 @@ from pipeline.methods.base import OneModelMethod, Trained, register
 from pipeline.models.loading import load_source, student_config
 from pipeline.models.roles import load_role
 from pipeline.training.distributed import shared_generator
-from pipeline.training.optim import make_optimizer, trainable
+from pipeline.training.optim import averaged, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 from pipeline.training.settings import flatten
 
@@ -104,8 +104,8 @@ class OdeRegression(OneModelMethod):
 
     def build(self, accelerator) -> None:
         ic = self.section
-        model = trainable(self.teacher, ic)
-        self.ema = EMAModel(model.parameters(), decay=ic.ema_decay)
+        model = trainable(self.teacher, ic, name="student")
+        self.ema = EMAModel(averaged(model), decay=ic.ema_decay)
         optimizer, scheduler = make_optimizer(model, ic)
         self.trained = {"model": Trained(model, optimizer, scheduler, ic.grad_clip, f"{self.stage}.lr")}
         self.gen = shared_generator(accelerator, self.cfg.run.seed + 2)  # pair draws and step indices

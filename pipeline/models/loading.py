@@ -33,10 +33,12 @@ def save_weights(stage_path: Path, raw: torch.nn.Module, ema, cfg: Config, **mod
     see `student_config`) is recorded in each folder's `sampling.json` (`sampling_meta.sampling_record`)
     and attached to `raw`, so a bare folder still says how to sample from it.
     """
+    from pipeline.training.optim import averaged
+
     attach(raw, sampling_record(**model_config))
     save_model(raw, stage_path / "transformer")
-    ema.store(raw.parameters())
-    ema.copy_to(raw.parameters())
+    ema.store(averaged(raw))
+    ema.copy_to(averaged(raw))
     save_model(raw, stage_path / "transformer_ema")
     if cfg.data.kind == "sprites":
         with replacing(stage_path / "conditioning.safetensors") as tmp:
@@ -48,6 +50,10 @@ def save_model(model, folder: Path, sampling: dict | None = None) -> Path:
     """`model.save_pretrained` (`config.json`: constructor arguments; the weights) and `sampling.json`
     (`sampling`, default: the record attached to `model`, none if it has none) into a temporary folder
     renamed onto `folder` (a stage's own output: an earlier copy, e.g. of a killed run, is replaced whole)."""
+    from pipeline.models.lora import has_lora, merged_copy
+
+    if has_lora(model):  # adapters folded into plain weights: the folder is an ordinary transformer
+        model = merged_copy(model)
     with replacing(folder) as tmp:
         model.save_pretrained(tmp)
         write_sampling(tmp, sampling if sampling is not None else sampling_metadata(model))

@@ -107,7 +107,7 @@ def save_training_checkpoint(root: str | Path, step: int, model: torch.nn.Module
 
 def _write_checkpoint(tmp: Path, step: int, model, ema, optimizer, extra: dict, rng: dict, others: dict | None):
     """The files of one checkpoint into the folder `tmp` (see `save_training_checkpoint`)."""
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # what the EMA averages (`optim.averaged`)
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
     maybe_kill("checkpoint", step)  # crash tests: a half-written checkpoint must never be picked up
     save_file(_contiguous(dict(zip(names, ema.shadow_params))), str(tmp / "ema.safetensors"))
@@ -194,7 +194,7 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module, ema, opti
     meta = _read_meta(path)
     _load_weights(model, path / "model.safetensors", path)
     ema_weights = read_safetensors(path / "ema.safetensors")
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in ema_weights]
     if missing:
         raise CheckpointError(f"checkpoint {path} does not fit the model: ema.safetensors has no {missing[:3]}")

@@ -104,7 +104,7 @@ def params_text(n: int) -> str:
 
 
 def model_states(params: int, trained: int, ema: int, frozen: int, backend: str, zero_stage: int, processes: int,
-                 frozen_bytes: float = 4) -> dict:
+                 frozen_bytes: float = 4, trained_params: int | None = None) -> dict:
     """Bytes per device of weights, gradients, optimizer, EMA and frozen copies.
 
     Args:
@@ -113,6 +113,8 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
             device, held frozen.
         backend: "DDP" (or single), "DEEPSPEED"; `zero_stage` applies to DeepSpeed.
         frozen_bytes: 4 (fp32) or about 2 (bf16) per frozen weight.
+        trained_params: of a trained model, the parameters that train (LoRA: the adapters; their gradients,
+            AdamW state and EMA; its frozen base weights are held as weights); default all.
     """
     n = max(processes, 1)
     stage = zero_stage if backend == "DEEPSPEED" else 0
@@ -120,8 +122,22 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
     g = 4 / n if stage >= 2 else 4
     o = 8 / n if stage >= 1 else 8
     f = frozen_bytes / n if backend == "DEEPSPEED" else frozen_bytes  # the frozen teacher: a ZeRO-3 engine
-    return dict(weights=trained * params * w, gradients=trained * params * g, optimizer=trained * params * o,
-                ema=ema * params * 4, frozen=frozen * params * f)
+    t = params if trained_params is None else trained_params
+    return dict(weights=trained * (params * w if trained_params is None else (params - t) * 4 + t * w),
+                gradients=trained * t * g, optimizer=trained * t * o, ema=ema * t * 4, frozen=frozen * params * f)
+
+
+def lora_params(shape: "Shape", rank: int, target_modules) -> int:
+    """Adapter parameters of LoRA of `rank` on a Wan transformer of `shape`: rank·(in + out) per adapted Linear;
+    per block the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`, in self- and cross-attention, each
+    dim -> dim) and the feed-forward's (`ffn.net.0.proj` dim -> ffn, `ffn.net.2` ffn -> dim)."""
+    sizes = {"to_q": 2 * 2 * shape.dim, "to_k": 2 * 2 * shape.dim, "to_v": 2 * 2 * shape.dim,
+             "to_out.0": 2 * 2 * shape.dim, "ffn.net.0.proj": shape.dim + shape.ffn, "net.0.proj": shape.dim + shape.ffn,
+             "ffn.net.2": shape.ffn + shape.dim, "net.2": shape.ffn + shape.dim}
+    unknown = [m for m in target_modules if m not in sizes]
+    if unknown:
+        raise ValueError(f"lora.target_modules: no size known for {unknown[0]!r} (known: {', '.join(sizes)})")
+    return shape.layers * rank * sum(sizes[m] for m in target_modules)
 
 
 @dataclass
@@ -267,6 +283,8 @@ class Run:
     ode_sampler: str = "autoregressive"
     real_attention: str | None = None  # distill's real score's, when it differs from the critic's (`attention`)
     teacher_offload: bool = False  # distill: the real score waits on the CPU, one block at a time on the device
+    lora_params: int | None = None  # the trained model's adapters under LoRA (None: it trains whole)
+    critic_lora_params: int | None = None  # distill: the critic's
 
 
 def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
@@ -285,7 +303,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
 
     phases = []
     if stage in ("pretrain_teacher", "init_student"):
-        states = model_states(p, 1, ema, 0, backend, zero_stage, processes)
+        states = model_states(p, 1, ema, 0, backend, zero_stage, processes, trained_params=run.lora_params)
         attention = run.attention if stage == "pretrain_teacher" else "block_causal"
         held, extra = trained_pass(shape, b, act, run.checkpointing, masked(attention))
         phases.append(("training", states, held + extra + weight_copies, 0.0))
@@ -302,8 +320,9 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
     elif stage == "distill":  # generator (EMA) + critic trained, real score frozen
         real, fake = real or shape, fake or shape
         frozen_bytes = 2 if run.bf16 else 4
-        gen_states = model_states(p, 1, ema, 0, backend, zero_stage, processes)
-        critic_states = model_states(fake.params, 1, 0, 0, backend, zero_stage, processes)
+        gen_states = model_states(p, 1, ema, 0, backend, zero_stage, processes, trained_params=run.lora_params)
+        critic_states = model_states(fake.params, 1, 0, 0, backend, zero_stage, processes,
+                                     trained_params=run.critic_lora_params)
         # offloaded: one block's weights on the device at a time (besides the embeddings and head, small)
         real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
                                    "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
@@ -344,8 +363,11 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
     if stage == "distill":
         where = {"real score": "offloaded to the CPU" if run.teacher_offload else
                  ("ZeRO-3 shard" if backend == "DEEPSPEED" else "on the device")}
+        lora = {"generator": run.lora_params, "critic": run.critic_lora_params}
         for role, sh in (("generator", shape), ("critic", fake), ("real score", real)):
             desc = f"{params_text(sh.params)}, {sh.layers} layers x {sh.dim}"
+            if lora.get(role):
+                desc += f", LoRA: {params_text(lora[role])} trainable"
             described[role] = (desc + (f", {where[role]}" if role in where else ""), sum(models[role].values()))
     return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name, models=described)
 
@@ -380,6 +402,11 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
                                                              ic.ode_pairs),
               ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, real_attention=real_attention,
               teacher_offload=dc.teacher_offload)
+    lc = section.lora
+    if lc.rank:
+        run.lora_params = lora_params(shape, lc.rank, lc.target_modules)
+        if stage == "distill" and lc.critic:
+            run.critic_lora_params = lora_params(fake or shape, lc.rank, lc.target_modules)
     return stage_estimate(stage, shape, run, backend, zero_stage, processes, real=real, fake=fake)
 
 

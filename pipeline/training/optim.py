@@ -17,14 +17,28 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def trainable(model: torch.nn.Module, section) -> torch.nn.Module:
+def trainable(model: torch.nn.Module, section, lora: bool = True, name: str = "model") -> torch.nn.Module:
     """Put a model to be trained in train mode with gradients, and with gradient checkpointing when the
     section asks for it (every trained full-sequence pass recomputes its blocks in the backward pass:
-    the same numbers, only the layer inputs kept). Returns the model."""
+    the same numbers, only the layer inputs kept). With `section.lora.rank` (and `lora`), only LoRA adapters
+    train (`pipeline/models/lora.py`); the trainable count is printed. Returns the model."""
     model.train().requires_grad_(True)
+    lc = getattr(section, "lora", None)
+    if lora and lc is not None and lc.rank:
+        from pipeline.models.lora import add_lora
+
+        n = add_lora(model, rank=lc.rank, alpha=lc.alpha, target_modules=lc.target_modules, dropout=lc.dropout)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"[lora] {name}: rank {lc.rank}, {n:,} trainable parameters of {total:,} ({100 * n / total:.2f} %)")
     if section.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def averaged(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the EMA averages (and checkpoints store it for): the trained ones, i.e. all of a fully
+    trained model, only the adapters of a LoRA one (its frozen base would be averaged to itself)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def hold_frozen(model: torch.nn.Module, mixed_precision: str) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from pipeline.training.checkpoint import CheckpointManager
 from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, prepare,
                                            restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
-from pipeline.training.optim import place_ema, replay_schedule
+from pipeline.training.optim import averaged, place_ema, replay_schedule
 from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
 
@@ -138,7 +138,7 @@ class Trainer:
                 preview = method.preview(raw, stage.path / "preview.gif")
                 if preview is not None:
                     outputs["preview"] = str(preview)
-            method.ema.restore(raw.parameters())
+            method.ema.restore(averaged(raw))
             outputs.update(method.extra_outputs(stage.path))
         accelerator.end_training()
         if accelerator.is_main_process:
