@@ -122,3 +122,18 @@ def test_dry_run_prints_the_lora_memory(capsys):
     def gib(out):
         return float(out.split("memory: ~")[1].split(" GiB")[0])
     assert "LoRA: 0.189B params trainable" in lora and gib(lora) < gib(full) - 20  # AdamW states of 2 x 1.4B gone
+
+
+def test_unknown_target_module_is_one_line(student_stage, tmp_path, capsys):
+    from stages.launch import main as launch
+    from tests.conftest import TINY_OVERRIDES, call, one_error
+    import shutil
+
+    cfg, _ = student_stage
+    run = tmp_path / "r"
+    for s in ("pretrain_teacher", "init_student"):
+        shutil.copytree(Path(cfg.run.dir) / s, run / s)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    rc, err = call(capsys, launch, tmp_path / "c.yaml", "--stages", "distill", *TINY_OVERRIDES, f"run.dir={run}",
+                   "distill.lora.rank=2", "distill.lora.target_modules=[to_qq]")
+    one_error(rc, err, "lora.target_modules ['to_qq']", "not found")

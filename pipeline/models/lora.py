@@ -20,8 +20,11 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float | None = None, t
     from peft import LoraConfig
 
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules),
-                                 lora_dropout=dropout, init_lora_weights=True))
+    try:
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules),
+                                     lora_dropout=dropout, init_lora_weights=True))
+    except ValueError as e:  # peft: no module of the model matches a target
+        raise ValueError(f"lora.target_modules {list(target_modules)}: {str(e).splitlines()[0]}") from None
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
