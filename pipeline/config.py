@@ -77,6 +77,7 @@ Attention = choices("Attention", "block_causal", "bidirectional")
 Trajectory = choices("Trajectory", "df", "tf", "bid")
 SigmaKind = choices("SigmaKind", "logit_normal", "uniform")
 DistillMethod = choices("DistillMethod", "sf_dmd", "df_dmd", "sf_gan")
+Rollout = choices("Rollout", "chunkwise", "rolling")
 CriticSamples = choices("CriticSamples", "fresh", "generator")
 TimestepSampling = choices("TimestepSampling", "per_frame", "uniform")
 ExitStep = choices("ExitStep", "per_rollout", "per_chunk")
@@ -478,6 +479,9 @@ class DistillConfig(TrainingConfig):
     # (its KV window and sinks), the scores judge a clip-length window at a random chunk of it; gradients only
     # through that window's exit steps (None: rollouts of data.frames)
     long_frames: Optional[int] = positive(None)
+    # sf_dmd / sf_gan rollouts: chunkwise (Self-Forcing: chunk by chunk, a random exit step each) | rolling (Rolling
+    # Forcing: the rolling window of `sampling.rolling_rollout`, gradients through each chunk's finishing call)
+    rollout: Rollout = Rollout.chunkwise
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -578,6 +582,10 @@ def validate(cfg: Config) -> None:
     need(h % ph == 0 and w % pw == 0, f"model.patch_size {cfg.model.patch_size} must divide the {h}x{w} frames "
                                       f"(data.{'latent_size' if cfg.data.latent_size else 'size'})", "model.patch_size")
     fpc = cfg.data.frames_per_chunk
+    need(cfg.distill.rollout == "chunkwise" or (cfg.distill.method != "df_dmd" and not cfg.distill.switch_prob
+                                                and cfg.distill.long_frames is None),
+         "distill.rollout=rolling: a self-rollout method (sf_dmd, sf_gan) without switch_prob or long_frames",
+         "distill.rollout")
     long = cfg.distill.long_frames
     if long is not None:
         need(long % fpc == 0 and long >= cfg.data.frames and cfg.distill.method != "df_dmd"

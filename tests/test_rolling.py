@@ -73,3 +73,41 @@ def test_sample_rolling_flag(student_stage, tmp_path, capsys):
     rc, err = call(capsys, sample.main, str(stage), "--out", str(tmp_path / "b.safetensors"), "--frames", "9",
                    "--rolling", "--switch-at", "3")
     one_error(rc, err, "--rolling does not take prompt switches")
+
+
+def test_training_rollout_carries_gradients_only_through_finishing_calls():
+    """Rolling Forcing's training rollout: one call with gradients per chunk (the one finishing it), none in the
+    warm-up calls or cache writes; the same videos as the sampler; each chunk's gradient stays in its own call."""
+    from pipeline.diffusion.sampling import rolling_rollout
+
+    den, noise, cond = setup(frames=12)
+    sig = few_step_sigmas([1000, 750, 500], 1.0)
+    grads = []
+    handle = den.model.register_forward_hook(lambda m, a, out: grads.append(out.requires_grad))
+    out = rolling_rollout(den, noise, cond, sig, generator=torch.Generator().manual_seed(2))
+    handle.remove()
+    assert sum(grads) == 4 and len(grads) == 4 + 2 + 3  # 6 window calls (2 warm-up) and 3 separate cache writes
+    ref = sample_rolling(den, noise, cond, sig, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)  # fused vs separate cache writes: rounding
+    (g,) = torch.autograd.grad(out[:, :, 9:].sum(), den.model.blocks[0].attn1.to_q.weight)
+    assert g.abs().sum() > 0
+
+
+def test_distill_with_rolling_rollouts(student_stage, tmp_path):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from pipeline.config import ConfigError
+    from stages import distill
+    from tests.conftest import weights
+
+    cfg, _ = student_stage
+    d = replace(cfg.distill, student=str(Path(cfg.run.dir) / "init_student"), rollout="rolling",
+                teacher=str(Path(cfg.run.dir) / "pretrain_teacher"), steps=2)
+    path = distill.run(replace(cfg, run=replace(cfg.run, dir=str(tmp_path / "r")), distill=d)).path
+    a, b = weights(path, "transformer"), weights(Path(cfg.run.dir) / "init_student", "transformer_ema")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    from pipeline.config import load_config
+    from tests.conftest import TINY_OVERRIDES
+    with pytest.raises(ConfigError, match="distill.rollout"):
+        load_config(None, [*TINY_OVERRIDES, "distill.rollout=rolling", "distill.method=df_dmd"])

@@ -505,11 +505,17 @@ def generate_few_step(denoiser: Denoiser, cond: torch.Tensor, latent_shape: tupl
 
 
 @torch.no_grad()
-def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, *,
-                   context_sigma: float = 0.0, generator: torch.Generator | None = None,
-                   max_context_frames: int | None = None, sink_frames: int = 0,
-                   on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                   calls: list | None = None) -> torch.Tensor:
+def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, **kw
+                   ) -> torch.Tensor:
+    """Rolling-window joint denoising at inference: `rolling_rollout` without gradients (arguments as there)."""
+    return rolling_rollout(denoiser, noise, cond, sigmas, **kw)
+
+
+def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, *,
+                    context_sigma: float = 0.0, generator: torch.Generator | None = None,
+                    max_context_frames: int | None = None, sink_frames: int = 0,
+                    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                    calls: list | None = None) -> torch.Tensor:
     """Rolling-window joint denoising (Rolling Forcing; seed 002's cascading noise levels for Diffusion Forcing).
 
     A window of up to K = len(sigmas) chunks stands at staggered levels, oldest (least noisy) first: every network
@@ -519,6 +525,10 @@ def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, 
     calls each call finishes one chunk: `n + K - 1` calls for n chunks, against `n·K` chunk by chunk, each over up
     to K chunks. A finished chunk enters the cache (at `context_sigma`) fused into the next call. K = 1 is
     `sample_few_step`.
+
+    With grad mode on (training on the student's own rolling rollouts, Rolling Forcing's way), each call that
+    finishes a chunk carries gradients to that chunk alone: the other window chunks leave it detached, and the
+    warm-up calls (which finish nothing) and the cache run without gradients, so no gradient crosses chunks.
 
     Args:
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
@@ -540,18 +550,26 @@ def sample_rolling(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, 
         if calls is not None:
             calls.append(levels)
         sigma = torch.cat([torch.full((b, fpc), float(sigmas[k]), device=noise.device) for k in levels], dim=1)
-        x0 = denoiser.predict_x0(torch.cat([x for _, _, x in window], dim=2), sigma, cond, cache, cache_first=pending)
+        finishes = window[0][1] == k_last
+        if pending is not None and torch.is_grad_enabled() and finishes:  # never fuse into a call with gradients
+            with torch.no_grad():  # (a recomputed block would write the cache again)
+                denoiser(*pending, cond, cache, write_cache=True)
+            pending = None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and finishes):
+            x0 = denoiser.predict_x0(torch.cat([x for _, _, x in window], dim=2), sigma, cond, cache,
+                                     cache_first=pending)
         pending = None
         x0 = x0.split(fpc, dim=2)
-        if window[0][1] == k_last:  # the oldest chunk is finished
+        if finishes:  # the oldest chunk is finished
             idx, _, _ = window.pop(0)
             done, x0 = x0[0], x0[1:]
             chunks.append(done)
             if on_chunk is not None:
                 on_chunk(idx, done)
             if idx + 1 < n:
-                pending = _as_context(done, context_sigma, generator)
+                pending = _as_context(done.detach(), context_sigma, generator)
         for entry, y in zip(window, x0):  # the others one level down, with fresh noise
             entry[1] += 1
+            y = y.detach()
             entry[2] = add_noise(y, _noise(y, generator), torch.full((b, fpc), float(sigmas[entry[1]]), device=y.device))
     return torch.cat(chunks, dim=2)

@@ -265,7 +265,7 @@ class SelfForcing(DMDMethod):
         return SelfForcingDMD(**common, context_sigma=st.context_sigma, max_context_frames=st.max_context_frames,
                               sink_frames=st.sink_frames, per_chunk_exit=dc.exit_step == "per_chunk",
                               switch_prob=dc.switch_prob, switch_recache=dc.switch_recache,
-                              long_frames=dc.long_frames)
+                              long_frames=dc.long_frames, rolling=dc.rollout == "rolling")
 
 
 @register("sf_gan")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pipeline.data import shard
 from pipeline.diffusion.flow import add_noise, shift_sigma
 from pipeline.diffusion.losses import flow_matching_loss
-from pipeline.diffusion.sampling import Denoiser, few_step_rollout
+from pipeline.diffusion.sampling import Denoiser, few_step_rollout, rolling_rollout
 from pipeline.methods.gan import GAN
 
 
@@ -210,6 +210,7 @@ class SelfForcingDMD(DMD):
     switch_prob: float = 0.0
     switch_recache: bool = True
     long_frames: int | None = None
+    rolling: bool = False
 
     def window_start(self, clip_chunks: int, gen: torch.Generator) -> int:
         """Long self-rollout tuning: the first chunk of the judged clip-length window, uniform over the rollout of
@@ -242,6 +243,12 @@ class SelfForcingDMD(DMD):
         cond = batch["context"]
         b, fpc = cond.shape[0], self.generator.frames_per_chunk
         c, frames, h, w = batch["shape"]  # the clip's (C, F, H, W)
+        if self.rolling:  # Rolling Forcing: the window rollout, gradients through each chunk's finishing call
+            noise = shard.randn((b, c, frames, h, w), gen).to(cond.device)
+            x = rolling_rollout(self.generator, noise, cond, self.sigmas, context_sigma=self.context_sigma,
+                                generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames)
+            batch["switch"] = None
+            return x, {}
         start = self.window_start(frames // fpc, gen)  # long tuning: the window judged; 0 otherwise
         exits = self.exit_steps(start + frames // fpc, gen)
         noise = shard.randn((b, c, start * fpc + frames, h, w), gen).to(cond.device)
