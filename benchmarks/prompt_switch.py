@@ -74,4 +74,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_command  # bad input: one line, exit 2
+
+    sys.exit(run_command(main))
