@@ -25,10 +25,9 @@ import torch  # noqa: E402
 
 from pipeline.data.sprites import balanced_labels, switch_schedule  # noqa: E402
 from pipeline.diffusion.videos import sample_videos  # noqa: E402
-from pipeline.evaluation.switching import score_switched  # noqa: E402
+from pipeline.evaluation.switching import SWITCH_KEYS as KEYS, score_switched  # noqa: E402
 from pipeline.models.loading import load_source  # noqa: E402
 
-KEYS = ("post_switch_valid", "first_chunk_valid", "lawful_across_switch", "valid_frames", "lawful_transitions")
 
 
 def measure(source: str, *, frames: int, switch_at: int, videos: int, seed: int, recache: bool) -> dict:

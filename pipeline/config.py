@@ -509,6 +509,9 @@ class EvaluateConfig(Section):
     real_seed: int = random_seed(1_000_003)  # their stream (training reads run.seed's)
     preview_videos: int = at_least(0, 12)
     benchmarks: List[Benchmark] = choice_list([], "benchmark")  # scripts of benchmarks/ to run too (see BENCHMARKS)
+    # prompt switching (SPRITES.md "Switched videos"): each causal model also rolls out the long videos with every
+    # class c becoming (c + 1) mod 6 at this frame, the cache kept and re-cached; the report scores the switch
+    switch_at: Optional[int] = at_least(1, None)
     # Text runs (data.kind latents / prompts): no sprites metrics; each model's decoded videos are written in
     # VBench's layout, <evaluate>/vbench/<model>/<prompt>-<i>.mp4, for VBench to score (components.vae decodes).
     prompts: Optional[str] = None  # prompt file, one per line (e.g. VBench's prompt suite)
@@ -582,6 +585,10 @@ def validate(cfg: Config) -> None:
     need(h % ph == 0 and w % pw == 0, f"model.patch_size {cfg.model.patch_size} must divide the {h}x{w} frames "
                                       f"(data.{'latent_size' if cfg.data.latent_size else 'size'})", "model.patch_size")
     fpc = cfg.data.frames_per_chunk
+    long_f = cfg.data.frames * cfg.evaluate.long_factor
+    need(cfg.evaluate.switch_at is None or cfg.evaluate.switch_at < long_f,
+         f"evaluate.switch_at ({cfg.evaluate.switch_at}) must fall inside the long rollouts (data.frames x "
+         f"evaluate.long_factor = {long_f} frames)", "evaluate.switch_at")
     need(cfg.distill.rollout == "chunkwise" or (cfg.distill.method != "df_dmd" and not cfg.distill.switch_prob
                                                 and cfg.distill.long_frames is None),
          "distill.rollout=rolling: a self-rollout method (sf_dmd, sf_gan) without switch_prob or long_frames",

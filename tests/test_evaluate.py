@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.evaluation.checker import score
 from pipeline.training.checkpoint import read_safetensors
 from pipeline.evaluation.metrics import quality, video_features
@@ -104,6 +104,32 @@ def test_rerun_skips_and_resume_reuses_finished_models(evaluated, capsys):
     again = json.loads((path / "report.json").read_text())
     for name in report["models"]:  # same seed, same numbers (speed aside)
         assert again["models"][name]["frames"] == report["models"][name]["frames"]
+
+
+def test_switch_at_scores_prompt_switching_as_the_benchmark_does(distill_stage, tmp_path):
+    """`evaluate.switch_at`: every causal model's switched rollouts, kept and re-cached, scored in the report with
+    the same numbers as `benchmarks/prompt_switch.py` (its own sampling call) gives for that model."""
+    from benchmarks.prompt_switch import measure
+    from pipeline.evaluation.switching import SWITCH_KEYS
+    from tests.conftest import tiny_cfg
+
+    _, distill_path = distill_stage
+    run = tmp_path / "run"
+    for stage in ("pretrain_teacher", "init_student", "distill"):
+        shutil.copytree(distill_path.parent / stage, run / stage)
+    cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student]", "evaluate.switch_at=7")
+    path = evaluate.run(cfg).path
+    report = json.loads((path / "report.json").read_text())
+    assert report["settings"]["switch_at"] == 7
+    with torch.no_grad():
+        for policy, recache in (("kept", False), ("recache", True)):
+            bench = measure(str(run / "distill"), frames=12, switch_at=7, videos=6, seed=0, recache=recache)
+            assert report["models"]["student"]["switch"][policy] == {k: bench[k] for k in SWITCH_KEYS}
+    assert set(report["models"]["teacher"]["switch"]) == {"kept", "recache"}
+    md = (path / "report.md").read_text()
+    assert "## Prompt switching: class c → (c + 1) mod 6 at frame 7" in md and "| student | recache |" in md
+    with pytest.raises(ConfigError, match="evaluate.switch_at \\(12\\) must fall inside"):
+        tiny_cfg(tmp_path, "evaluate.switch_at=12")
 
 
 def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stage, tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 from stages import matrix
@@ -44,3 +45,35 @@ def test_matrix_evaluates_again_when_a_cell_is_added(student_stage, tmp_path):
     assert matrix.main([*common, "--cells", "df_l2"]) == 0
     assert matrix.main([*common, "--cells", "df_l2,sf_gan"]) == 0
     assert set(json.loads((out / "matrix.json").read_text())["cells"]) == {"df_l2", "sf_gan"}
+
+
+def test_matrix_jobs_run_cells_and_seeds_in_processes(student_stage, tmp_path):
+    cfg, _ = student_stage
+    base, out = Path(cfg.run.dir), tmp_path / "m"
+    common = ["--base", str(base), "--out", str(out), "--cells", "df_l2,sf_gan,df_dmd", "--steps", "2",
+              "--videos", "4", "--seeds", "0,1", *TINY_OVERRIDES]
+    assert matrix.main([*common, "--jobs", "2"]) == 0
+    assert {p.name for p in (out / "logs").iterdir()} == {"sf_gan.log", "df_dmd.log", "eval_seed0.log",
+                                                          "eval_seed1.log"}
+    parallel = json.loads((out / "matrix.json").read_text())
+    assert set(parallel["by_seed"]) == {"0", "1"} and set(parallel["cells"]) == {"df_l2", "sf_gan", "df_dmd"}
+    weights = out / "df_dmd" / "distill" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert matrix.main(common) == 0  # one process finds every part done: same numbers, nothing retrained
+    assert json.loads((out / "matrix.json").read_text()) == parallel and weights.stat().st_mtime_ns == before
+
+
+def test_matrix_names_a_failed_part(student_stage, tmp_path, capsys, monkeypatch):
+    cfg, _ = student_stage
+
+    def child(cmd, stdout, **kw):  # a child that stops on bad input: its one line reaches the parent's error
+        stdout.write("progress...\nerror: distill.steps: boom\n")
+        return subprocess.CompletedProcess(cmd, 2 if "sf_gan" in cmd else 0)
+
+    monkeypatch.setattr(matrix.subprocess, "run", child)
+    args = ["--base", cfg.run.dir, "--out", str(tmp_path / "m"), "--cells", "df_dmd,sf_gan", "--jobs", "2",
+            *TINY_OVERRIDES]
+    assert matrix.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: matrix part sf_gan failed (exit 2;") and err.endswith("error: distill.steps: boom")
+    assert not (tmp_path / "m" / "matrix.json").exists()

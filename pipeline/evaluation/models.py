@@ -93,9 +93,11 @@ class ModelSampler:
                          "attention": attention, "max_context_frames": sp.max_context_frames}
             self.causal = sp.kind == "autoregressive" and attention == "block_causal"
 
-    def __call__(self, labels: torch.Tensor, frames: int, on_chunk=None) -> torch.Tensor:
+    def __call__(self, labels: torch.Tensor, frames: int, on_chunk=None, recache: bool = False) -> torch.Tensor:
+        """`labels [N]`, or a class schedule `[N, frames]` (switched videos; `recache` as `sample_videos`)."""
         c, e = self.cfg, self.cfg.evaluate
         return sample_videos(self.model, self.table, labels, frames=frames, size=c.data.size,
                              frames_per_chunk=c.data.frames_per_chunk, prediction=self.mcfg.model.prediction,
                              student=self.student, sampler=self.sampler, attention=self.mcfg.pretrain_teacher.attention,
-                             seed=e.seed, batch_size=e.batch_size, few_step=self.few_step, on_chunk=on_chunk)
+                             seed=e.seed, batch_size=e.batch_size, few_step=self.few_step, on_chunk=on_chunk,
+                             recache=recache)

@@ -4,12 +4,14 @@
 
     {"schema_version": 1,
      "settings": {"num_videos", "seed", "frames" (training length), "long_frames", "batch_size",
-                  "device", "threads", "dtype", "real_videos", "real_seed", "features": [16 names]},
+                  "device", "threads", "dtype", "real_videos", "real_seed", "features": [16 names], "switch_at"},
      "models": {<name>: {
          "source": folder, "sampler": {"kind": few_step | autoregressive | synchronous, steps, ...},
          "samples": {"frames": path, "long": path}   (relative to the report),
          "frames": <quality at the training length>,  "long": <quality over the long rollout>,
-         "speed": {frames_per_s, first_chunk_s, nfe_per_frame, network_calls, seconds, peak_memory_mb}}},
+         "speed": {frames_per_s, first_chunk_s, nfe_per_frame, network_calls, seconds, peak_memory_mb},
+         "switch": {"kept" | "recache": {post_switch_valid, first_chunk_valid, lawful_across_switch, valid_frames,
+                    lawful_transitions}} | null   (with evaluate.switch_at; null: not a causal sampler)}},
      "real": {"frames": <quality>, "long": <quality>},
      "benchmarks": {<script>: {"command", "exit_status" (1 = goal missed), "output": last lines}}}  (on request)
 
@@ -28,6 +30,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.evaluation.metrics import FEATURES
+from pipeline.evaluation.switching import SWITCH_KEYS
 from pipeline.io.guard import replacing
 from pipeline.io.run_dir import write_atomic
 from pipeline.data.sprites import COLOUR_NAMES, NUM_CLASSES, NUM_MODES, SHAPE_NAMES
@@ -76,6 +79,14 @@ def markdown(report: dict) -> str:
         s = m["speed"]
         lines.append(f"| {name} | {s['frames_per_s']:.1f} | {s['first_chunk_s']:.3f} | {s['nfe_per_frame']:.1f} "
                      f"| {s['peak_memory_mb']:.0f} |")
+    at = st.get("switch_at")
+    if at is not None:
+        lines += ["", f"## Prompt switching: class c → (c + 1) mod 6 at frame {at} ({lf}-frame rollouts)", "",
+                  "| model | cache | " + " | ".join(SWITCH_KEYS) + " |", "|---|---|" + "---|" * len(SWITCH_KEYS)]
+        for name, m in report["models"].items():
+            for cache, s in (m.get("switch") or {}).items():
+                cells = ["-" if s[k] is None else f"{s[k]:.3f}" for k in SWITCH_KEYS]
+                lines.append(f"| {name} | {cache} | " + " | ".join(cells) + " |")
     for name, b in report.get("benchmarks", {}).items():
         verdict = {0: "goal met", 1: "goal missed"}.get(b["exit_status"], f"failed (exit {b['exit_status']})")
         lines += ["", f"## Benchmark `{name}`: {verdict}", "", f"`{b['command']}`", "", "```", *b["output"], "```"]
@@ -168,7 +179,7 @@ def make_report(cfg: Config, *, models: dict, real: dict, device: torch.device) 
                          "frames": cfg.data.frames, "long_frames": cfg.data.frames * ev.long_factor,
                          "batch_size": ev.batch_size, "device": str(device), "threads": torch.get_num_threads(),
                          "dtype": "float32", "real_videos": ev.real_videos, "real_seed": ev.real_seed,
-                         "features": list(FEATURES)},
+                         "features": list(FEATURES), "switch_at": ev.switch_at},
             "models": models, "real": real}
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.data.sprites import SpritesStream, balanced_labels
+from pipeline.data.sprites import SpritesStream, balanced_labels, switch_schedule
 from pipeline.evaluation.metrics import quality, video_features
 from pipeline.evaluation.models import Entry, ModelSampler
 from pipeline.evaluation.speed import SpeedMeter
+from pipeline.evaluation.switching import SWITCH_KEYS, score_switched
 from pipeline.io.media import save_samples
 from pipeline.io.run_dir import write_atomic
 from pipeline.training.checkpoint import read_safetensors
@@ -55,7 +56,7 @@ def evaluate_entry(entry: Entry, cfg: Config, *, out: Path, real_features: dict,
     fingerprint = {"sha256": weights_sha256, "few_step": entry.few_step,
                    "num_videos": n, "frames": f, "long_frames": long_f, "seed": cfg.evaluate.seed,
                    "batch_size": cfg.evaluate.batch_size, "student": repr(cfg.student), "device": str(device),
-                   "real": [cfg.evaluate.real_videos, cfg.evaluate.real_seed]}
+                   "real": [cfg.evaluate.real_videos, cfg.evaluate.real_seed], "switch_at": cfg.evaluate.switch_at}
     record = samples / f"{entry.name}.json"
     done = json.loads(record.read_text()) if record.is_file() else {}
     if done.get("fingerprint") == fingerprint:
@@ -75,8 +76,24 @@ def evaluate_entry(entry: Entry, cfg: Config, *, out: Path, real_features: dict,
               "samples": {k: str(p.relative_to(out)) for k, p in paths.items()},
               "frames": score_file(paths["frames"], real_features["frames"]),
               "long": score_file(paths["long"], real_features["long"]), "speed": speed}
+    if cfg.evaluate.switch_at is not None:
+        result["switch"] = switched(sampler, labels, long_f, cfg.evaluate.switch_at, cfg.data.frames_per_chunk)
     write_atomic(record, json.dumps({"fingerprint": fingerprint, "result": result}))
     return result
+
+
+def switched(sampler: ModelSampler, labels: torch.Tensor, frames: int, at: int, fpc: int) -> dict | None:
+    """The long rollouts again with every class c becoming (c + 1) mod 6 at frame `at`, the cache kept and
+    re-cached (LongLive's): `{"kept": {SWITCH_KEYS...}, "recache": {...}}`; None for a model that is not
+    causal (a synchronous or bidirectional sampler denoises every frame at once: no running video to steer)."""
+    if not sampler.causal:
+        return None
+    schedule = switch_schedule(labels, frames, at)
+    out = {}
+    for name, recache in (("kept", False), ("recache", True)):
+        s = score_switched(sampler(schedule, frames, recache=recache), schedule, fpc)
+        out[name] = {k: s[k] for k in SWITCH_KEYS}
+    return out
 
 
 def evaluate_text_entry(entry: Entry, cfg: Config, *, folder: Path, prompts: list[str], context: torch.Tensor,

@@ -20,6 +20,9 @@ import torch
 from pipeline.data.sprites import NUM_CLASSES
 from pipeline.evaluation.checker import _check_inputs, check_frames, check_transitions
 
+# the headline numbers of a switched rollout (`score_switched`'s keys), as the report and benchmark show them
+SWITCH_KEYS = ("post_switch_valid", "first_chunk_valid", "lawful_across_switch", "valid_frames", "lawful_transitions")
+
 
 def _check_schedule(videos: torch.Tensor, schedule: Any, frames_per_chunk: Any) -> tuple[torch.Tensor, int]:
     """Validate the arguments of :func:`score_switched`; return the schedule int64 ``[N, F]`` (CPU) and S."""
