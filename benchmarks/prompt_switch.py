@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from pipeline.data.sprites import balanced_labels, switch_schedule  # noqa: E402
 from pipeline.diffusion.videos import sample_videos  # noqa: E402
+from pipeline.evaluation.report import markdown_table  # noqa: E402
 from pipeline.evaluation.switching import SWITCH_KEYS as KEYS, score_switched  # noqa: E402
 from pipeline.models.loading import load_source  # noqa: E402
 
@@ -46,11 +47,7 @@ def measure(source: str, *, frames: int, switch_at: int, videos: int, seed: int,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | cache | " + " | ".join(KEYS) + " |", "| --- | --- |" + " --- |" * len(KEYS)]
-    for r in rows:
-        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in KEYS]
-        lines.append(f"| {r['model']} | {r['cache']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["model", "cache", *KEYS], [[r["model"], r["cache"], *(r[k] for k in KEYS)] for r in rows])
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ from pipeline.data.sprites import balanced_labels  # noqa: E402
 from pipeline.diffusion.videos import sample_videos  # noqa: E402
 from pipeline.evaluation.checker import score  # noqa: E402
 from pipeline.evaluation.speed import ChunkClock, FrameCounter  # noqa: E402
+from pipeline.evaluation.report import markdown_table  # noqa: E402
 from pipeline.models.loading import load_source  # noqa: E402
 
 
@@ -61,10 +62,7 @@ def main(argv=None) -> int:
     keys = [k for k in rows[0] if k != "sampler"]
     print(f"{args.source}: {len(cfg.student.denoising_steps)} levels, chunk {cfg.data.frames_per_chunk} frames, "
           f"{args.videos} videos scored, speed on a batch of {args.batch} x {args.long} frames, {torch.get_num_threads()} threads")
-    print("| sampler | " + " | ".join(keys) + " |")
-    print("| --- |" + " --- |" * len(keys))
-    for r in rows:
-        print(f"| {r['sampler']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    print(markdown_table(["sampler", *keys], [[r["sampler"], *(float(r[k]) for k in keys)] for r in rows]))
     return 0
 
 

@@ -140,6 +140,15 @@ class Interrupt(Exception):
     """Stands in for a crash / Ctrl-C at a chosen point of a run."""
 
 
+def copy_stages(src_run: Path, dst_run: Path, stages=("pretrain_teacher", "init_student")) -> Path:
+    """Copy finished `stages` of the run `src_run` into `dst_run` (a fresh run that then reuses them); returns it."""
+    import shutil
+
+    for s in stages:
+        shutil.copytree(Path(src_run) / s, Path(dst_run) / s)
+    return Path(dst_run)
+
+
 def crash_after_checkpoint(monkeypatch, stage_module, at_step: int):
     """Make `stage_module`'s run raise `Interrupt` right after writing the checkpoint of `at_step`."""
     from pipeline.training import checkpoint
@@ -162,11 +171,9 @@ def crash_then_resume(monkeypatch, capsys, stage_module, cfg, run_dir: Path, inp
     Returns:
         the resumed stage's folder.
     """
-    import shutil
     from dataclasses import replace
 
-    for s in inputs:
-        shutil.copytree(Path(cfg.run.dir) / s, run_dir / s)
+    copy_stages(cfg.run.dir, run_dir, inputs)
     cfg2 = replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
     with monkeypatch.context() as m:
         crash_after_checkpoint(m, stage_module, at_step)

@@ -17,17 +17,17 @@ from pipeline.evaluation.metrics import quality, video_features
 from pipeline.data.sprites import SpritesStream, balanced_labels
 from stages import evaluate
 
+from tests.conftest import copy_stages, tiny_cfg
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+STAGES = ("pretrain_teacher", "init_student", "distill")
 
 
 @pytest.fixture(scope="module")
 def evaluated(distill_stage, tmp_path_factory):
     """teacher, init_student and distill copied into a fresh run, then evaluated."""
     cfg, distill_path = distill_stage
-    run = tmp_path_factory.mktemp("eval") / "run"
-    for stage in ("pretrain_teacher", "init_student", "distill"):
-        shutil.copytree(distill_path.parent / stage, run / stage)
-    from tests.conftest import tiny_cfg
+    run = copy_stages(distill_path.parent, tmp_path_factory.mktemp("eval") / "run", STAGES)
     # a bare diffusers folder as an extra model: sampled with the run's student sampler
     cfg = tiny_cfg(run.parent, "model.prediction=x0", f"evaluate.extra={{raw: {run / 'distill' / 'transformer'}}}")
     stage = evaluate.run(cfg)
@@ -111,12 +111,8 @@ def test_switch_at_scores_prompt_switching_as_the_benchmark_does(distill_stage, 
     the same numbers as `benchmarks/prompt_switch.py` (its own sampling call) gives for that model."""
     from benchmarks.prompt_switch import measure
     from pipeline.evaluation.switching import SWITCH_KEYS
-    from tests.conftest import tiny_cfg
-
     _, distill_path = distill_stage
-    run = tmp_path / "run"
-    for stage in ("pretrain_teacher", "init_student", "distill"):
-        shutil.copytree(distill_path.parent / stage, run / stage)
+    run = copy_stages(distill_path.parent, tmp_path / "run", STAGES)
     cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student]", "evaluate.switch_at=7")
     path = evaluate.run(cfg).path
     report = json.loads((path / "report.json").read_text())
@@ -134,7 +130,6 @@ def test_switch_at_scores_prompt_switching_as_the_benchmark_does(distill_stage, 
 
 def test_missing_models_are_skipped_and_bad_extra_is_one_line_error(trained_stage, tmp_path, capsys, monkeypatch):
     cfg, teacher_path = trained_stage
-    from tests.conftest import tiny_cfg
     run = tmp_path / "run"
     shutil.copytree(teacher_path, run / "pretrain_teacher")
     cfg = tiny_cfg(tmp_path, "model.prediction=x0", "evaluate.models=[teacher,student_init]",

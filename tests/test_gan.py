@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import capture_method, TINY_OVERRIDES, assert_same_weights, crash_then_resume, one_error, call, weights
+from conftest import copy_stages, capture_method, TINY_OVERRIDES, assert_same_weights, crash_then_resume, one_error, call, weights
 from pipeline.config import ConfigError, load_config
 from pipeline.methods import gan as gan_module
 from pipeline.methods.dmd import SelfForcingDMD
@@ -140,10 +140,7 @@ def test_nan_in_the_discriminator_loss_stops_in_one_line(student_stage, tmp_path
         out = orig(real, fake)
         return out * float("nan") if state["calls"] == 3 else out
     monkeypatch.setattr(gan_module, "discriminator_loss", loss)
-    run = tmp_path / "r"
-    for s in ("pretrain_teacher", "init_student"):
-        import shutil
-        shutil.copytree(Path(cfg.run.dir) / s, run / s)
+    run = copy_stages(cfg.run.dir, tmp_path / "r")
     (tmp_path / "c.yaml").write_text("{}\n")
     rc, err = call(capsys, launch, tmp_path / "c.yaml", "--stages", "distill", *TINY_OVERRIDES, f"run.dir={run}",
                    "distill.method=sf_gan", "distill.checkpoint_every=1")

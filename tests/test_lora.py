@@ -126,13 +126,9 @@ def test_dry_run_prints_the_lora_memory(capsys):
 
 def test_unknown_target_module_is_one_line(student_stage, tmp_path, capsys):
     from stages.launch import main as launch
-    from tests.conftest import TINY_OVERRIDES, call, one_error
-    import shutil
-
+    from tests.conftest import TINY_OVERRIDES, call, copy_stages, one_error
     cfg, _ = student_stage
-    run = tmp_path / "r"
-    for s in ("pretrain_teacher", "init_student"):
-        shutil.copytree(Path(cfg.run.dir) / s, run / s)
+    run = copy_stages(cfg.run.dir, tmp_path / "r")
     (tmp_path / "c.yaml").write_text("{}\n")
     rc, err = call(capsys, launch, tmp_path / "c.yaml", "--stages", "distill", *TINY_OVERRIDES, f"run.dir={run}",
                    "distill.lora.rank=2", "distill.lora.target_modules=[to_qq]")

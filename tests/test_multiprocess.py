@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, copy_stages
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
@@ -77,14 +77,9 @@ def test_ddp_teacher_equals_one_process_with_the_doubled_batch(one_process, tmp_
     assert m["metrics"]["final_loss"] == pytest.approx(ref, rel=1e-5)  # the loss is reduced over processes
 
 
-def _copy_inputs(src: Path, dst: Path):
-    for stage in ("pretrain_teacher", "init_student"):
-        shutil.copytree(src / stage, dst / stage)
-
-
 def test_ddp_distill_equals_one_process_with_the_doubled_batch(one_process, tmp_path):
     run = tmp_path / "run"
-    _copy_inputs(one_process, run)
+    copy_stages(one_process, run)
     launch(run, "distill", "distill.batch_size=2", processes=2)
     assert manifest(run, "distill")["metrics"]["replicas_identical"] == 2
     for part in ("transformer", "transformer_ema", "critic"):
@@ -98,7 +93,7 @@ def test_deepspeed_zero2_distill_and_resume_with_another_process_count(one_proce
     DeepSpeed, then the checkpoint (optimizer moments gathered from the ZeRO partitions) resumed by one
     plain process with batch 4: the result is the uninterrupted one-process run."""
     run = tmp_path / "run"
-    _copy_inputs(one_process, run)
+    copy_stages(one_process, run)
     launch(run, "distill", "distill.batch_size=2", "distill.steps=2", processes=2,
            accelerate_config="deepspeed_zero2.yaml")
     assert manifest(run, "distill")["metrics"]["replicas_identical"] == 2

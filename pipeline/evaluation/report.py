@@ -81,18 +81,24 @@ def markdown(report: dict) -> str:
                      f"| {s['peak_memory_mb']:.0f} |")
     at = st.get("switch_at")
     if at is not None:
+        rows = [[name, cache, *(s[k] for k in SWITCH_KEYS)] for name, m in report["models"].items()
+                for cache, s in (m.get("switch") or {}).items()]
         lines += ["", f"## Prompt switching: class c → (c + 1) mod 6 at frame {at} ({lf}-frame rollouts)", "",
-                  "| model | cache | " + " | ".join(SWITCH_KEYS) + " |", "|---|---|" + "---|" * len(SWITCH_KEYS)]
-        for name, m in report["models"].items():
-            for cache, s in (m.get("switch") or {}).items():
-                cells = ["-" if s[k] is None else f"{s[k]:.3f}" for k in SWITCH_KEYS]
-                lines.append(f"| {name} | {cache} | " + " | ".join(cells) + " |")
+                  markdown_table(["model", "cache", *SWITCH_KEYS], rows)]
     for name, b in report.get("benchmarks", {}).items():
         verdict = {0: "goal met", 1: "goal missed"}.get(b["exit_status"], f"failed (exit {b['exit_status']})")
         lines += ["", f"## Benchmark `{name}`: {verdict}", "", f"`{b['command']}`", "", "```", *b["output"], "```"]
     lines += ["", "Plots: `plots/drift.png` (valid fraction per frame), `plots/modes.png` (motion modes per class), "
               "`plots/speed_quality.png`.", "", "![drift](plots/drift.png)", ""]
     return "\n".join(lines)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A Markdown table: floats to 3 decimals, None as "-", anything else as written."""
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns),
+                      *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows)])
 
 
 def _sampler(s: dict) -> str:
