@@ -74,7 +74,9 @@ def test_distill_with_lora_exports_plain_weights_and_resumes_exactly(student_sta
     assert changed and all(k.endswith("weight") and ("to_q" in k or "to_k" in k or "to_v" in k or "to_out.0" in k)
                            for k in changed)  # only the adapted layers moved
     ckpt = load_file(str(full / "checkpoints" / "step_0000004" / "model.safetensors"))
-    assert any(".lora_A." in k for k in ckpt)
+    assert any(".lora_A." in k for k in ckpt) and all(".lora_" in k for k in ckpt)  # the frozen base is not saved
+    critic_ckpt = load_file(str(full / "checkpoints" / "step_0000004" / "critic.safetensors"))
+    assert critic_ckpt and all(".lora_" in k for k in critic_ckpt)
     ema = load_file(str(full / "checkpoints" / "step_0000004" / "ema.safetensors"))
     assert ema and all(".lora_" in k for k in ema)  # the EMA averages the adapters only
     resumed = crash_then_resume(monkeypatch, capsys, distill, lora_cfg(cfg, tmp_path / "x"), tmp_path / "resumed")
