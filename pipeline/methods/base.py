@@ -47,6 +47,8 @@ class Trained:
         lr_key: the config key to lower when its loss becomes NaN (named in the error).
         schedule_steps: how many LR-schedule steps the first `step` training steps made (a resume replays
             them); the identity for a model updated every step.
+        partial: its loss reaches only part of it (sf_gan's critic, read after an inner block): DDP must
+            look for the parameters without a gradient each step.
     """
 
     module: torch.nn.Module
@@ -55,6 +57,7 @@ class Trained:
     grad_clip: float
     lr_key: str
     schedule_steps: Callable[[int], int] = lambda step: step
+    partial: bool = False
 
 
 @dataclass

@@ -155,7 +155,8 @@ class DMDMethod(Method):
         self.trained = {
             "generator": Trained(self.generator, gen_opt, gen_sched, dc.grad_clip, f"{self.stage}.lr",
                                  schedule_steps=lambda step: generator_updates(step, self.ratio, dc.critic_warmup)),
-            "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr")}
+            "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr",
+                              partial=self.gan_only)}
         if self.gan_on:
             self.trained["discriminator"] = self.discriminator_head(deepspeed)
         self.frozen = {} if dc.teacher_offload or self.teacher is None else {"teacher": self.teacher}

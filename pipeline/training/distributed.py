@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from pipeline.config import Config
 from pipeline.data.shard import ShardedGenerator
@@ -70,10 +70,11 @@ def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_acc
     return plugins
 
 
-def prepare(accelerator: Accelerator, name: str, model, optimizer=None):
+def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False):
     """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
     (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
     under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
+    `find_unused`: its DDP looks for parameters a step leaves without gradient (`Trained.partial`).
 
     Returns:
         the wrapped model, or (model, optimizer).
@@ -91,7 +92,13 @@ def prepare(accelerator: Accelerator, name: str, model, optimizer=None):
         return model
     if optimizer is None:
         return accelerator.prepare_model(model, evaluation_mode=True)
-    return accelerator.prepare(model, optimizer)
+    if not find_unused:
+        return accelerator.prepare(model, optimizer)
+    handler, accelerator.ddp_handler = accelerator.ddp_handler, DistributedDataParallelKwargs(find_unused_parameters=True)
+    try:  # this model's DDP only: a search per step costs a graph walk the others need not pay
+        return accelerator.prepare(model, optimizer)
+    finally:
+        accelerator.ddp_handler = handler
 
 
 def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:

@@ -89,7 +89,7 @@ class Trainer:
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
         for n, t in method.trained.items():
-            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer)
+            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial)
         for n, m in method.frozen.items():
             method.frozen[n] = prepare(accelerator, n, m)
         if step:
