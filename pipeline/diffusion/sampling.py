@@ -265,10 +265,7 @@ def sample_autoregressive(denoiser: Denoiser, noise: torch.Tensor, cond: torch.T
     Returns:
         `[B, C, F, H, W]` samples; with `keep_sigmas` also the states `[K, B, C, F, H, W]` at those levels.
     """
-    fpc = denoiser.frames_per_chunk
-    f = noise.shape[2]
-    if f % fpc:
-        raise ValueError(f"frames ({f}) must be a multiple of frames_per_chunk ({fpc})")
+    fpc, _, f = _chunked(denoiser, noise)
     sigmas, keep = sampling_sigmas(steps, shift), ()
     if keep_sigmas is not None:
         sigmas, keep = schedule_through(sigmas, keep_sigmas)
