@@ -480,7 +480,8 @@ class DistillConfig(TrainingConfig):
     # through that window's exit steps (None: rollouts of data.frames)
     long_frames: Optional[int] = positive(None)
     # sf_dmd / sf_gan rollouts: chunkwise (Self-Forcing: chunk by chunk, a random exit step each) | rolling (Rolling
-    # Forcing: the rolling window of `sampling.rolling_rollout`, gradients through each chunk's finishing call)
+    # Forcing: the rolling window of `sampling.rolling_rollout`, gradients through each chunk's call at its random
+    # exit level, drawn as exit_step says)
     rollout: Rollout = Rollout.chunkwise
 
     def check(self, prefix: str) -> None:

@@ -93,6 +93,38 @@ def test_training_rollout_carries_gradients_only_through_finishing_calls():
     assert g.abs().sum() > 0
 
 
+def test_training_rollout_outputs_each_chunk_at_its_exit_level():
+    """Random exit levels (Self-Forcing's, on the rolling window): chunk i's output is its prediction in the call
+    where it sits at level exits[i], with gradients; only such calls carry any; the rollout itself (the finished
+    chunks) is the sampler's whatever the exits; exits all at the last level give the finished video."""
+    from pipeline.diffusion.sampling import rolling_rollout
+
+    den, noise, cond = setup(frames=12)
+    sig = few_step_sigmas([1000, 750, 500], 1.0)
+    exits = [0, 2, 0, 2]
+    levels, grads, finished = [], [], {}
+    handle = den.model.register_forward_hook(lambda m, a, out: grads.append(out.requires_grad))
+    out = rolling_rollout(den, noise, cond, sig, generator=torch.Generator().manual_seed(2), exits=exits,
+                          calls=levels, on_chunk=lambda i, x: finished.setdefault(i, x))
+    handle.remove()
+    # window calls (chunk i enters at call i, sits at level k in call i + k): those holding a chunk at its exit
+    exit_calls = {i + k for i, k in enumerate(exits)}
+    window_grads = [g for g in grads if g]
+    assert len(window_grads) == len(exit_calls) == 4 and len(levels) == 6
+    ref = sample_rolling(den, noise, cond, sig, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(torch.cat([finished[i] for i in range(4)], dim=2), ref, atol=1e-5, rtol=0)
+    assert torch.equal(out[:, :, 3:6].detach(), finished[1])  # chunk 1 exits at the last level: its finished frames
+    assert not torch.allclose(out[:, :, :3].detach(), finished[0], atol=1e-3)  # chunk 0 exits at the first level
+    for chunk in range(4):
+        (g,) = torch.autograd.grad(out[:, :, 3 * chunk:3 * chunk + 3].sum(), den.model.blocks[0].attn1.to_q.weight,
+                                   retain_graph=True)
+        assert g.abs().sum() > 0, chunk
+    last = rolling_rollout(den, noise, cond, sig, generator=torch.Generator().manual_seed(2), exits=[2] * 4)
+    torch.testing.assert_close(last.detach(), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exits must give one level in 0..2 for each of the 4 chunks"):
+        rolling_rollout(den, noise, cond, sig, exits=[0, 3, 0, 0])
+
+
 def test_distill_with_rolling_rollouts(student_stage, tmp_path):
     from dataclasses import replace
     from pathlib import Path

@@ -512,7 +512,7 @@ def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
                     context_sigma: float = 0.0, generator: torch.Generator | None = None,
                     max_context_frames: int | None = None, sink_frames: int = 0,
                     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                    calls: list | None = None) -> torch.Tensor:
+                    calls: list | None = None, exits: list[int] | None = None) -> torch.Tensor:
     """Rolling-window joint denoising (Rolling Forcing; seed 002's cascading noise levels for Diffusion Forcing).
 
     A window of up to K = len(sigmas) chunks stands at staggered levels, oldest (least noisy) first: every network
@@ -523,19 +523,28 @@ def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
     to K chunks. A finished chunk enters the cache (at `context_sigma`) fused into the next call. K = 1 is
     `sample_few_step`.
 
-    With grad mode on (training on the student's own rolling rollouts, Rolling Forcing's way), each call that
-    finishes a chunk carries gradients to that chunk alone: the other window chunks leave it detached, and the
-    warm-up calls (which finish nothing) and the cache run without gradients, so no gradient crosses chunks.
+    With grad mode on (training on the student's own rolling rollouts, Rolling Forcing's way), chunk i's output is
+    its clean prediction at its exit level `exits[i]` (Self-Forcing's random exit step; None: the last level, the
+    finished chunk), and only the calls where some chunk sits at its exit level carry gradients, to those chunks
+    alone: every window chunk enters a call detached, the rollout itself (what later chunks see, what the cache
+    holds) continues through every level as at inference, and the cache is written without gradients, so no
+    gradient crosses chunks. Training only the last level (every exit there) leaves the earlier levels, the ones
+    that see noisy older chunks, without a signal of their own.
 
     Args:
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
         cond: `[B, L, D]`; sigmas `[K]` decreasing levels (`few_step_sigmas`).
         calls: if given, gets one `[levels of the window's chunks]` list per network call (for tests, counts).
+        exits: `[n chunks]` level indices whose predictions are the output (None: the last level for each).
     Returns:
-        `[B, C, F, H, W]` clean predictions.
+        `[B, C, F, H, W]` clean predictions (the finished video when `exits` is None).
     """
     fpc, b, f = _chunked(denoiser, noise)
     n, k_last = f // fpc, len(sigmas) - 1
+    exit_at = [k_last] * n if exits is None else [int(k) for k in exits]
+    if len(exit_at) != n or not all(0 <= k <= k_last for k in exit_at):
+        raise ValueError(f"exits must give one level in 0..{k_last} for each of the {n} chunks, got {exits}")
+    outputs: list = [None] * n
     cache = denoiser.new_cache(max_context_frames, sink_frames)
     window: list[list] = []  # [chunk index, level index, x] oldest first
     chunks, pending, entered = [], None, 0
@@ -548,25 +557,30 @@ def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
             calls.append(levels)
         sigma = torch.cat([torch.full((b, fpc), float(sigmas[k]), device=noise.device) for k in levels], dim=1)
         finishes = window[0][1] == k_last
-        if pending is not None and torch.is_grad_enabled() and finishes:  # never fuse into a call with gradients
+        at_exit = [exit_at[i] == k for i, k, _ in window]
+        grad = torch.is_grad_enabled() and any(at_exit)
+        if pending is not None and grad:  # never fuse into a call with gradients
             with torch.no_grad():  # (a recomputed block would write the cache again)
                 denoiser(*pending, cond, cache, write_cache=True)
             pending = None
-        with torch.set_grad_enabled(torch.is_grad_enabled() and finishes):
+        with torch.set_grad_enabled(grad):
             x0 = denoiser.predict_x0(torch.cat([x for _, _, x in window], dim=2), sigma, cond, cache,
                                      cache_first=pending)
         pending = None
         x0 = x0.split(fpc, dim=2)
+        for (i, _, _), y, out in zip(window, x0, at_exit):
+            if out:
+                outputs[i] = y
         if finishes:  # the oldest chunk is finished
             idx, _, _ = window.pop(0)
-            done, x0 = x0[0], x0[1:]
+            done, x0 = x0[0].detach(), x0[1:]
             chunks.append(done)
             if on_chunk is not None:
                 on_chunk(idx, done)
             if idx + 1 < n:
-                pending = _as_context(done.detach(), context_sigma, generator)
+                pending = _as_context(done, context_sigma, generator)
         for entry, y in zip(window, x0):  # the others one level down, with fresh noise
             entry[1] += 1
             y = y.detach()
             entry[2] = add_noise(y, _noise(y, generator), torch.full((b, fpc), float(sigmas[entry[1]]), device=y.device))
-    return torch.cat(chunks, dim=2)
+    return torch.cat(outputs, dim=2)

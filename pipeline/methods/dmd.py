@@ -243,12 +243,14 @@ class SelfForcingDMD(DMD):
         cond = batch["context"]
         b, fpc = cond.shape[0], self.generator.frames_per_chunk
         c, frames, h, w = batch["shape"]  # the clip's (C, F, H, W)
-        if self.rolling:  # Rolling Forcing: the window rollout, gradients through each chunk's finishing call
+        if self.rolling:  # Rolling Forcing: the window rollout, gradients through each chunk's call at its exit level
+            exits = self.exit_steps(frames // fpc, gen)
             noise = shard.randn((b, c, frames, h, w), gen).to(cond.device)
             x = rolling_rollout(self.generator, noise, cond, self.sigmas, context_sigma=self.context_sigma,
-                                generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames)
+                                generator=gen, max_context_frames=self.max_context_frames, sink_frames=self.sink_frames,
+                                exits=exits.tolist())
             batch["switch"] = None
-            return x, {}
+            return x, {"exit_step": exits.float().mean().item()}
         start = self.window_start(frames // fpc, gen)  # long tuning: the window judged; 0 otherwise
         exits = self.exit_steps(start + frames // fpc, gen)
         noise = shard.randn((b, c, start * fpc + frames, h, w), gen).to(cond.device)
