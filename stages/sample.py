@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, help="teacher only (students are distilled without guidance)")
     ap.add_argument("--sampler", choices=["autoregressive", "synchronous"], help="teacher only")
+    ap.add_argument("--lag", type=int, help="teacher only: frame j of a chunk starts lag*j Euler steps late (0: "
+                                            "every frame of a chunk at one level, as teacher forcing trains)")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--switch-at", type=int, nargs="+", metavar="K",
                     help="sprites: switch every video's class at these frames (prompt switching)")
@@ -119,16 +121,16 @@ def sample_sprites(args, command: str = "") -> int:
         clock = ChunkClock()
         steps, sampler = None, None
         if is_student(model):  # its few-step sampler (the sampler follows the model's role, `sample_videos`)
-            if args.guidance is not None or args.sampler:
-                raise ValueError("--guidance and --sampler apply to teachers; a student samples with its few-step "
-                                 "sampler (--steps K)")
+            if args.guidance is not None or args.sampler or args.lag is not None:
+                raise ValueError("--guidance, --sampler and --lag apply to teachers; a student samples with its "
+                                 "few-step sampler (--steps K)")
             if args.rolling and schedule is not None:
                 raise ValueError("--rolling does not take prompt switches (--switch-at)")
             steps = uniform_denoising_steps(args.steps) if args.steps else None
             what = f"{len(steps or cfg.student.denoising_steps)}-step student"
         else:
             sampler = replace(cfg.pretrain_teacher.sampler, **{k: v for k, v in dict(
-                steps=args.steps, guidance=args.guidance, kind=args.sampler).items() if v is not None})
+                steps=args.steps, guidance=args.guidance, kind=args.sampler, lag=args.lag).items() if v is not None})
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
             if args.rolling:
                 raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
@@ -189,6 +191,7 @@ def check_numbers(args) -> None:
                              ("--per-prompt", args.per_prompt, positive),
                              ("--steps", args.steps, sampler["steps"].metadata["range"]),
                              ("--guidance", args.guidance, sampler["guidance"].metadata["range"]),
+                             ("--lag", args.lag, sampler["lag"].metadata["range"]),
                              ("--seed", args.seed, Range(lo=0, hi=MAX_SEED))):
         bad = rng.problem(flag, value)
         if bad:
@@ -227,8 +230,9 @@ def _sample_text(args, command: str) -> int:
     try:
         if not (args.prompts and args.vbench_dir):
             raise ValueError("text models need both --prompts FILE and --vbench-dir DIR")
-        if args.guidance is not None or args.sampler:
-            raise ValueError("--guidance and --sampler are not options of text sampling (the config's sampler is used)")
+        if args.guidance is not None or args.sampler or args.lag is not None:
+            raise ValueError("--guidance, --sampler and --lag are not options of text sampling (the config's sampler "
+                             "is used)")
         check_numbers(args)
         if args.switch_at or args.rolling:
             raise ValueError("--switch-at and --rolling are sprites options; text prompts switch inside the prompt "

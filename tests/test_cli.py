@@ -94,6 +94,13 @@ def test_sample_from_stage(trained_stage, tmp_path):
     assert sample.main([str(stage_path), "--out", str(other), "--n", "12", "--frames", "6", "--steps", "2",
                         "--seed", "1"]) == 0
     assert (load_file(str(other))["videos"] - t["videos"]).abs().max() > 1e-3
+    # --lag: the stage's own lag reproduces the file, another lag (frames of a chunk staggered otherwise) does not
+    lag = cfg.pretrain_teacher.sampler.lag
+    for value, same in ((lag, True), (lag + 1, False)):
+        path = tmp_path / f"lag{value}.safetensors"
+        assert sample.main([str(stage_path), "--out", str(path), "--n", "12", "--frames", "6", "--steps", "2",
+                            "--lag", str(value)]) == 0
+        assert torch.allclose(load_file(str(path))["videos"], t["videos"], atol=1e-5, rtol=0) == same, value
 
 
 def test_sample_missing_source_keeps_existing_output(tmp_path):

@@ -406,6 +406,7 @@ SAMPLE_ROWS = [  # id, options, what the line says
     ("NaN guidance", ["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     ("infinite guidance", ["--guidance", "inf"], "--guidance must be a finite number, got inf"),
     ("negative guidance", ["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
+    ("negative lag", ["--lag", "-1"], "--lag must be >= 0, got -1"),
     ("zero videos", ["--n", "0"], "--n must be positive, got 0"),
     ("negative videos", ["--n", "-4"], "--n must be positive, got -4"),
     ("huge seed", ["--seed", "99999999999999999999"], "--seed: need 0 <= --seed <= 4294967295"),

@@ -206,3 +206,5 @@ def test_sample_student_reports_speed(student_stage, tmp_path, capsys):
     assert "2-step student" in capsys.readouterr().out
     assert sample.main([str(path), "--out", str(tmp_path / "g.safetensors"), "--n", "6", "--guidance", "2"]) == 2
     assert "apply to teachers" in capsys.readouterr().err
+    assert sample.main([str(path), "--out", str(tmp_path / "g.safetensors"), "--n", "6", "--lag", "0"]) == 2
+    assert "--lag apply to teachers" in capsys.readouterr().err
