@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
+from pipeline.evaluation.report import markdown_table
 from pipeline.io.run_dir import StageDir
 from pipeline.methods import method_for
 from pipeline.training.trainer import Trainer
@@ -135,15 +136,13 @@ def summarise(by_seed: dict) -> dict:
 def table(summary: dict) -> str:
     cols = ["valid_0_11", "lawful_0_11", "valid_36_47", "lawful_36_47", "mode_cells", "mode_tv_to_data",
             "drift_slope", "frames_per_s"]
-    lines = ["| cell | seed 002 | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
-    for cell, r in summary.items():
-        def fmt(k):
-            v, s = r.get(k), r.get(f"{k}_spread")
-            if v is None:
-                return "-"
-            return f"{v:.3g}" + (f" ±{s / 2:.2g}" if s is not None else "")
-        lines.append(f"| {cell} | {PREDICTED.get(cell, '')} | " + " | ".join(fmt(k) for k in cols) + " |")
-    return "\n".join(lines)
+
+    def fmt(r: dict, k: str):
+        v, s = r.get(k), r.get(f"{k}_spread")
+        return None if v is None else f"{v:.3g}" + (f" ±{s / 2:.2g}" if s is not None else "")
+
+    return markdown_table(["cell", "seed 002", *cols],
+                          [[cell, PREDICTED.get(cell, ""), *(fmt(r, k) for k in cols)] for cell, r in summary.items()])
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -223,7 +222,11 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: must be at least 1", file=sys.stderr)
         return 2
-    seeds = list(map(int, args.seeds.split(",")))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        print(f"error: --seeds '{args.seeds}': need integers separated by commas, e.g. 0,1", file=sys.stderr)
+        return 2
     if args.jobs > 1 and not args.part:  # the children do the work; this process then finds every part done
         code = run_parts(args, overrides, [(c, ["--cells", c, "--no-eval"]) for c in cells if c in TRAINED])
         if not code and not args.no_eval:
@@ -250,4 +253,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_command  # bad input (a config key, a file): one line, exit 2
+
+    sys.exit(run_command(main))

@@ -38,6 +38,16 @@ def test_matrix_refuses_a_base_without_its_stages(tmp_path, capsys):
     assert "stage pretrain_teacher has not finished" in capsys.readouterr().err
 
 
+def test_matrix_bad_options_are_one_line(student_stage, tmp_path, capsys):
+    cfg, _ = student_stage
+    common = ["--base", cfg.run.dir, "--out", str(tmp_path / "m"), *TINY_OVERRIDES]
+    for extra, needle in ((["--seeds", "0,x"], "--seeds '0,x': need integers"), (["--jobs", "0"], "--jobs 0: must be")):
+        assert matrix.main([*common, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {needle}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
 def test_matrix_evaluates_again_when_a_cell_is_added(student_stage, tmp_path):
     cfg, _ = student_stage
     base, out = Path(cfg.run.dir), tmp_path / "m"

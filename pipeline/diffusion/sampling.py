@@ -547,8 +547,8 @@ def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
     outputs: list = [None] * n
     cache = denoiser.new_cache(max_context_frames, sink_frames)
     window: list[list] = []  # [chunk index, level index, x] oldest first
-    chunks, pending, entered = [], None, 0
-    while len(chunks) < n:
+    finished, pending, entered = 0, None, 0
+    while finished < n:
         if entered < n:  # a new chunk of pure noise enters at the first level
             window.append([entered, 0, noise[:, :, entered * fpc:(entered + 1) * fpc]])
             entered += 1
@@ -574,7 +574,7 @@ def rolling_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
         if finishes:  # the oldest chunk is finished
             idx, _, _ = window.pop(0)
             done, x0 = x0[0].detach(), x0[1:]
-            chunks.append(done)
+            finished += 1
             if on_chunk is not None:
                 on_chunk(idx, done)
             if idx + 1 < n:
