@@ -1,4 +1,4 @@
-"""`./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--dtype D] [--part P] [--force]`
+"""`./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan,pipeline} [--ema] [--dtype D] [--part P] [--force]`
 
 SOURCE: a stage folder (`runs/tiny/distill`), one of its training checkpoints (`checkpoints/step_*`), a
 diffusers folder, a `.safetensors` file (diffusers or original-Wan names), a Self-Forcing / CausVid `.pt`
@@ -38,6 +38,10 @@ def main(argv=None) -> int:
                                            "cannot be read off the shapes")
     ap.add_argument("--force", action="store_true", help="replace an existing DEST (never SOURCE, a folder inside "
                                                          "it or one containing it)")
+    ap.add_argument("--components", help="--to pipeline, text models: a Wan pipeline folder with vae/, text_encoder/, "
+                                          "tokenizer/ (default: the run's components.*)")
+    ap.add_argument("--link", action="store_true", help="--to pipeline: link the VAE, text encoder and tokenizer "
+                                                        "folders (symbolic links) instead of copying them")
     ap.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or inf (refused "
                                                                    "by default, naming the first such key)")
     args = ap.parse_args(argv)
@@ -45,13 +49,31 @@ def main(argv=None) -> int:
     def body() -> int:
         weights = convert(args.source, args.dest, args.to, ema=args.ema, dtype=args.dtype, part=args.part,
                           force=args.force, model_config=args.model_config, command=command,
-                          allow_nonfinite=args.allow_nonfinite)
+                          allow_nonfinite=args.allow_nonfinite, components=args.components, link=args.link)
         n = sum(v.numel() for v in weights.state_dict.values())
         role = (weights.sampling or {}).get("role", "no sampling settings")
         print(f"read {weights.origin} ({len(weights.state_dict)} tensors, {n / 1e6:.2f}M parameters, {role})")
         print(f"wrote {args.dest} (--to {args.to}{', ' + args.dtype if args.dtype else ''})")
+        if args.to == "pipeline":
+            print(pipeline_summary(args.dest, args.link))
         return 0
     return run_command(body)
+
+
+def pipeline_summary(dest, link: bool) -> str:
+    """What a `--to pipeline` folder holds, and whether its VAE, text encoder and tokenizer were copied or linked."""
+    from pathlib import Path
+
+    dest = Path(dest)
+    parts = sorted(p.name for p in dest.iterdir() if p.is_dir())
+    linked = [f"{p.name} -> {p.resolve()}" for p in sorted(dest.iterdir()) if p.is_symlink()]
+    if linked:
+        how = "linked (symbolic links): " + ", ".join(linked)
+    elif link or not any(p in parts for p in ("vae", "text_encoder", "tokenizer")):
+        how = "class-conditioned (sprites): no VAE or text encoder"
+    else:
+        how = "vae/, text_encoder/, tokenizer/ copied"
+    return f"pipeline folder: {', '.join(p + '/' for p in parts)}; {how}"
 
 
 if __name__ == "__main__":

@@ -181,3 +181,16 @@ def test_published_recipes_validate_and_plan(recipe):
     assert "fake score: 1.42B params (30 layers x 1536), attention bidirectional" in text
     assert "real score: 14.3B params, 40 layers x 5120, offloaded to the CPU" in text
     assert "with distill.teacher_offload=false" in text and text.count("GiB per device") == len(cfg.run.stages)
+
+
+def test_a_student_is_refused_where_a_score_model_is_needed(trained_stage, student_stage, tmp_path, capsys):
+    """init_student's teacher and distill's real and fake scores are many-step models: a few-step student (its
+    record's role) is a one-line error naming the key."""
+    _, teacher = trained_stage
+    _, stage = student_stage
+    for key in ("init_student.teacher", "distill.teacher", "distill.critic"):
+        stages = "init_student" if key.startswith("init") else "distill"
+        rc, err = call(capsys, launch, "configs/tiny.yaml", "--stages", stages, *TINY_OVERRIDES,
+                       f"run.dir={tmp_path / key}", f"distill.student={stage}", f"distill.teacher={teacher}",
+                       f"{key}={stage}")
+        one_error(rc, err, key, "is a student", "must be a many-step model")

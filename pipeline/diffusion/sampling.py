@@ -13,7 +13,7 @@ guidance, the conditional flow alone). An Euler step from level σ_i to σ_{i+1}
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -341,17 +341,28 @@ def _in_batches(denoiser: Denoiser, n: int, latent_shape: tuple, seed: int, batc
     The generator handed on (re-noising inside the sampler) is the CPU one on a CPU; on an accelerator
     it is a generator on that device seeded from the CPU one, so no draw inside a chunk waits on the host.
     """
-    gen = torch.Generator().manual_seed(seed)
     device = next(denoiser.model.parameters()).device
-    noise = torch.randn((n, *latent_shape), generator=gen)
-    step_gen = gen
-    if device.type != "cpu":
-        step_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    noise, step_gen = seeded_noise(n, latent_shape, torch.Generator().manual_seed(seed), device)
     out = []
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
         out.append(sample(noise[sl].to(device), sl, step_gen).cpu())
     return torch.cat(out)
+
+
+def seeded_noise(n: int, latent_shape: tuple, generator: torch.Generator, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Generator]:
+    """The starting noise of `n` videos, `[n, *latent_shape]` on the CPU, drawn from the CPU `generator` at once,
+    and the generator the sampler re-noises with: `generator` itself on a CPU, else one on `device` seeded from
+    it (no draw inside a chunk waits on the host). `generate` and `CausalWanPipeline` (`generator=`) share it,
+    so `seed=S` and `generator=torch.Generator().manual_seed(S)` give the same videos."""
+    if generator.device.type != "cpu":
+        raise ValueError(f"the noise generator must be a CPU torch.Generator (got one on {generator.device}): "
+                         "videos then do not depend on the device they are sampled on")
+    noise = torch.randn((n, *latent_shape), generator=generator)
+    if torch.device(device).type == "cpu":
+        return noise, generator
+    return noise, torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
 
 
 def uniform_denoising_steps(k: int) -> list[int]:
@@ -373,12 +384,26 @@ def few_step_sigmas(denoising_steps=(1000, 750, 500, 250), shift: float = 5.0) -
 
 
 def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
-                     exit_steps: list[int] | torch.Tensor, *, context_sigma: float = 0.0,
-                     generator: torch.Generator | None = None, max_context_frames: int | None = None,
-                     sink_frames: int = 0,
-                     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-                     fuse_cache_write: bool = True, switches=(), recache: bool = False,
-                     grad_from: int = 0) -> torch.Tensor:
+                     exit_steps: list[int] | torch.Tensor, *, on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                     **kw) -> torch.Tensor:
+    """`few_step_chunks` run to the end: the chunks concatenated, `[B, C, F, H, W]` clean predictions.
+
+    `on_chunk(index, chunk [B, C, fpc, H, W])` is called as soon as a chunk is finished (streaming consumers,
+    per-chunk timing), before the next chunk's first network call; the other arguments are `few_step_chunks`'.
+    """
+    chunks = []
+    for c, x0 in enumerate(few_step_chunks(denoiser, noise, cond, sigmas, exit_steps, **kw)):
+        chunks.append(x0)
+        if on_chunk is not None:
+            on_chunk(c, x0)
+    return torch.cat(chunks, dim=2)
+
+
+def few_step_chunks(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+                    exit_steps: list[int] | torch.Tensor, *, context_sigma: float = 0.0,
+                    generator: torch.Generator | None = None, max_context_frames: int | None = None,
+                    sink_frames: int = 0, fuse_cache_write: bool = True, switches=(), recache: bool = False,
+                    grad_from: int = 0) -> Iterator[torch.Tensor]:
     """The few-step student rolled out chunk by chunk on its own outputs (CausVid / Self-Forcing).
 
     Per chunk c: start from noise at `sigmas[0]`; at each step predict x̂0 and re-noise it to the next
@@ -391,13 +416,15 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
     call of 2 chunks instead of two calls; same result up to float rounding), so every chunk costs
     `exit + 1` calls; without it, or when that first call carries gradients, it is a call of its own.
 
+    A generator: it yields each chunk's clean prediction `[B, C, fpc, H, W]` as soon as the chunk is finished,
+    before any network call of the next chunk (a streaming consumer gets chunk c while chunk c + 1 waits);
+    grad mode is read when it resumes. `few_step_rollout` runs it to the end.
+
     Args:
         noise: `[B, C, F, H, W]`, F a multiple of `denoiser.frames_per_chunk`.
         cond: `[B, L, D]` prompt embeddings.
         sigmas: `[K]` decreasing noise levels (see `few_step_sigmas`).
         exit_steps: `[F / frames_per_chunk]` indices into `sigmas` (K-1 everywhere = the full sampler).
-        on_chunk: called as `on_chunk(index, chunk [B, C, fpc, H, W])` as soon as a chunk is finished
-            (streaming consumers, per-chunk timing).
         switches: prompt switches `[(K, cond_K [B, L, D]), ...]`: from the first chunk starting at or after
             frame K, `cond_K` conditions the rollout (`prompt_at`).
         recache: on a switch, rebuild the KV window under the new prompt (LongLive's re-cache,
@@ -405,8 +432,6 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
             under its own prompt, never fused into the new prompt's first call).
         grad_from: chunks before this one are generated without gradients, exit call included (long rollouts:
             only a late window learns, so what autograd keeps does not grow with the rollout).
-    Returns:
-        `[B, C, F, H, W]` clean predictions.
     """
     fpc, b, f = _chunked(denoiser, noise)
     if len(exit_steps) != f // fpc or not all(0 <= int(k) < len(sigmas) for k in exit_steps):
@@ -414,7 +439,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
     switches = check_switches(switches, f)
     cache = denoiser.new_cache(max_context_frames, sink_frames)
     window = ContextWindow(max_context_frames, sink_frames) if recache and switches else None
-    chunks, pending, prompt = [], None, cond  # pending: the previous chunk as context, not yet in the cache
+    pending, prompt = None, cond  # pending: the previous chunk as context, not yet in the cache
 
     def step(x, k):
         nonlocal pending
@@ -445,9 +470,7 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                 x = add_noise(x0, _noise(x0, generator), nxt)
         with torch.set_grad_enabled(torch.is_grad_enabled() and c >= grad_from):
             x0 = step(x, exit_k)
-        chunks.append(x0)
-        if on_chunk is not None:
-            on_chunk(c, x0)
+        yield x0
         if start + fpc < f:  # the last chunk is never context
             pending = _as_context(x0.detach(), context_sigma, generator)
             if window is not None:
@@ -456,7 +479,6 @@ def few_step_rollout(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor
                 with torch.no_grad():
                     denoiser(*pending, prompt, cache, write_cache=True)
                 pending = None
-    return torch.cat(chunks, dim=2)
 
 
 @torch.no_grad()
@@ -471,6 +493,16 @@ def sample_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor,
     return few_step_rollout(denoiser, noise, cond, sigmas, exits, context_sigma=context_sigma, generator=generator,
                             max_context_frames=max_context_frames, sink_frames=sink_frames, on_chunk=on_chunk,
                             fuse_cache_write=fuse_cache_write, switches=switches, recache=recache)
+
+
+@torch.no_grad()
+def stream_few_step(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
+                    **kw) -> Iterator[torch.Tensor]:
+    """`sample_few_step` as a generator: yields each finished chunk `[B, C, fpc, H, W]` before the next chunk's
+    first network call (`few_step_chunks`, every chunk through all of `sigmas`, no gradients; arguments as
+    `sample_few_step`'s but `on_chunk`)."""
+    exits = [len(sigmas) - 1] * (noise.shape[2] // denoiser.frames_per_chunk)
+    yield from few_step_chunks(denoiser, noise, cond, sigmas, exits, **kw)
 
 
 @torch.no_grad()

@@ -77,13 +77,7 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, *, frames: i
     first chunk starting there; `recache` rebuilds the KV window under the new class). Other arguments as
     `sample_latents`."""
     few = is_student(model) if few_step is None else few_step
-    schedule = labels if labels.ndim == 2 else None
-    if schedule is not None:
-        if schedule.shape[1] != frames:
-            raise ValueError(f"a class schedule must be [N, frames={frames}], got {list(schedule.shape)}")
-        labels = schedule[:, 0]
-    changes = [] if schedule is None else (schedule[:, 1:] != schedule[:, :-1]).any(0).nonzero().flatten().tolist()
-    switches = [(k + 1, table[schedule[:, k + 1]]) for k in changes]
+    labels, switches = class_switches(table, labels, frames)
     uncond = None if few else table[torch.full_like(labels, NULL_CLASS)]
     lat = sample_latents(model, table[labels], shape=(channels, frames, size, size), frames_per_chunk=frames_per_chunk,
                          prediction=prediction, student=student, sampler=sampler, attention=attention, uncond=uncond,
@@ -91,6 +85,18 @@ def sample_videos(model, table: torch.Tensor, labels: torch.Tensor, *, frames: i
                          on_chunk=on_chunk, fuse_cache_write=fuse_cache_write, switches=switches, recache=recache,
                          rolling=rolling)
     return lat.permute(0, 2, 1, 3, 4).clamp(-1, 1).contiguous()
+
+
+def class_switches(table: torch.Tensor, labels: torch.Tensor, frames: int) -> tuple[torch.Tensor, list]:
+    """Class ids `labels [N]`, or a class schedule `[N, frames]`, as the first class of every video `[N]` and the
+    prompt switches `[(K, table rows [N, L, D]), ...]` at every frame K where some video's class changes
+    (`sampling.prompt_at`: from the first chunk starting there). Shared by `sample_videos` and `CausalWanPipeline`."""
+    if labels.ndim != 2:
+        return labels, []
+    if labels.shape[1] != frames:
+        raise ValueError(f"a class schedule must be [N, frames={frames}], got {list(labels.shape)}")
+    changes = (labels[:, 1:] != labels[:, :-1]).any(0).nonzero().flatten().tolist()
+    return labels[:, 0], [(k + 1, table[labels[:, k + 1]]) for k in changes]
 
 
 def preview(cfg: Config, model, path: Path, attention: str = "block_causal", sampler=None, n: int = 12) -> Path:

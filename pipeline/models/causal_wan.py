@@ -23,7 +23,8 @@ import functools
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401 (ModelMixin: how DiffusionPipeline.from_pretrained
+# finds the load method of a component class from this module, `CausalWanPipeline`)
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from pipeline.models.attention import attend, block_causal, block_causal_mask, check_backend, dispatch_backend  # noqa: F401

@@ -9,6 +9,8 @@ trained) and saved with every checkpoint, so a model never depends on re-derivin
 from __future__ import annotations
 
 import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from pipeline.data import shard
 
@@ -35,3 +37,25 @@ def drop_prompts(context: torch.Tensor, null: torch.Tensor, p: float, generator:
     (prompt dropout, so one model learns both terms of classifier-free guidance)."""
     drop = shard.rand((context.shape[0],), generator) < p
     return torch.where(drop.to(context.device)[:, None, None], null, context)
+
+
+class ClassPrompts(ModelMixin, ConfigMixin):
+    """A sprites model's class-embedding table as a diffusers model component (`CausalWanPipeline`'s
+    `class_prompts`, the class-conditioned path that needs no text encoder): `table [num_classes + 1, tokens,
+    text_dim]` (last row: the null class), saved and loaded as safetensors by `save_pretrained` /
+    `from_pretrained`. `forward(labels [B])` → prompt embeddings `[B, tokens, text_dim]` (`embed_labels`)."""
+
+    @register_to_config
+    def __init__(self, num_classes: int = 6, tokens: int = 4, text_dim: int = 4096):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(num_classes + 1, tokens, text_dim), requires_grad=False)
+
+    @classmethod
+    def of(cls, table: torch.Tensor) -> "ClassPrompts":
+        """The component holding `table [K + 1, L, D]` (a stage's `conditioning.safetensors`, `class_table(cfg)`)."""
+        module = cls(num_classes=table.shape[0] - 1, tokens=table.shape[1], text_dim=table.shape[2])
+        module.table.data.copy_(table)
+        return module
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return embed_labels(self.table, labels)

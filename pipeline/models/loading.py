@@ -83,6 +83,8 @@ def sampling_config(weights: Weights, text_dim: int):
     shape = {f.name: list(v) if isinstance(v, (tuple, list)) else v for f in fields(ModelConfig)
              if (v := (weights.config or {}).get(f.name)) is not None}
     partial["model"] = {**shape, **(partial.get("model") or {})}
+    if (partial.get("data") or {}).get("kind") == "prompts":  # trained on prompts alone: no stage that needs videos
+        partial["run"] = {"stages": ["init_student", "distill"], **(partial.get("run") or {})}
     try:
         return load_config(None, [f"model.text_dim={text_dim}"], partial=partial,
                            partial_source=f"sampling settings of {weights.origin}")
@@ -133,4 +135,24 @@ def _load_source(source: str | Path, raw: bool, model_config: str | Path | None 
         weights = replace(weights, config=read_model_config(model_config))
     model = build_model(weights).float()  # a bf16/fp16 export samples in fp32 (an exact upcast)
     cfg = sampling_config(weights, model.config.text_dim)
+    if (path / "model_index.json").is_file():  # a pipeline folder (`convert --to pipeline`)
+        return model, *pipeline_folder_parts(path, cfg)
     return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg
+
+
+def pipeline_folder_parts(path: Path, cfg: Config):
+    """The class table and config of a `CausalWanPipeline` folder sampled as a SOURCE: sprites, the table of its
+    `class_prompts/`; text models, its own `vae/`, `text_encoder/`, `tokenizer/` and the run's prompt length and
+    dtypes (`model_index.json`) as the `components` defaults (`sample --vae` etc. still override them)."""
+    if cfg.data.kind == "sprites":
+        kept = path / "class_prompts" / "diffusion_pytorch_model.safetensors"
+        return (read_safetensors(kept)["table"] if kept.is_file() else class_table(cfg)), cfg
+    index = read_json(path / "model_index.json")
+    c = cfg.components
+    for name in ("vae", "text_encoder", "tokenizer"):
+        if (path / name).is_dir():
+            setattr(c, name, str(path))
+    for key in ("max_sequence_length", "text_encoder_dtype", "vae_dtype"):
+        if index.get(key) is not None:
+            setattr(c, key, index[key])
+    return None, cfg

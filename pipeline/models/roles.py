@@ -70,6 +70,10 @@ def load_role(name: str, source: str | Path, *, configured: str | None, key: str
     a diffusers `config.json` for a source that has none (a stage folder's own config wins)."""
     stage = is_stage_folder(source)
     model, table, cfg = load_source(source, model_config=None if stage else model_config)
+    if (sampling_metadata(model) or {}).get("role") == "student":  # a few-step student is no score model
+        raise ConfigError(f"{key.removesuffix('_attention')}: the {name} {source} is a student (its sampling record's "
+                          f"role): the {name} must be a many-step model (a teacher stage or a stock Wan model)",
+                          key.removesuffix("_attention"))
     attention = attention_of(model, configured=configured, key=key, source=Path(source))
     if table is not None and not stage:
         table = class_table(run)

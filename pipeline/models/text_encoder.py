@@ -67,6 +67,35 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, model, prompts: str | list[str], max_sequence_length: int, batch_size: int = 8, *,
+                   dtype: torch.dtype | None = None, on_call=None) -> torch.Tensor:
+    """Prompt embeddings `[N, L, D]` of a UMT5 encoder `model` and its `tokenizer` (L = `max_sequence_length`):
+    WanPipeline's `_get_t5_prompt_embeds` (module docstring), in batches of `batch_size` prompts, computed
+    where `model` lives and returned on the CPU in `dtype` (None: the model's). `on_call()` after every encoder call.
+    Shared by `TextEncoder` (prepare_data, sample) and `CausalWanPipeline`, so both give the same rows."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    device, dtype = next(model.parameters()).device, dtype or model.dtype
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = [prompt_clean(t) for t in prompts[i:i + batch_size]]
+        tok = tokenizer(batch, padding="max_length", max_length=max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tok.input_ids, tok.attention_mask
+        seq_lens = mask.gt(0).sum(dim=1).long()
+        emb = model(ids.to(device), mask.to(device)).last_hidden_state.to(dtype).cpu()
+        if on_call is not None:
+            on_call()
+        out.append(torch.stack([torch.cat([u[:v], u.new_zeros(max_sequence_length - int(v), u.size(1))])
+                                for u, v in zip(emb, seq_lens)]))
+    if not out:
+        return torch.zeros(0, max_sequence_length, model.config.d_model, dtype=dtype)
+    return torch.cat(out)
+
+
 class TextEncoder:
     """transformers' `UMT5EncoderModel` and its tokenizer, loaded from local folders.
 
@@ -108,32 +137,15 @@ class TextEncoder:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
         """Prompt embeddings `[N, L, D]` (the encoder's dtype, on the CPU), zero past each prompt's
-        tokens — WanPipeline's `_get_t5_prompt_embeds`, in batches of `batch_size`."""
-        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        out = []
+        tokens — WanPipeline's `_get_t5_prompt_embeds`, in batches of `batch_size` (`encode_prompts`)."""
         if self.offload:
             self.model.to(self.device)
         try:
-            for i in range(0, len(prompts), batch_size):
-                batch = [prompt_clean(p) for p in prompts[i:i + batch_size]]
-                tok = self.tokenizer(batch, padding="max_length", max_length=self.max_len, truncation=True,
-                                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-                ids, mask = tok.input_ids, tok.attention_mask
-                seq_lens = mask.gt(0).sum(dim=1).long()
-                emb = self.model(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.dtype).cpu()
-                self.calls += 1
-                emb = torch.stack([torch.cat([u[:v], u.new_zeros(self.max_len - int(v), u.size(1))])
-                                   for u, v in zip(emb, seq_lens)])
-                out.append(emb)
+            return encode_prompts(self.tokenizer, self.model, prompts, self.max_len, batch_size, dtype=self.dtype,
+                                  on_call=lambda: setattr(self, "calls", self.calls + 1))
         finally:
             if self.offload:
                 self.model.to("cpu")
-        if not out:
-            return torch.zeros(0, self.max_len, self.model.config.d_model, dtype=self.dtype)
-        return torch.cat(out)
 
     def null_embeds(self) -> torch.Tensor:
         """The empty prompt's embeddings `[1, L, D]`: the null prompt."""

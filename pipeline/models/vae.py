@@ -34,10 +34,22 @@ class WanVAE:
         from diffusers import AutoencoderKLWan
 
         folder = resolve_component(path, "vae", "components.vae")
-        self.device, self.dtype = torch.device(device), dtype_of(dtype, "components.vae_dtype")
-        self.vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=self.dtype,
-                                                    local_files_only=True).eval().requires_grad_(False)
-        self.vae.to(self.device)
+        vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype_of(dtype, "components.vae_dtype"),
+                                               local_files_only=True)
+        self._adopt(vae.to(torch.device(device)))
+
+    @classmethod
+    def wrap(cls, vae) -> "WanVAE":
+        """A `WanVAE` around an `AutoencoderKLWan` already loaded (a `CausalWanPipeline`'s `vae`), on its own
+        device and in its own dtype."""
+        self = cls.__new__(cls)
+        self._adopt(vae)
+        return self
+
+    def _adopt(self, vae) -> None:
+        self.vae = vae.eval().requires_grad_(False)
+        p = next(vae.parameters())
+        self.device, self.dtype = p.device, p.dtype
         c = self.vae.config
         self.z_dim = c.z_dim
         self.scale_temporal, self.scale_spatial = c.scale_factor_temporal, c.scale_factor_spatial
