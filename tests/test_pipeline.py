@@ -244,3 +244,20 @@ def test_bad_calls_are_one_line_errors(student_stage, text_pipe, tmp_path):
     for pipe, kw, needle in cases:
         with pytest.raises(PipelineError, match=needle):
             pipe(**kw)
+
+
+def test_readme_example_runs(student_stage, tmp_path, capsys):
+    """The README's pipeline example, run as written on a converted tiny student (paths moved to tmp_path)."""
+    import imageio.v3 as iio
+
+    from conftest import REPO
+
+    _, stage = student_stage
+    assert convert.main([str(stage), str(tmp_path / "pipeline"), "--to", "pipeline", "--ema"]) == 0
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("# README example: stream the default run's student")
+    code = readme[start:readme.index("```", start)].replace("runs/tiny/", f"{tmp_path}/")
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "(6, 48, 16, 16, 3)"
+    assert iio.imread(tmp_path / "stream.mp4").shape == (48, 16, 16, 3)
