@@ -4,7 +4,7 @@
 #   ./launch.sh test                 the test suite
 #   ./launch.sh CONFIG [--stages a,b] [--num-processes N] [--accelerate-config F] [--dry-run] [--force] [k=v ...]
 #   ./launch.sh sample SOURCE --out FILE.safetensors [--n N] [--frames F] [--steps K] [--seed S] [--guidance G]
-#   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan} [--ema] [--part P] [--dtype D] [--force]
+#   ./launch.sh convert SOURCE DEST --to {diffusers,safetensors,wan,pipeline} [--ema] [--part P] [--dtype D] [--force]
 #   ./launch.sh prepare_data CONFIG [--force] [k=v ...]   videos or prompts -> latent / prompt-embedding shards
 set -euo pipefail
 # The checkout (package, .venv, default config), found by absolute path. The commands run where the user

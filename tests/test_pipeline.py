@@ -170,6 +170,12 @@ def test_sprites_student_streams_like_sample_and_scores_the_same(student_stage, 
     videos = frames * 2 - 1  # back to [-1, 1] for the checker
     got, want = score(videos, labels), score(ref["videos"], ref["labels"])
     assert json.dumps(got, sort_keys=True, default=str) == json.dumps(want, sort_keys=True, default=str)
+    # save_pretrained round trip: the same components, the same frames, the record kept
+    pipe.save_pretrained(tmp_path / "saved")
+    again = CausalWanPipeline.from_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "transformer" / "sampling.json").read_text())["role"] == "student"
+    assert torch.equal(again(class_labels=labels, num_frames=12, generator=torch.Generator().manual_seed(7),
+                             output_type="pt").frames, frames)
     # the pipeline folder is also a SOURCE for `sample` (its class table read from class_prompts/)
     assert sample.main([str(tmp_path / "pipe"), "--out", str(tmp_path / "p.safetensors"), "--n", "12", "--seed", "7",
                         "--frames", "12"]) == 0
@@ -196,6 +202,10 @@ def test_bad_folders_and_sources_are_one_line_errors(student_stage, trained_stag
         CausalWanPipeline.from_pretrained(text_student)  # a transformer folder, not a pipeline
     with pytest.raises(PipelineError, match="no such folder"):
         CausalWanPipeline.from_pretrained(tmp_path / "nope")
+    from diffusers import WanTransformer3DModel
+    loaded = CausalWanPipeline.from_pretrained(text_pipe)
+    with pytest.raises(PipelineError, match="must be a CausalWanTransformer"):
+        CausalWanPipeline(**{**loaded.components, "transformer": WanTransformer3DModel.from_config(loaded.transformer.config)})
     broken = tmp_path / "broken"
     shutil.copytree(text_pipe, broken)
     shutil.rmtree(broken / "vae")
@@ -261,3 +271,20 @@ def test_readme_example_runs(student_stage, tmp_path, capsys):
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "(6, 48, 16, 16, 3)"
     assert iio.imread(tmp_path / "stream.mp4").shape == (48, 16, 16, 3)
+
+
+def test_pipeline_stream_benchmark(student_stage, tmp_path, capsys):
+    """`benchmarks/pipeline_stream.py` on a tiny student: bit-identical, and both files score the same."""
+    from benchmarks import pipeline_stream
+
+    _, stage = student_stage
+    capsys.readouterr()
+    assert pipeline_stream.main([str(stage), "--n", "6", "--frames", "12", "--seed", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bit-identical frames" in out
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith(("sample {", "pipeline {")):
+            name, row = line.split(" ", 1)
+            rows.setdefault(name, []).append(json.loads(row))
+    assert len(rows["sample"]) == 2 and rows["sample"] == rows["pipeline"]

@@ -74,6 +74,11 @@ class CausalWanPipeline(DiffusionPipeline):
         if class_prompts is not None and text:
             raise PipelineError(f"CausalWanPipeline: class_prompts (sprites) and {', '.join(text)} (text) given: one "
                                 "conditioning path")
+        from pipeline.models.causal_wan import CausalWanTransformer
+
+        if not isinstance(transformer, CausalWanTransformer):
+            raise PipelineError(f"CausalWanPipeline: the transformer must be a CausalWanTransformer (per-frame timesteps, "
+                                f"KV cache), got {type(transformer).__name__}")
         check_student(transformer, "transformer")
         transformer.set_attention_backend("auto")  # as our loader does (`loading.load_source`)
         self.video_processor = VideoProcessor(vae_scale_factor=1)
@@ -98,6 +103,14 @@ class CausalWanPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(folder, **kwargs)
         attach(pipe.transformer, read_sampling(folder / "transformer"))
         return pipe
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' `save_pretrained`, plus the transformer's sampling record (`transformer/sampling.json`), so a
+        saved pipeline is again a SOURCE `sample` and `convert` read as a student."""
+        from pipeline.models.sampling_meta import write_sampling
+
+        super().save_pretrained(save_directory, **kwargs)
+        write_sampling(Path(save_directory) / "transformer", sampling_metadata(self.transformer))
 
     # ------------------------------------------------------------------ generation
 
