@@ -250,10 +250,13 @@ def test_bad_calls_are_one_line_errors(student_stage, text_pipe, tmp_path):
              (text, dict(), "needs prompt="),
              (text, dict(prompt=["a || 3: b", "c"]), "switch at the same frames"),
              (text, dict(prompt="a", num_frames=20), r"1 \+ a multiple of 4"),
-             (text, dict(prompt="a", height=30), "multiple of 8")]
+             (text, dict(prompt="a", height=30), "multiple of 8"),
+             (text, dict(prompt="a || 6: b"), "switches must be at increasing frames in 1..5")]
     for pipe, kw, needle in cases:
         with pytest.raises(PipelineError, match=needle):
             pipe(**kw)
+        with pytest.raises(PipelineError, match=needle):
+            pipe.stream(**kw)  # when called, before the first chunk is asked for
 
 
 def test_readme_example_runs(student_stage, tmp_path, capsys):

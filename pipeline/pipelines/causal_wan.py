@@ -142,8 +142,9 @@ class CausalWanPipeline(DiffusionPipeline):
                height: int | None = None, width: int | None = None, num_videos_per_prompt: int = 1,
                num_inference_steps: int | None = None, generator: torch.Generator | None = None,
                output_type: str = "np", recache: bool = False) -> Iterator:
-        """Generate chunk by chunk: a generator that yields each chunk's frames as soon as the chunk is finished
-        and decoded, before any network call of the next chunk.
+        """Generate chunk by chunk: returns a generator that yields each chunk's frames as soon as the chunk is
+        finished and decoded, before any network call of the next chunk. The arguments are checked, the prompts
+        encoded and the noise drawn when `stream` is called (a bad argument raises here, not at the first chunk).
 
         Args:
             prompt: text models: a prompt or a list; a prompt may switch at latent frame K with the prompt-file
@@ -180,6 +181,10 @@ class CausalWanPipeline(DiffusionPipeline):
         c = sch.config
         den = Denoiser(self.transformer, "block_causal", c.frames_per_chunk, c.prediction, c.clip_x0, rope=c.rope,
                        kv_cache=c.kv_cache)
+        try:
+            switches = [(k, e.to(device)) for k, e in check_switches(switches, shape[1])]
+        except ValueError as e:
+            raise PipelineError(f"{e} (the video has {shape[1]} latent frames)") from None
         decoder = None
         if self.is_text and output_type != "latent":
             from pipeline.models.vae import WanVAE
@@ -188,8 +193,11 @@ class CausalWanPipeline(DiffusionPipeline):
         chunks = stream_few_step(den, noise.to(device), cond.to(device), sch.sigmas.to(device),
                                  context_sigma=c.context_sigma, generator=step_gen,
                                  max_context_frames=c.max_context_frames, sink_frames=c.sink_frames,
-                                 switches=[(k, e.to(device)) for k, e in check_switches(switches, shape[1])],
-                                 recache=recache)
+                                 switches=switches, recache=recache)
+        return self._frames(chunks, decoder, output_type)
+
+    def _frames(self, chunks, decoder, output_type: str) -> Iterator:
+        """Each finished latent chunk of `chunks` as `output_type` frames, decoded (text) as it arrives."""
         for x0 in chunks:
             if output_type == "latent":
                 yield x0.cpu()
