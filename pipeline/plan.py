@@ -14,7 +14,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.sources import latent_shape
 from pipeline.diffusion.sampling import few_step_sigmas
-from pipeline.io.run_dir import StageDir, is_stage_folder
+from pipeline.io.run_dir import StageDir
 from pipeline.models.causal_wan import CausalWanTransformer, wan_config
 from pipeline.training import memory
 from pipeline.training.distributed import mixed_precision, run_device
@@ -90,28 +90,21 @@ def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
     student, real score and fake score, read from their sources' config.json (else their `*_config` key,
     else the shape of `model.*`) without loading weights."""
     from pipeline.methods.distillation import sources
-    from pipeline.models.sampling_meta import read_sampling, recorded_attention
+    from pipeline.models.roles import choose_attention, source_attention
 
     dc = cfg.distill
     student, teacher, critic = sources(cfg)
 
-    def attention(source, configured):
-        if configured is not None:
-            return str(configured)
+    def attention(source, configured, key):  # the rule `load_role` applies, on what the source records on disk
         path = Path(source)
-        if path == Path(cfg.run.dir) / "pretrain_teacher" and not path.exists():  # this run will train it
-            return str(cfg.pretrain_teacher.attention)
-        if is_stage_folder(path) and (path / "config.yaml").is_file():
-            from pipeline.config import load_config
-            record = read_sampling(path / "transformer_ema")
-            return recorded_attention(record) or load_config(path / "config.yaml").pretrain_teacher.attention
-        if path.is_dir() and (path / "config.json").is_file():
-            return recorded_attention(read_sampling(path))
-        return None
+        own = path == Path(cfg.run.dir) / "pretrain_teacher" and not path.exists()  # this run will train it
+        recorded = str(cfg.pretrain_teacher.attention) if own else source_attention(path)
+        return choose_attention(configured, recorded, key=key, source=path, required=False)
 
-    real = (model_summary(cfg, *source_config(teacher, dc.teacher_config)), attention(teacher, dc.teacher_attention))
+    real = (model_summary(cfg, *source_config(teacher, dc.teacher_config)), attention(teacher, dc.teacher_attention,
+                                                                                           "distill.teacher_attention"))
     fake = real if critic is None else (model_summary(cfg, *source_config(critic, dc.critic_config)),
-                                        attention(critic, dc.critic_attention))
+                                        attention(critic, dc.critic_attention, "distill.critic_attention"))
     if critic is None and dc.critic_attention is not None:
         fake = (fake[0], str(dc.critic_attention))
     return {"student": (model_summary(cfg, *source_config(student, dc.student_config)), "block_causal"),

@@ -32,20 +32,42 @@ ATTENTIONS = ("bidirectional", "block_causal")
 
 def attention_of(model: torch.nn.Module, *, configured: str | None, key: str, source: Path) -> str:
     """How `model` (loaded from `source`) attends: the config's `configured` value (key `key`) if set, else
-    what the model's record says.
+    what the model's record says (`choose_attention`).
 
     Raises:
         ConfigError: neither says (one line naming `key`).
     """
-    recorded = recorded_attention(sampling_metadata(model))
+    return choose_attention(configured, recorded_attention(sampling_metadata(model)), key=key, source=source)
+
+
+def choose_attention(configured: str | None, recorded: str | None, *, key: str, source: str | Path,
+                     required: bool = True) -> str | None:
+    """The one rule: the config's `configured` value (key `key`) wins (said, where the source records another);
+    else what the source records. Neither: a `ConfigError` naming `key`, or None unless `required` (`--dry-run`
+    reports it, `pipeline/plan.py`)."""
     if configured is not None:
         if recorded is not None and recorded != configured:
             print(f"[roles] {key}={configured}: {source} records {recorded} attention; using {configured} as set")
         return str(configured)
-    if recorded is None:
+    if recorded is None and required:
         raise ConfigError(f"{key}: {source} does not record how it attends (a stock model?); set {key}=bidirectional "
                           f"(stock Wan models) or {key}=block_causal", key)
     return recorded
+
+
+def source_attention(source: str | Path) -> str | None:
+    """What `source` records about how its model attends, read without loading its weights (the `--dry-run`
+    plan): a stage folder's record or its `config.yaml`, a diffusers folder's `sampling.json`; else None."""
+    from pipeline.config import load_config
+    from pipeline.models.sampling_meta import read_sampling
+
+    path = Path(source)
+    if is_stage_folder(path) and (path / "config.yaml").is_file():
+        return recorded_attention(read_sampling(path / "transformer_ema")) or \
+            str(load_config(path / "config.yaml").pretrain_teacher.attention)
+    if path.is_dir() and (path / "config.json").is_file():
+        return recorded_attention(read_sampling(path))
+    return None
 
 
 @dataclass
