@@ -2,8 +2,8 @@
 
     python benchmarks/pipeline_stream.py runs/tiny/distill [--n 60] [--frames 48] [--seed 0] [--out DIR]
 
-Converts the stage (EMA weights, `convert --to pipeline --ema`) into DIR/pipeline, samples it with `sample`
-(DIR/sample.safetensors) and streams it with `CausalWanPipeline.stream` (the same seed, labels and length;
+Converts the stage (EMA weights, `convert --to pipeline --ema`) into DIR/pipeline, samples it as `sample` does
+(the stage's EMA weights through `sample_videos`; DIR/sample.safetensors) and streams it with `CausalWanPipeline.stream` (the same seed, labels and length;
 DIR/pipeline.safetensors, the stream's chunks joined), then prints whether the videos are bit-identical, the
 checker's numbers of both files over frames 0:12 and the last 12 frames (`benchmarks/score.py`), and the stream's
 time to its first chunk and per chunk. `--n` at most 64: `sample` samples in batches of 64, a pipeline call is one
@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from benchmarks.score import run as score  # noqa: E402
 from pipeline.data.sprites import balanced_labels  # noqa: E402
 from pipeline.io.media import save_samples  # noqa: E402
-from pipeline.training.checkpoint import read_safetensors  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,16 +38,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 64:
         ap.error("--n must be 1..64 (sample's batch; a pipeline call is one batch)")
+    from pipeline.diffusion.videos import sample_videos
+    from pipeline.io.convert import convert
+    from pipeline.models.loading import load_source
     from pipeline.pipelines import CausalWanPipeline
-    from stages import convert, sample
 
     out = Path(args.out or tempfile.mkdtemp(prefix="pipeline_stream_"))
-    torch.set_grad_enabled(False)
-    assert convert.main([args.stage, str(out / "pipeline"), "--to", "pipeline", "--ema"]) == 0
-    assert sample.main([args.stage, "--out", str(out / "sample.safetensors"), "--n", str(args.n), "--frames",
-                        str(args.frames), "--seed", str(args.seed)]) == 0
-    pipe = CausalWanPipeline.from_pretrained(out / "pipeline")
+    convert(args.stage, out / "pipeline", "pipeline", ema=True)  # `./launch.sh convert STAGE DEST --to pipeline --ema`
     labels = balanced_labels(args.n)
+    # `./launch.sh sample STAGE --out F --n N --frames F --seed S`: the stage's EMA weights through `sample_videos`
+    model, table, cfg = load_source(args.stage)
+    with torch.no_grad():
+        ref = sample_videos(model, table, labels, frames=args.frames, size=cfg.data.size,
+                            frames_per_chunk=cfg.data.frames_per_chunk, prediction=cfg.model.prediction,
+                            student=cfg.student, attention=cfg.pretrain_teacher.attention, seed=args.seed)
+    save_samples(out / "sample.safetensors", ref, labels)
+    pipe = CausalWanPipeline.from_pretrained(out / "pipeline")
     times, parts = [], []
     start = time.perf_counter()
     for part in pipe.stream(class_labels=labels, num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed),
@@ -57,9 +62,8 @@ def main(argv=None) -> int:
         parts.append(part)
     videos = torch.cat(parts, dim=1) * 2 - 1  # [0, 1] -> the samples file's [-1, 1]
     save_samples(out / "pipeline.safetensors", videos, labels)
-    ref = read_safetensors(out / "sample.safetensors")["videos"]
     same = torch.equal(to_unit(ref), torch.cat(parts, dim=1))
-    print(f"pipeline stream vs sample ({args.n} videos x {args.frames} frames, seed {args.seed}): "
+    print(f"pipeline stream vs sample's sampler ({args.n} videos x {args.frames} frames, seed {args.seed}): "
           f"{'bit-identical' if same else 'DIFFERENT'} frames (max |diff| {float((ref - videos).abs().max()):.3g})")
     windows = ["0:12", f"{args.frames - 12}:{args.frames}"]
     for name in ("sample", "pipeline"):

@@ -291,3 +291,4 @@ def test_pipeline_stream_benchmark(student_stage, tmp_path, capsys):
             name, row = line.split(" ", 1)
             rows.setdefault(name, []).append(json.loads(row))
     assert len(rows["sample"]) == 2 and rows["sample"] == rows["pipeline"]
+    assert torch.is_grad_enabled()  # the benchmark leaves the process as it found it (it once switched grad off)
