@@ -24,13 +24,13 @@ def stream(model, cache, x, ctx, fused: bool) -> torch.Tensor:
     outs, pending = [], None
     for c in range(x.shape[2] // FPC):
         xs = x[:, :, c * FPC:(c + 1) * FPC]
-        t = torch.full((B, FPC), 500.0)
+        t = torch.full((B, FPC), 500.0, device=x.device)
         if pending is not None and fused:
-            out = model(torch.cat([pending, xs], 2), torch.cat([torch.zeros(B, FPC), t], 1), ctx,
+            out = model(torch.cat([pending, xs], 2), torch.cat([torch.zeros_like(t), t], 1), ctx,
                         frames_per_chunk=FPC, kv_cache=cache, context_frames=FPC)
         else:
             if pending is not None:
-                model(pending, torch.zeros(B, FPC), ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True)
+                model(pending, torch.zeros_like(t), ctx, frames_per_chunk=FPC, kv_cache=cache, write_cache=True)
             out = model(xs, t, ctx, frames_per_chunk=FPC, kv_cache=cache)
         outs.append(out)
         pending = 0.5 * xs
@@ -147,14 +147,16 @@ def test_cache_kinds():
         StaticKVCache(rope="alibi")
 
 
-def test_compiled_steady_state_step_equals_eager():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_compiled_steady_state_step_equals_eager(device):
     """`compile_steady_state`: once the window is full (and rolled) the sampler's fused call (context
-    write into the ring, sinks rotated, the chunk denoised) runs through `torch.compile` (inductor here),
-    traced once; equal to the eager stream."""
+    write into the ring, sinks rotated, the chunk denoised) runs through `torch.compile` (inductor; on CUDA
+    `reduce-overhead`, captured in CUDA graphs), traced once; equal to the eager stream."""
     from torch._dynamo.utils import counters
 
-    model = model_of(layers=1)  # one block: compile time on a 2-core CPU
-    x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)
+    model = model_of(layers=1).to(device)  # one block: compile time on a 2-core CPU
+    x, ctx = torch.randn(B, 4, 24, 4, 4).to(device), torch.randn(B, 3, 16).to(device)
     calls = []
     with torch.no_grad():
         ref = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)

@@ -83,6 +83,9 @@ def sampling_config(weights: Weights, text_dim: int):
     shape = {f.name: list(v) if isinstance(v, (tuple, list)) else v for f in fields(ModelConfig)
              if (v := (weights.config or {}).get(f.name)) is not None}
     partial["model"] = {**shape, **(partial.get("model") or {})}
+    if "kind" not in (partial.get("data") or {}) and partial["model"].get("in_channels", 3) != 3:
+        # no record of its data (a stock Wan folder): latents, not the default RGB sprites its channels contradict
+        partial["data"] = {**(partial.get("data") or {}), "kind": "latents"}
     if (partial.get("data") or {}).get("kind") == "prompts":  # trained on prompts alone: no stage that needs videos
         partial["run"] = {"stages": ["init_student", "distill"], **(partial.get("run") or {})}
     try:

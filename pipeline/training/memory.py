@@ -491,3 +491,29 @@ def tensor_bytes(*groups) -> int:
             if t is not None and t.device.type != "meta":
                 seen[_storage_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def device_peak(device: torch.device) -> int | None:
+    """Bytes the caching allocator has held at most for tensors on `device` since the process began
+    (`torch.cuda.max_memory_allocated`): what the `--dry-run` estimate predicts. None off CUDA, where no
+    allocator keeps a peak (`TensorPeak` measures one, at a cost no training run should pay)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def accelerator_backend(accelerator) -> tuple[str, int]:
+    """(backend, ZeRO stage) of a running accelerator, in the estimate's terms: DEEPSPEED with its stage,
+    FSDP, or DDP (one process included)."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind == "DEEPSPEED":
+        return kind, int(accelerator.state.deepspeed_plugin.zero_stage)
+    return ("FSDP" if kind == "FSDP" else "DDP"), 0
+
+
+def peak_report(stage: str, peak: int, estimate: "MemoryEstimate") -> str:
+    """One line: the measured device peak beside the `--dry-run` estimate of the same setting."""
+    gib = 2 ** 30
+    at = f"peak: {estimate.phase}; " if estimate.phase else ""
+    return (f"[{stage}] peak device memory {peak / gib:.2f} GiB (max_memory_allocated, this process); "
+            f"--dry-run estimate {estimate.total / gib:.2f} GiB ({at}estimate / measured {estimate.total / peak:.2f})")

@@ -23,6 +23,7 @@ from pipeline.training.checkpoint import CheckpointManager
 from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, prepare,
                                            restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
+from pipeline.training.memory import accelerator_backend, device_peak, peak_report
 from pipeline.training.optim import averaged, place_ema, replay_schedule
 from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
@@ -110,6 +111,9 @@ class Trainer:
                 bar.update(1)
                 if step % section.log_every == 0 or step == section.steps:
                     scalars, postfix = method.logs(step, elapsed=time.time() - t0)
+                    if (peak := device_peak(accelerator.device)) is not None:
+                        scalars["memory/peak_gib"] = peak / 2 ** 30
+                        postfix = {**postfix, "mem": f"{peak / 2 ** 30:.1f}G"}
                     accelerator.log(scalars, step=step)
                     bar.set_postfix(postfix)
                 if step % section.checkpoint_every == 0 or step == section.steps:
@@ -144,6 +148,14 @@ class Trainer:
         if accelerator.is_main_process:
             metrics = {**method.metrics(step=step, extra=extra), "steps": step,
                        "processes": accelerator.num_processes, "replicas_identical": replicas}
+            if (peak := device_peak(accelerator.device)) is not None:  # the figure the --dry-run estimate predicts
+                from pipeline.plan import memory_estimate
+
+                backend, zero = accelerator_backend(accelerator)
+                est = memory_estimate(cfg, stage.stage, num_processes=accelerator.num_processes, backend=backend,
+                                      stage_zero=zero)
+                metrics.update(peak_memory_gib=peak / 2 ** 30, memory_estimate_gib=est.total / 2 ** 30)
+                print(peak_report(stage.stage, peak, est))
             stage.finish(outputs, metrics, settings=settings)
         return stage
 
