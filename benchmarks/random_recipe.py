@@ -3,18 +3,21 @@ can be fetched (a GPU machine cut off from the hub): a stock-Wan-like transforme
 and a prompt-embedding folder with random rows, plus the `key=value` overrides that point a recipe at them.
 
     python benchmarks/random_recipe.py OUT [--shape configs/shapes/wan2.1-t2v-1.3b.json] [--prompts 16]
-        [--seq-len 512] [--device cpu|cuda] [--seed 0] [--force]
+        [--seq-len 512] [--latents F H W] [--device cpu|cuda] [--seed 0] [--force]
     ./launch.sh configs/wan2.1-t2v-1.3b/student.yaml --stages distill $(cat OUT/overrides.txt) distill.steps=4
 
 Writes (an existing OUT is refused; with `--force` what this script writes there is replaced, nothing else):
 - `OUT/Wan-random/transformer/`: diffusers' `WanTransformer3DModel` of the `--shape` config (a diffusers
   `config.json`, as `configs/shapes/*.json`), its default random initialisation, saved in fp32 (as a
   stock Wan folder); used as `model.pretrained`, the teacher (`init_student.teacher`,
-  `distill.teacher`) and the student's start (`distill.student`).
+  `distill.teacher`), the fake score's start (`distill.critic`) and the student's (`distill.student`).
 - `OUT/prompt-embeds/`: what `prepare_data` writes for `data.kind=prompts` (`shard_00000.safetensors` with
   `prompt_embeds [N, L, D]`, `null_embeds.safetensors [1, L, D]`): UMT5-like rows, a random number of leading
   tokens (8-64) of N(0, 0.2²) and zeros after, as Wan's pipeline zeroes the padding; the empty prompt is one
   token.
+- with `--latents F H W`: `OUT/latents/` as `prepare_data` writes for `data.kind=latents` (`latents
+  [N, C, F, H, W]` of N(0, 1), the same prompt rows), for stages that train on videos (`pretrain_teacher`,
+  `distill.method=df_dmd`), and `OUT/overrides-latents.txt` pointing at it.
 - `OUT/overrides.txt`: one line of overrides (run.dir, data.path, model.pretrained, the teacher and student
   sources and their attention, no previews). The text encoder and VAE are not needed to train on prompt embeddings.
 
@@ -51,15 +54,25 @@ def random_embeds(n: int, seq_len: int, dim: int, gen: torch.Generator, *, lengt
     return out
 
 
+def _shards(folder: Path, tensors: dict, null: torch.Tensor, names: list[str]) -> None:
+    """One shard of `tensors` and the null embeddings, as prepare_data lays them out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"items": json.dumps(names), "prompts": json.dumps(names), "random": "benchmarks/random_recipe.py"}
+    with replacing(shard_path(folder, 0)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    with replacing(folder / NULL_EMBEDS) as tmp:
+        save_file({"prompt_embeds": null}, str(tmp), metadata={**meta, "items": '[""]', "prompts": '[""]'})
+
+
 def write_random_recipe(out: Path, *, shape: Path, prompts: int = 16, seq_len: int = 512, device: str = "cpu",
-                        seed: int = 0) -> list[str]:
+                        seed: int = 0, latents: tuple[int, int, int] | None = None) -> list[str]:
     """Write the stand-ins into `out` (see the module docstring; what an earlier call wrote there is replaced);
-    returns the overrides."""
+    returns the overrides. `latents`: (frames, height, width) of latent videos to write as well."""
     import shutil
 
     from diffusers import WanTransformer3DModel
 
-    for mine in (out / "Wan-random", out / "prompt-embeds"):
+    for mine in (out / "Wan-random", out / "prompt-embeds", out / "latents"):
         if mine.is_dir():
             shutil.rmtree(mine)
 
@@ -72,24 +85,24 @@ def write_random_recipe(out: Path, *, shape: Path, prompts: int = 16, seq_len: i
     del model
 
     gen = torch.Generator().manual_seed(seed)
-    embeds = out / "prompt-embeds"
-    embeds.mkdir(parents=True, exist_ok=True)
-    dim = int(config["text_dim"])
     names = [f"random prompt {i}" for i in range(prompts)]
-    meta = {"items": json.dumps(names), "prompts": json.dumps(names), "random": "benchmarks/random_recipe.py"}
-    with replacing(shard_path(embeds, 0)) as tmp:
-        save_file({"prompt_embeds": random_embeds(prompts, seq_len, dim, gen).to(torch.bfloat16)}, str(tmp),
-                  metadata=meta)
-    null = random_embeds(1, seq_len, dim, gen, lengths=(1, 1)).to(torch.bfloat16)
-    with replacing(embeds / NULL_EMBEDS) as tmp:
-        save_file({"prompt_embeds": null}, str(tmp), metadata={**meta, "items": '[""]', "prompts": '[""]'})
+    rows = random_embeds(prompts, seq_len, int(config["text_dim"]), gen).to(torch.bfloat16)
+    null = random_embeds(1, seq_len, int(config["text_dim"]), gen, lengths=(1, 1)).to(torch.bfloat16)
+    _shards(out / "prompt-embeds", {"prompt_embeds": rows}, null, names)
+    if latents is not None:
+        videos = torch.randn(prompts, int(config["in_channels"]), *latents, generator=gen).to(torch.bfloat16)
+        _shards(out / "latents", {"latents": videos, "prompt_embeds": rows}, null, names)
 
-    overrides = [f"run.dir={out / 'run'}", f"data.path={embeds}", f"model.pretrained={folder}",
-                 f"init_student.teacher={folder}", f"distill.teacher={folder}", f"distill.student={folder}",
-                 # a stock Wan model attends bidirectionally and records nothing of it
-                 "init_student.teacher_attention=bidirectional", "distill.teacher_attention=bidirectional",
-                 "distill.critic_attention=bidirectional", "distill.preview_n=0"]
+    common = [f"run.dir={out / 'run'}", f"model.pretrained={folder}", f"init_student.teacher={folder}",
+              f"distill.teacher={folder}", f"distill.critic={folder}", f"distill.student={folder}",
+              # a stock Wan model attends bidirectionally and records nothing of it
+              "init_student.teacher_attention=bidirectional", "distill.teacher_attention=bidirectional",
+              "distill.critic_attention=bidirectional", "distill.preview_n=0"]
+    overrides = [f"data.path={out / 'prompt-embeds'}", *common]
     (out / "overrides.txt").write_text(" ".join(overrides) + "\n")
+    if latents is not None:
+        (out / "overrides-latents.txt").write_text(" ".join(["data.kind=latents", f"data.path={out / 'latents'}",
+                                                             *common]) + "\n")
     return overrides
 
 
@@ -107,10 +120,13 @@ def _main(argv) -> int:
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per prompt (Wan: 512)")
     ap.add_argument("--device", default="cpu", help="where the weights are initialised (cpu, cuda)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latents", type=int, nargs=3, metavar=("F", "H", "W"),
+                    help="also write latent videos of F frames of H x W (the recipe's data.frames, data.latent_size)")
     ap.add_argument("--force", action="store_true", help="replace what an earlier call wrote in OUT")
     args = ap.parse_args(argv)
-    if args.prompts < 1 or args.seq_len < 1:
-        raise BenchmarkArgError(f"--prompts and --seq-len must be >= 1, got {args.prompts} and {args.seq_len}")
+    if args.prompts < 1 or args.seq_len < 1 or min(args.latents or [1]) < 1:
+        raise BenchmarkArgError(f"--prompts, --seq-len and --latents must be >= 1, got {args.prompts}, {args.seq_len} "
+                                f"and {args.latents}")
     if not args.shape.is_file():
         raise FileNotFoundError(f"--shape: file not found: {args.shape}")
     check_output(args.out, {"--shape": args.shape}, args.force, what="OUT")
@@ -118,9 +134,11 @@ def _main(argv) -> int:
         raise FileExistsError(f"OUT {args.out} exists and was not written by this script (no overrides.txt); "
                               "choose another folder")
     overrides = write_random_recipe(args.out, shape=args.shape, prompts=args.prompts, seq_len=args.seq_len,
-                                    device=args.device, seed=args.seed)
+                                    device=args.device, seed=args.seed, latents=args.latents)
     print(f"random stand-ins in {args.out}; overrides ({args.out / 'overrides.txt'}):")
     print(" ".join(overrides))
+    if args.latents:
+        print(f"for stages that train on videos: {args.out / 'overrides-latents.txt'}")
     return 0
 
 

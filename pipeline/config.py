@@ -32,6 +32,10 @@ BENCHMARKS = ("stream_cost", "forward_flops", "skyreels_stream", "dmd_step_cost"
 # Seeds feed torch generators after offsets and products (ODE pair i: seed * 1_000_003 + i), which must stay
 # below 2**64: any 32-bit seed does.
 MAX_SEED = 2**32 - 1
+# `${repo:configs/shapes/x.json}` in a config: a file shipped with this checkout, found wherever the command
+# runs (every other relative path resolves where the user stands).
+CHECKOUT = Path(__file__).resolve().parents[1]
+OmegaConf.register_resolver("repo", lambda rel: str(CHECKOUT / rel), replace=True)
 
 
 class ConfigError(ValueError):
