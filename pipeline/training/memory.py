@@ -12,7 +12,11 @@ Model states are counted exactly from the parameter count `P` (bytes per paramet
 | EMA copy (fp32, generator / teacher; `ema_device: cpu`: 0) | 4 | 4 | 4 | 4 | 4 |
 | frozen weights (distill's real score; bf16 runs hold its matmul weights in bf16) | 4 (2 in bf16) | same | same | same | /N (ZeRO-3 engine) |
 
-Gradients are counted as held throughout (they are between the micro-batches of `grad_accum`).
+Gradients live from a model's first backward of an update to its optimiser step (`zero_grad(set_to_none)`),
+across the micro-batches of `grad_accum`. Where they stay between updates differs: under DDP (more than one
+process) each trained model's gradient buckets are allocated when it is wrapped and kept (the gradients are
+views into them, `gradient_as_bucket_view`), and DeepSpeed keeps its gradient partitions; one process keeps
+none, so distill's generator and critic updates each hold only their own model's gradients.
 
 Activations follow what the code saves for the backward pass, measured on `CausalWanTransformer`
 (`SavedTensors`, CPU, fp32 and bf16 autocast; `a` = 4 bytes in fp32, 2 under bf16 autocast):
@@ -325,6 +329,9 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
                                    "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
         states = {k: gen_states[k] + critic_states[k] + real_states[k] for k in gen_states}
+        kept = backend == "DEEPSPEED" or processes > 1  # gradients held between updates (see the docstring)
+        gen_phase = states if kept else {**states, "gradients": gen_states["gradients"]}
+        critic_phase = states if kept else {**states, "gradients": critic_states["gradients"]}
         critic_masked = masked(run.attention)
         real_masked = masked(run.real_attention or run.attention)
         real_rows = b * (2 if run.real_guidance != 1.0 else 1)
@@ -339,20 +346,20 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
             gen_kv = kv if kv + rollout_work >= max(scores, extra) else 0.0  # the cache lives during the rollout
             during = max(kv + rollout_work, scores, extra) - gen_kv
-            phases.append(("generator update", states, held + during + weight_copies, gen_kv))
+            phases.append(("generator update", gen_phase, held + during + weight_copies, gen_kv))
             sample_kv, sample_work = no_grad_rollout(shape, b, act, run.window_frames)
         else:  # df_dmd: one trained block-causal pass of the generator
             held, extra = trained_pass(shape, b, act, run.checkpointing, masked("block_causal"))
-            phases.append(("generator update", states, held + max(extra, scores) + weight_copies, 0.0))
+            phases.append(("generator update", gen_phase, held + max(extra, scores) + weight_copies, 0.0))
             sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
                                                           masked("block_causal"))
         held, extra = trained_pass(fake, b, act, run.checkpointing, critic_masked)
         # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
         copies = weight_copies + (2 * fake.params if run.bf16 else 0.0)
         if held + extra >= sample_kv + sample_work:
-            phases.append(("critic update", states, held + extra + copies, 0.0))
+            phases.append(("critic update", critic_phase, held + extra + copies, 0.0))
         else:
-            phases.append(("critic update", states, sample_work + copies, sample_kv))
+            phases.append(("critic update", critic_phase, sample_work + copies, sample_kv))
         models = {"generator": gen_states, "critic": critic_states, "real score": real_states}
     else:
         raise ValueError(f"no memory estimate for stage '{stage}'")
