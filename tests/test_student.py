@@ -74,7 +74,8 @@ def test_ode_pairs_sampled_in_smaller_batches_are_the_same(tmp_path):
     _write(tmp_path / "whole", model, n=6, shard=4)
     _write(tmp_path / "batched", model, n=6, shard=4, batch_size=3)
     a, b = OdePairs(tmp_path / "whole"), OdePairs(tmp_path / "batched")
-    torch.testing.assert_close(b.states, a.states, atol=1e-6, rtol=0)
+    # equal up to the batch size's matmul kernels (1.03e-6 seen on one CPU, so not 1e-6)
+    torch.testing.assert_close(b.states, a.states, atol=1e-5, rtol=0)
     assert torch.equal(a.labels, b.labels) and a.states.shape[0] == 6
 
 

@@ -55,7 +55,7 @@ def pipeline_parts(source: str | Path, weights: Weights, components: str | Path 
     from pipeline.config import load_config
     from pipeline.data.sources import class_table
     from pipeline.io.run_dir import is_stage_folder
-    from pipeline.models.loading import sampling_config
+    from pipeline.models.loading import pipeline_class_table, sampling_config
     from pipeline.models.text_encoder import resolve_component, resolve_tokenizer
     from pipeline.training.checkpoint import read_safetensors
 
@@ -74,8 +74,8 @@ def pipeline_parts(source: str | Path, weights: Weights, components: str | Path 
         table = None
         if stage and (Path(source) / "conditioning.safetensors").is_file():
             table = read_safetensors(Path(source) / "conditioning.safetensors").get("class_table")
-        if table is None and (Path(source) / "class_prompts").is_dir():  # a pipeline folder converted again
-            table = read_safetensors(Path(source) / "class_prompts" / "diffusion_pytorch_model.safetensors")["table"]
+        if table is None:  # a pipeline folder converted again
+            table = pipeline_class_table(Path(source))
         return PipelineParts(cfg, class_table(cfg) if table is None else table, {})
     c = cfg.components
     if components is not None:

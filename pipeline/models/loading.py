@@ -143,13 +143,20 @@ def _load_source(source: str | Path, raw: bool, model_config: str | Path | None 
     return model, class_table(cfg) if cfg.data.kind == "sprites" else None, cfg
 
 
+def pipeline_class_table(path: Path) -> torch.Tensor | None:
+    """The class-embedding table `[classes, tokens, D]` a sprites pipeline folder keeps in `class_prompts/`,
+    or None where it has none."""
+    kept = Path(path) / "class_prompts" / "diffusion_pytorch_model.safetensors"
+    return read_safetensors(kept)["table"] if kept.is_file() else None
+
+
 def pipeline_folder_parts(path: Path, cfg: Config):
     """The class table and config of a `CausalWanPipeline` folder sampled as a SOURCE: sprites, the table of its
     `class_prompts/`; text models, its own `vae/`, `text_encoder/`, `tokenizer/` and the run's prompt length and
     dtypes (`model_index.json`) as the `components` defaults (`sample --vae` etc. still override them)."""
     if cfg.data.kind == "sprites":
-        kept = path / "class_prompts" / "diffusion_pytorch_model.safetensors"
-        return (read_safetensors(kept)["table"] if kept.is_file() else class_table(cfg)), cfg
+        kept = pipeline_class_table(path)
+        return (class_table(cfg) if kept is None else kept), cfg
     index = read_json(path / "model_index.json")
     c = cfg.components
     for name in ("vae", "text_encoder", "tokenizer"):
