@@ -3,9 +3,11 @@
 # all, at most 10 per command), run from the repository root there:
 #
 #   here:   bash benchmarks/device_wheels.sh                       # once: .whl/ (diffusers, omegaconf)
-#   there:  run(command="bash benchmarks/gpu_checks.sh $OUT stream", carry=[".whl"], timeout_s=420)
-#           run(command="bash benchmarks/gpu_checks.sh $OUT distill tests", carry=[".whl"], timeout_s=420)
+#   there:  run(command="bash benchmarks/gpu_checks.sh $OUT env stream", carry=[".whl"], timeout_s=480)
+#           run(command="bash benchmarks/gpu_checks.sh $OUT distill", carry=[".whl"], timeout_s=330)
+#           run(command="bash benchmarks/gpu_checks.sh $OUT tests", carry=[".whl"], timeout_s=180)  # if time is left
 #
+# The limits are guesses (no GPU has run this yet): a part that hits its limit keeps what it printed so far.
 # Parts (default: env stream distill tests), each under its own time limit, its log in OUT/<part>.txt:
 #   env      GPU, driver, torch / CUDA / diffusers versions
 #   stream   benchmarks/gpu_stream.py --compile at Wan2.1-1.3B shape (random weights, bf16): per-block DiT /
