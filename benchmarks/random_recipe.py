@@ -81,7 +81,7 @@ def write_random_recipe(out: Path, *, shape: Path, prompts: int = 16, seq_len: i
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it is fast (1.3B parameters: seconds on a GPU)
         model = WanTransformer3DModel.from_config(config)
-    model.save_pretrained(folder)
+    model.to("cpu").save_pretrained(folder)
     del model
 
     gen = torch.Generator().manual_seed(seed)
