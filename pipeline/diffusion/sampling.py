@@ -49,6 +49,13 @@ class Denoiser:
     rope: str = "relative"
     kv_cache: str = "auto"
 
+    @classmethod
+    def of_sampler(cls, model, attention: str, frames_per_chunk: int, prediction: str, sampler) -> "Denoiser":
+        """A denoiser as a sampler's settings configure it: `sampler` is a `StudentConfig`, a `SamplerConfig` or
+        the pipeline scheduler's config (their `clip_x0`, `rope`, `kv_cache`)."""
+        return cls(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
+                   kv_cache=sampler.kv_cache)
+
     def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache | StaticKVCache:
         """An empty KV cache for one stream of this denoiser (kind and RoPE semantics as configured)."""
         device = next(self.model.parameters()).device

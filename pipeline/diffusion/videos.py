@@ -46,8 +46,7 @@ def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk:
     if is_student(model) if few_step is None else few_step:
         if student is None:
             raise ValueError("the few-step sampler needs the student section (student=)")
-        den = Denoiser(model, "block_causal", frames_per_chunk, prediction, student.clip_x0, rope=student.rope,
-                       kv_cache=student.kv_cache)
+        den = Denoiser.of_sampler(model, "block_causal", frames_per_chunk, prediction, student)
         sigmas = few_step_sigmas(denoising_steps or student.denoising_steps, student.shift)
         return generate_few_step(den, cond, shape, sigmas, context_sigma=student.context_sigma, seed=seed,
                                  batch_size=batch_size, max_context_frames=student.max_context_frames,
@@ -58,8 +57,7 @@ def sample_latents(model, cond: torch.Tensor, *, shape: tuple, frames_per_chunk:
         raise ValueError("the rolling-window sampler is a few-step (student) sampler")
     if sampler is None:
         raise ValueError("the many-step sampler needs the teacher's sampler section (sampler=)")
-    den = Denoiser(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
-                   kv_cache=sampler.kv_cache)
+    den = Denoiser.of_sampler(model, attention, frames_per_chunk, prediction, sampler)
     return generate(den, cond, uncond, shape, kind=sampler.kind, steps=sampler.steps, guidance=sampler.guidance,
                     shift=sampler.shift, context_sigma=sampler.context_sigma, seed=seed, batch_size=batch_size,
                     lag=sampler.lag, max_context_frames=sampler.max_context_frames, sink_frames=sampler.sink_frames,

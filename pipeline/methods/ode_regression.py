@@ -130,8 +130,8 @@ class OdeRegression(OneModelMethod):
         teacher = self.teacher
         if self.resumed_at and pairs_missing(folder, ic.ode_pairs, ic.ode_shard_size, sigmas, provenance):
             teacher = load_source(self.source_path)[0]  # the student's module holds resumed weights now
-        denoiser = Denoiser(teacher.to(acc.device).eval(), self.attention, cfg.data.frames_per_chunk, self.prediction,
-                            tc.sampler.clip_x0, rope=tc.sampler.rope, kv_cache=tc.sampler.kv_cache)
+        denoiser = Denoiser.of_sampler(teacher.to(acc.device).eval(), self.attention, cfg.data.frames_per_chunk,
+                                       self.prediction, tc.sampler)
         conditions, uncond = pair_conditions(cfg, self.table)
         paths = write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None,
                                 ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas, ode_sampler(tc.sampler,

@@ -179,8 +179,7 @@ class CausalWanPipeline(DiffusionPipeline):
         device = self._execution_device
         noise, step_gen = seeded_noise(len(cond), shape, generator, device)
         c = sch.config
-        den = Denoiser(self.transformer, "block_causal", c.frames_per_chunk, c.prediction, c.clip_x0, rope=c.rope,
-                       kv_cache=c.kv_cache)
+        den = Denoiser.of_sampler(self.transformer, "block_causal", c.frames_per_chunk, c.prediction, c)
         try:
             switches = [(k, e.to(device)) for k, e in check_switches(switches, shape[1])]
         except ValueError as e:
