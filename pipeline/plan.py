@@ -14,11 +14,32 @@ import torch
 from pipeline.config import Config
 from pipeline.data.sources import latent_shape
 from pipeline.diffusion.sampling import few_step_sigmas
-from pipeline.io.readers import source_config
 from pipeline.io.run_dir import StageDir
 from pipeline.models.causal_wan import CausalWanTransformer, wan_config
 from pipeline.training import memory
 from pipeline.training.distributed import mixed_precision, run_device
+
+
+def source_config(source: str | Path | None, config_file: str | None = None) -> tuple[dict | None, str]:
+    """The `config.json` of a model source, read without its weights: a stage folder's `transformer_ema/`,
+    a pipeline folder's `transformer/`, a diffusers folder's own, a safetensors file's metadata; else
+    `config_file` (a `*_config` key). Returns (the config or None, where it came from)."""
+    path = Path(source) if source else None
+    found = None
+    if path is not None and path.is_dir():
+        found = next((c for c in (path / "transformer_ema" / "config.json", path / "transformer" / "config.json",
+                                  path / "config.json") if c.is_file()), None)
+        if found is not None:
+            return json.loads(found.read_text()), str(path)
+    if path is not None and path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:
+            return json.loads(meta["config"]), str(path)
+    if config_file and Path(config_file).is_file():
+        return json.loads(Path(config_file).read_text()), config_file
+    return None, ""
 
 
 def model_summary(cfg: Config, config: dict | None = None, origin: str = "") -> dict:

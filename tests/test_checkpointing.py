@@ -20,6 +20,7 @@ from pipeline.diffusion.sampling import Denoiser, few_step_sigmas
 from pipeline.data.shard import ShardedGenerator
 from pipeline.diffusion.trajectories import TrajectoryDistribution
 from pipeline.methods import base as method_base
+from pipeline.plan import memory_estimate
 from stages import distill
 from pipeline.training.optim import ema_step, hold_frozen, place_ema
 
@@ -220,12 +221,8 @@ def test_distill_estimate_counts_only_the_updated_models_gradients(tmp_path, met
     measured, estimated, phase = measure(cfg)["distill"]
     assert abs(estimated - measured) <= 0.03 * measured, (measured, estimated, phase)
     # under DDP the buckets keep both models' gradients between updates
-    assert plan_memory(cfg, num_processes=2).gradients == 2 * plan_memory(cfg, num_processes=1).gradients
-
-
-def plan_memory(cfg, num_processes: int):
-    from pipeline.plan import memory_estimate
-    return memory_estimate(cfg, "distill", num_processes=num_processes)
+    ddp, one = (memory_estimate(cfg, "distill", num_processes=n) for n in (2, 1))
+    assert ddp.gradients == 2 * one.gradients
 
 
 def test_ddp_gradients_are_bucket_views(tmp_path):

@@ -9,12 +9,11 @@ sampling record beside the weights). This module runs one conversion under the o
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from pipeline.io.guard import Lock, check_output, replacing
 from pipeline.io.readers import read_source
-from pipeline.io.weights import ConvertError, Weights, read_model_config
+from pipeline.io.weights import ConvertError, Weights
 from pipeline.io.writers import write_diffusers, write_file
 from pipeline.models.device import DTYPES
 
@@ -54,9 +53,7 @@ def convert(source: str | Path, dest: str | Path, to: str, ema: bool = False, dt
     check_output(dest, inputs, force, "DEST")  # before reading anything large
     with Lock(dest, command or f"convert {source} {dest} --to {to}"):  # one command at a time per DEST
         check_output(dest, inputs, force, "DEST")  # again, now that no other command can be writing it
-        weights = read_source(source, ema, part)
-        if model_config is not None:
-            weights = dataclasses.replace(weights, config=read_model_config(model_config))
+        weights = read_source(source, ema, part).with_config_file(model_config)
         if not allow_nonfinite:  # a broken training run's NaNs would otherwise travel on silently
             weights.check_finite()
         weights = weights.cast(DTYPES.get(dtype))

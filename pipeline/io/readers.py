@@ -23,7 +23,6 @@ the old keys of its `config.json`), a file's metadata, a stage's role and config
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -43,34 +42,6 @@ from pipeline.training.checkpoint import read_safetensors
 # Self-Forcing's published student settings, for a `.pt` generator that carries none of its own.
 SELF_FORCING_STUDENT = {"data": {"frames_per_chunk": 3}, "model": {"prediction": "flow"},
                         "student": {"denoising_steps": [1000, 750, 500, 250], "shift": 5.0, "context_sigma": 0.0}}
-
-
-def source_config(source: str | Path | None, config_file: str | None = None) -> tuple[dict | None, str]:
-    """The `config.json` of a model source, read without its weights: a stage folder's `transformer_ema/`,
-    a pipeline folder's `transformer/`, a diffusers folder's own, a safetensors file's metadata; else
-    `config_file` (a `*_config` key). Returns (the config or None, where it came from)."""
-    path = Path(source) if source else None
-    found = None
-    if path is not None and path.is_dir():
-        found = next((c for c in (path / "transformer_ema" / "config.json", path / "transformer" / "config.json",
-                                  path / "config.json") if c.is_file()), None)
-        if found is not None:
-            return json.loads(found.read_text()), str(path)
-    if path is not None and path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" in meta:
-            return json.loads(meta["config"]), str(path)
-    if config_file and Path(config_file).is_file():
-        return json.loads(Path(config_file).read_text()), config_file
-    return None, ""
-
-
-def config_key_file(source: str | Path, config_file: str | None) -> str | None:
-    """A `*_config` key's file for loading `source`: only where the source records no shape of its own (a bare
-    `.pt`, a DeepSpeed folder). Weights that record their shape keep it, as the `--dry-run` plan reads them
-    (`source_config`): the key is for planning before the weights are there."""
-    return config_file if source_config(source)[0] is None else None
 
 
 def read_source(source: str | Path, ema: bool = False, part: str = "generator") -> Weights:

@@ -46,6 +46,13 @@ class Weights:
     def model_config(self) -> dict:
         return self.config if self.config is not None else infer_wan_config(self.state_dict, origin=self.origin)
 
+    def with_config_file(self, path: str | Path | None) -> "Weights":
+        """These weights with the shape of a `--model-config` / `*_config` file (`read_model_config`) where they
+        record none (a bare `.pt`, a DeepSpeed folder); weights that record their shape keep it."""
+        if path is None or self.config is not None:
+            return self
+        return dataclasses.replace(self, config=read_model_config(path))
+
     def check_finite(self, *, after: str | None = None, hint: str = "pass --allow-nonfinite to convert anyway") -> None:
         """Refuse NaN / inf in any floating tensor, in one line naming the first such key (`after`: what
         produced them, e.g. a cast; `hint`: how to proceed)."""

@@ -20,7 +20,7 @@ from accelerate import cpu_offload
 from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
-from pipeline.io.readers import config_key_file
+from pipeline.io.run_dir import is_stage_folder
 from pipeline.config import Config, ConfigError
 from pipeline.data.ode_pairs import OdePairs
 from pipeline.data.shard import ShardedGenerator
@@ -116,9 +116,8 @@ class DMDMethod(Method):
 
     def load(self) -> None:
         dc = self.section
-        # init_student's EMA weights, by default
-        self.generator, _, student_cfg = load_source(self.student_path,
-                                                     model_config=config_key_file(self.student_path, dc.student_config))
+        stage = is_stage_folder(self.student_path)  # init_student's EMA weights, by default
+        self.generator, _, student_cfg = load_source(self.student_path, model_config=None if stage else dc.student_config)
         self.real = load_role("real score", self.teacher_path, configured=dc.teacher_attention,
                               key="distill.teacher_attention", run=self.cfg,
                               model_config=dc.teacher_config)

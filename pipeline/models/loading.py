@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from pipeline.data.sources import class_table
 from pipeline.io.guard import replacing
 from pipeline.io.readers import read_diffusers_folder, read_source
 from pipeline.io.jsonfile import read_json
-from pipeline.io.weights import ConvertError, Weights, check_fits, read_model_config
+from pipeline.io.weights import ConvertError, Weights, check_fits
 from pipeline.models.causal_wan import CausalWanTransformer
 from pipeline.models.sampling_meta import (attach, is_student, prediction_of, sampling_metadata,  # noqa: F401
                                            sampling_record, sampling_settings, write_sampling)
@@ -134,8 +134,7 @@ def _load_source(source: str | Path, raw: bool, model_config: str | Path | None 
                 raise CheckpointError(f"{file}: no 'class_table' tensor (the class embeddings sprites models need)")
         return model, table, cfg
     weights = read_source(path, ema=not raw)
-    if model_config is not None:
-        weights = replace(weights, config=read_model_config(model_config))
+    weights = weights.with_config_file(model_config)
     model = build_model(weights).float()  # a bf16/fp16 export samples in fp32 (an exact upcast)
     cfg = sampling_config(weights, model.config.text_dim)
     if (path / "model_index.json").is_file():  # a pipeline folder (`convert --to pipeline`)

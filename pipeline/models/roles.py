@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io.readers import config_key_file
 from pipeline.io.run_dir import is_stage_folder
 from pipeline.config import Config, ConfigError
 from pipeline.data.sources import class_table
@@ -90,9 +89,9 @@ def load_role(name: str, source: str | Path, *, configured: str | None, key: str
     """Load the model of role `name` from `source` (its EMA weights for a stage folder), with its attention
     (`attention_of`: `configured` is the value of config key `key`). A sprites model from anything but a
     stage folder (which keeps its own) is conditioned by the class table of the run `run`. `model_config`:
-    a diffusers `config.json` for a source that records no shape (`config_key_file`: a folder's own wins)."""
+    a diffusers `config.json` for a source that records no shape (`load_source`: a folder's own wins)."""
     stage = is_stage_folder(source)
-    model, table, cfg = load_source(source, model_config=config_key_file(source, model_config))
+    model, table, cfg = load_source(source, model_config=None if stage else model_config)
     if (sampling_metadata(model) or {}).get("role") == "student":  # a few-step student is no score model
         raise ConfigError(f"{key.removesuffix('_attention')}: the {name} {source} is a student (its sampling record's "
                           f"role): the {name} must be a many-step model (a teacher stage or a stock Wan model)",
