@@ -17,7 +17,8 @@ Outputs in `<run.dir>/evaluate/`: `samples/<model>.safetensors` (training length
 `samples/<model>_long.safetensors`, GIF previews, `report.json` (schema in `pipeline/evaluation/report.py`),
 `report.md`, `plots/{drift,modes,speed_quality}.png`. A model whose stage has not run is skipped with
 a note; a finished model is not sampled again when the stage resumes (`samples/<model>.json` records
-its result and what it was computed from).
+its result and what it was computed from). A finished stage asked for a model it has not scored (a new
+`evaluate.extra` entry) is extended: only the new model is sampled, and the report covers every model asked for.
 
 Text runs (`data.kind` latents / prompts) have no such metrics here: `run_text` writes every model's
 videos for `evaluate.prompts`, decoded by the VAE, in VBench's layout under `<evaluate>/vbench/<model>/`.
@@ -41,6 +42,19 @@ from pipeline.training.distributed import run_device
 from pipeline.training.stage_io import component_inputs
 
 
+def finished(stage: StageDir, models: list, force: bool) -> bool:
+    """Whether the stage is done with every model of `models` (`entries`) scored; says so. A finished stage
+    asked for a model it has not scored is reopened (and says which): the scored models' records are reused."""
+    if force or not stage.done:
+        return False
+    new = [m.name for m in models if m.name not in stage.manifest().get("inputs", {})]
+    if not new:
+        print(f"[evaluate] done already: {stage.path} (use --force to rerun)")
+        return True
+    print(f"[evaluate] extending the finished {stage.path} with {', '.join(new)} (models scored before are reused)")
+    return False
+
+
 def run_text(cfg: Config, force: bool = False) -> StageDir:
     """Text runs (data.kind latents / prompts): every model's videos for `evaluate.prompts`, decoded by
     `components.vae`, in VBench's layout `<evaluate>/vbench/<model>/<prompt>-<i>.mp4` (VBench, not installed
@@ -55,11 +69,10 @@ def run_text(cfg: Config, force: bool = False) -> StageDir:
                           f"(data.kind={cfg.data.kind}): evaluate writes each model's videos in VBench's layout")
     prompts = read_prompts(e.prompts)
     stage = StageDir(cfg.run.dir, "evaluate")
-    if stage.done and not force:
-        print(f"[evaluate] done already: {stage.path} (use --force to rerun)")
+    models = entries(cfg)
+    if finished(stage, models, force):
         return stage
     seed = cfg.run.seed if e.seed is None else e.seed
-    models = entries(cfg)
     stage.guard({**{f"model '{m.name}'": m.source for m in models}, "evaluate.prompts": e.prompts,
                  **component_inputs(cfg)}, force)
     stage.begin(to_yaml(cfg), {m.name: weights_of(m.source) for m in models}, check_inputs=False)
@@ -85,14 +98,13 @@ def run(cfg: Config, force: bool = False) -> StageDir:
     if cfg.data.kind != "sprites":
         return run_text(cfg, force)
     stage = StageDir(cfg.run.dir, "evaluate")
-    if stage.done and not force:
-        print(f"[evaluate] done already: {stage.path} (use --force to rerun)")
+    models = entries(cfg)
+    if finished(stage, models, force):
         return stage
     if int(os.environ.get("RANK", "0")) != 0:  # sampling is single-process: other ranks have nothing to do
         return stage
     if cfg.evaluate.seed is None:
         cfg.evaluate.seed = cfg.run.seed
-    models = entries(cfg)
     stage.guard({f"model '{e.name}'": e.source for e in models}, force)
     stage.begin(to_yaml(cfg), {e.name: weights_of(e.source) for e in models}, check_inputs=False)
     hashes = stage.manifest()["inputs"]  # each model's weights, hashed once by `begin`

@@ -6,7 +6,8 @@
 
 From one teacher and one initialised student (`--base`: a run whose `pretrain_teacher` and `init_student` are
 done), every cell is trained in its own run folder `<out>/<cell>/` (each resumes, and runs alone with
-`--cells`), then all are scored by `evaluate` on the same noise (`evaluate.extra`), once per `--seeds` value:
+`--cells`), then all are scored by `evaluate` on the same noise (`evaluate.extra`), once per `--seeds` value
+(a cell added later is sampled alone; the cells scored before are reused):
 
 | cell | what | seed 002 predicts |
 | --- | --- | --- |
@@ -104,15 +105,15 @@ def evaluate_cells(cfg, base: Path, out: Path, trained: dict, videos: int, seed:
     """Score every cell with `evaluate` (one folder per seed): `{cell: row}`."""
     from stages import evaluate
 
-    e = replace(cfg.evaluate, models=["teacher", "teacher_few_step"], num_videos=videos, seed=seed,
-                extra={cell: str(path) for cell, path in trained.items()})
-    d = replace(cfg.distill, teacher=str(base / "pretrain_teacher"), student=str(base / "init_student"))
     folder = out / f"eval_seed{seed}"
     done = folder / "evaluate" / "report.json"
-    wanted = {"teacher", "teacher_few_step", *trained}
-    # an evaluation of fewer cells (run before others were trained) is redone whole (moved aside by --force)
-    stale = done.is_file() and not wanted <= set(json.loads(done.read_text())["models"])
-    path = evaluate.run(replace(cfg, run=replace(cfg.run, dir=str(folder)), evaluate=e, distill=d), force=stale).path
+    # the cells scored before stay in the report; a new cell extends it (evaluate samples only that one)
+    before = {m: r["source"] for m, r in json.loads(done.read_text())["models"].items()
+              if m in TRAINED} if done.is_file() else {}
+    e = replace(cfg.evaluate, models=["teacher", "teacher_few_step"], num_videos=videos, seed=seed,
+                extra={**before, **{cell: str(path) for cell, path in trained.items()}})
+    d = replace(cfg.distill, teacher=str(base / "pretrain_teacher"), student=str(base / "init_student"))
+    path = evaluate.run(replace(cfg, run=replace(cfg.run, dir=str(folder)), evaluate=e, distill=d)).path
     report = json.loads((path / "report.json").read_text())
     names = {"teacher": "df_l2", "teacher_few_step": "df_l2_4step"}
     return {names.get(m, m): row(r, report["real"]) for m, r in report["models"].items()}

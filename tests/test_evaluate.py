@@ -106,6 +106,27 @@ def test_rerun_skips_and_resume_reuses_finished_models(evaluated, capsys):
         assert again["models"][name]["frames"] == report["models"][name]["frames"]
 
 
+def test_a_new_extra_model_extends_the_finished_report(evaluated, tmp_path, capsys):
+    cfg, path, report = evaluated
+    run = copy_stages(path.parent, tmp_path / "run", (*STAGES, "evaluate"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "evaluate" / "samples").glob("*.safetensors")}
+    extra = {**cfg.evaluate.extra, "raw2": str(run / "init_student" / "transformer")}
+    again = tiny_cfg(run.parent, "model.prediction=x0", f"evaluate.extra={json.dumps(extra)}")
+    capsys.readouterr()
+    evaluate.run(again)
+    out = capsys.readouterr().out
+    assert "extending the finished" in out and "raw2" in out.split("extending")[1].splitlines()[0]
+    assert re.findall(r"\[evaluate\] (\w+): \d+ videos", out) == ["raw2"]  # only the new model is sampled
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "evaluate" / "samples").glob("*.safetensors")
+            if p.name in stamps} == stamps
+    extended = json.loads((run / "evaluate" / "report.json").read_text())
+    assert list(extended["models"]) == [*report["models"], "raw2"]
+    for name in report["models"]:
+        assert extended["models"][name]["frames"] == report["models"][name]["frames"], name
+    evaluate.run(again)  # every model asked for is scored: nothing to do
+    assert "done already" in capsys.readouterr().out
+
+
 def test_switch_at_scores_prompt_switching_as_the_benchmark_does(distill_stage, tmp_path):
     """`evaluate.switch_at`: every causal model's switched rollouts, kept and re-cached, scored in the report with
     the same numbers as `benchmarks/prompt_switch.py` (its own sampling call) gives for that model."""

@@ -53,8 +53,19 @@ def test_matrix_evaluates_again_when_a_cell_is_added(student_stage, tmp_path):
     base, out = Path(cfg.run.dir), tmp_path / "m"
     common = ["--base", str(base), "--out", str(out), "--steps", "2", "--videos", "6", "--seeds", "0", *TINY_OVERRIDES]
     assert matrix.main([*common, "--cells", "df_l2"]) == 0
+    samples = out / "eval_seed0" / "evaluate" / "samples"
+    teacher = (samples / "teacher_long.safetensors").stat().st_mtime_ns
+    first = json.loads((out / "matrix.json").read_text())["cells"]["df_l2"]
     assert matrix.main([*common, "--cells", "df_l2,sf_gan"]) == 0
-    assert set(json.loads((out / "matrix.json").read_text())["cells"]) == {"df_l2", "sf_gan"}
+    result = json.loads((out / "matrix.json").read_text())["cells"]
+    assert set(result) == {"df_l2", "sf_gan"}
+    # the added cell is sampled alone: the teacher's samples and numbers are the first run's
+    assert (samples / "teacher_long.safetensors").stat().st_mtime_ns == teacher
+    assert {k: v for k, v in result["df_l2"].items() if k != "frames_per_s"} == \
+        {k: v for k, v in first.items() if k != "frames_per_s"}
+    assert matrix.main([*common, "--cells", "df_l2,sf_dmd"]) == 0  # sf_gan stays in the seed's report
+    models = json.loads((samples.parent / "report.json").read_text())["models"]
+    assert {"sf_gan", "sf_dmd"} <= set(models)
 
 
 def test_matrix_jobs_run_cells_and_seeds_in_processes(student_stage, tmp_path):
