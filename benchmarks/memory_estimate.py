@@ -1,6 +1,8 @@
 """The `--dry-run` memory estimate against the peak measured on this machine, per training stage.
 
     python benchmarks/memory_estimate.py [--config CONFIG] [--stages s1,s2] [key=value ...]
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml --num_processes N \
+        benchmarks/memory_estimate.py ...   # the estimate of that backend and process count, per process
 
 Runs pretrain_teacher, init_student and distill (or `--stages`) in a temporary run dir, each under
 `pipeline.training.memory.TensorPeak` (the peak bytes of live tensors: weights, optimizer, EMA, activations,
@@ -13,6 +15,7 @@ checks one within 25 %.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,13 +35,23 @@ from pipeline.training.trainer import Trainer  # noqa: E402
 STAGES = ("pretrain_teacher", "init_student", "distill")
 
 
+def launched_backend() -> tuple[str, int, int]:
+    """(backend, ZeRO stage, processes) of the `accelerate launch` that started this process (its environment),
+    or one plain process."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DEEPSPEED", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), processes
+    return "DDP", 0, processes
+
+
 def measure(cfg, stages=STAGES, verbose: bool = False) -> dict[str, tuple[float, float, str]]:
     """Run `stages` of `cfg` in order (its run dir) and return `{stage: (measured peak bytes, estimated
     bytes, the estimate's peak phase)}`."""
     out = {}
     cuda = run_device(cfg).type == "cuda"
+    backend, zero, processes = launched_backend()
     for stage in stages:
-        est = memory_estimate(cfg, stage)
+        est = memory_estimate(cfg, stage, num_processes=processes, backend=backend, stage_zero=zero)
         def run(cfg, force, _stage=stage):  # what `python -m stages.<stage>` runs
             return Trainer(method_for(_stage, cfg), force=force).run()
         if cuda:

@@ -12,12 +12,15 @@ GIB = memory.GIB
 def test_model_states_per_backend():
     ddp = memory.model_states(P, trained=2, ema=1, frozen=1, backend="DDP", zero_stage=0, processes=4)
     assert ddp == dict(weights=8 * P, gradients=8 * P, optimizer=16 * P, ema=4 * P, frozen=4 * P)
+    # DeepSpeed (measured on the CPU, benchmarks/memory_estimate.py): an fp32 master copy of each engine's
+    # partition, and its whole fp32 gradient bucket beside the gradient partition; the frozen engine holds fp32
+    bucket = 4 * memory.DEEPSPEED_REDUCE_BUCKET
     z2 = memory.model_states(P, 2, 1, 1, "DEEPSPEED", 2, 4)
-    assert z2 == dict(weights=8 * P, gradients=2 * P, optimizer=4 * P, ema=4 * P, frozen=1 * P)
+    assert z2 == dict(weights=2 * (4 * P + P), gradients=2 * (bucket + P), optimizer=4 * P, ema=4 * P, frozen=1 * P)
     z3 = memory.model_states(P, 2, 1, 1, "DEEPSPEED", 3, 4)
-    assert z3["weights"] == 2 * P and z3["gradients"] == 2 * P
+    assert z3["weights"] == 2 * (P + P) and z3["gradients"] == 2 * (bucket + P)
     z1 = memory.model_states(P, 1, 0, 0, "DEEPSPEED", 1, 2, frozen_bytes=2)
-    assert (z1["gradients"], z1["optimizer"]) == (4 * P, 4 * P)
+    assert (z1["gradients"], z1["optimizer"]) == (bucket + 4 * P, 4 * P)
 
 
 def test_activation_rules():

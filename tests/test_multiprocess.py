@@ -130,6 +130,24 @@ def test_deepspeed_zero2_distill_and_resume_with_another_process_count(one_proce
         assert max_diff(weights(run, "distill", part), weights(one_process, "distill", part)) <= TOL, part
 
 
+def test_deepspeed_zero2_in_bf16_computes_as_one_process(one_process, tmp_path):
+    """bf16 (the default on GPUs) under DeepSpeed: the weights stay fp32 and the steps run under autocast, as in
+    DDP (DeepSpeed's own bf16 cast the weights, so the fp32 inputs failed in the first layer); the checkpoint
+    holds fp32 weights."""
+    runs = {}
+    for name, accel in (("ddp", None), ("ds", "deepspeed_zero2.yaml")):
+        runs[name] = copy_stages(one_process, tmp_path / name)
+        launch(runs[name], "distill", "distill.batch_size=2", "distill.steps=2", "run.mixed_precision=bf16",
+               processes=2, accelerate_config=accel)
+    assert manifest(runs["ds"], "distill")["metrics"]["replicas_identical"] == 2
+    for part in ("transformer", "critic"):
+        ds, ddp = weights(runs["ds"], "distill", part), weights(runs["ddp"], "distill", part)
+        assert all(v.dtype == torch.float32 for v in ds.values()), part
+        assert max_diff(ds, ddp) <= TOL, part
+        assert max_diff(ds, weights(one_process, "init_student" if part == "transformer" else "pretrain_teacher",
+                                    "transformer_ema")) > 1e-3, part  # trained
+
+
 def test_fsdp_config_validates_in_dry_run_and_is_refused_on_cpu(tmp_path):
     r = launch(tmp_path / "run", "distill", "--dry-run", processes=2, accelerate_config="fsdp.yaml")
     assert "processes: 2 (FSDP)" in r.stdout
@@ -141,6 +159,18 @@ def test_fsdp_config_validates_in_dry_run_and_is_refused_on_cpu(tmp_path):
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "FSDP runs on GPUs only" in bad.stderr
         assert not (tmp_path / "run" / "distill").exists()
+
+
+def test_zero3_for_trained_models_estimates_in_dry_run_and_is_refused_to_train(tmp_path):
+    r = launch(tmp_path / "run", "distill", "--dry-run", processes=2, accelerate_config="deepspeed_zero3.yaml")
+    assert "processes: 2 (DEEPSPEED" in r.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    bad = subprocess.run([sys.executable, "-m", "stages.launch", str(tmp_path / "empty.yaml"), "--stages", "distill",
+                          "--num-processes", "2", "--accelerate-config", str(ACCEL / "deepspeed_zero3.yaml"),
+                          *TINY_OVERRIDES, f"run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                         env={**env, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode == 2 and "ZeRO-3 for the trained models is not supported" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "distill").exists()
 
 
 def test_bad_accelerate_config_is_one_line(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Config, TrainingConfig
-from pipeline.training.distributed import global_norm
+from pipeline.training.distributed import autocast, global_norm, mixed_precision
 from pipeline.training.optim import averaged, ema_step, optimizer_step
 from pipeline.training.settings import flatten, settings_of
 
@@ -175,7 +175,7 @@ class Method:
         for i in range(self.section.grad_accum):
             b = batch(i)
             with acc.accumulate(t.module, *(m[0] for m in more)):
-                with acc.autocast():
+                with autocast(acc, mixed_precision(self.cfg)):
                     value, stats = loss(b)
                 norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step,
                                       also=more)

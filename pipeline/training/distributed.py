@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MethodType
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                               ProjectConfiguration, convert_outputs_to_fp32)
 
 from pipeline.config import Config
 from pipeline.data.shard import ShardedGenerator
@@ -67,15 +69,52 @@ def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_acc
                                  gradient_clipping=1.0 if frozen else clip, zero3_init_flag=False,
                                  **({} if frozen else offload))
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        # DeepSpeed's own bf16 would cast the weights to bf16 (and save them so); ours stay fp32 and the steps
+        # compute under torch.autocast (`autocast` below), as under DDP: the same numerics, fp32 checkpoints
+        plugin.deepspeed_config.update(bf16={"enabled": False}, fp16={"enabled": False})
+        if frozen:  # ZeRO-3's memory-efficient linear (it spares a backward we never run) would replace
+            # torch.nn.functional.linear for the whole process, adding the bias after a rounded bf16 matmul
+            plugin.deepspeed_config["zero_optimization"]["memory_efficient_linear"] = False
         plugins[name] = plugin
     return plugins
 
 
-def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False):
+def _deepspeed_amp(accelerator: Accelerator, mixed_precision: str) -> bool:
+    """Whether a bf16 run's autocast is ours to apply: under DeepSpeed accelerate leaves mixed precision to the
+    engine, whose own bf16 we keep off (`deepspeed_plugins`), so `accelerator.autocast()` does nothing."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and mixed_precision == "bf16"
+
+
+def autocast(accelerator: Accelerator, mixed_precision: str):
+    """The context a training step's forward passes run in: `accelerator.autocast()` (bf16 autocast in a bf16
+    run; `mixed_precision`: the run's, `mixed_precision(cfg)`), and the same under DeepSpeed."""
+    if _deepspeed_amp(accelerator, mixed_precision):
+        return _bf16_autocast(accelerator)
+    return accelerator.autocast()
+
+
+def _bf16_autocast(accelerator: Accelerator):
+    """`accelerator.autocast()` of a bf16 run (accelerate's would pick the device's default dtype under
+    DeepSpeed: fp16 on CUDA)."""
+    kwargs = accelerator.autocast_handler.to_kwargs() if accelerator.autocast_handler is not None else {}
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, **kwargs)
+
+
+def _amp_forward(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """What `accelerator.prepare` does to a model's forward in a bf16 run (autocast, outputs cast to fp32) but skips
+    under DeepSpeed: done here so that DeepSpeed engines compute as DDP does."""
+    model._original_forward = model.forward  # `unwrap_model` takes the wrapper off again by this
+    model.forward = MethodType(convert_outputs_to_fp32(_bf16_autocast(accelerator)(model.forward.__func__)), model)
+
+
+def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False,
+            mixed_precision: str = "no"):
     """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
     (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
     under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
     `find_unused`: its DDP looks for parameters a step leaves without gradient (`Trained.partial`).
+    `mixed_precision`: the run's (`mixed_precision(cfg)`); in bf16 under DeepSpeed the model's forward gets the
+    autocast accelerate gives it under DDP (`_amp_forward`).
 
     Returns:
         the wrapped model, or (model, optimizer).
@@ -84,6 +123,8 @@ def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_
         state = accelerator.state
         active = next(k for k, v in state.deepspeed_plugins.items() if v is state.deepspeed_plugin)
         state.select_deepspeed_plugin(name)
+        if _deepspeed_amp(accelerator, mixed_precision):
+            _amp_forward(accelerator, model)
         if optimizer is not None:
             return accelerator.prepare(model, optimizer)
         model = accelerator.prepare(model)

@@ -6,17 +6,22 @@ Model states are counted exactly from the parameter count `P` (bytes per paramet
 
 | state | bytes | DDP | ZeRO-1 | ZeRO-2 | ZeRO-3 |
 | --- | --- | --- | --- | --- | --- |
-| fp32 weights (trained) | 4 | 4 | 4 | 4 | 4/N |
-| fp32 gradients | 4 | 4 | 4 | 4/N | 4/N |
+| fp32 weights (trained) | 4 | 4 | 4 + 4/N | 4 + 4/N | 4/N + 4/N |
+| fp32 gradients (while the model updates) | 4 | 4 | 4 + bucket | 4/N + bucket | 4/N + bucket |
 | AdamW moments (2 × fp32) | 8 | 8 | 8/N | 8/N | 8/N |
 | EMA copy (fp32, generator / teacher; `ema_device: cpu`: 0) | 4 | 4 | 4 | 4 | 4 |
-| frozen weights (distill's real score; bf16 runs hold its matmul weights in bf16) | 4 (2 in bf16) | same | same | same | /N (ZeRO-3 engine) |
+| frozen weights (distill's real score; bf16 runs hold its matmul weights in bf16) | 4 (2 in bf16) | same | 4/N (a ZeRO-3 engine, fp32) | same | same |
+
+A DeepSpeed engine keeps an fp32 master copy of its partition beside the model's weights (the `+ 4/N`), and
+while its model updates, the gradient bucket it reduces through (`DEEPSPEED_REDUCE_BUCKET` fp32 elements, 1.86 GiB,
+whatever the model's size) and its gradient partition; it frees both at the optimiser step
+(measured on the CPU with `benchmarks/memory_estimate.py` under `accelerate launch`, ZeRO-2, 1 and 2 processes).
 
 Gradients live from a model's first backward of an update to its optimiser step (`zero_grad(set_to_none)`),
 across the micro-batches of `grad_accum`. Where they stay between updates differs: under DDP (more than one
 process) each trained model's gradient buckets are allocated when it is wrapped and kept (the gradients are
-views into them, `gradient_as_bucket_view`), and DeepSpeed keeps its gradient partitions; one process keeps
-none, so distill's generator and critic updates each hold only their own model's gradients.
+views into them, `gradient_as_bucket_view`); one process and DeepSpeed keep none, so distill's generator and
+critic updates each hold only their own model's gradients.
 
 Activations follow what the code saves for the backward pass, measured on `CausalWanTransformer`
 (`SavedTensors`, CPU, fp32 and bf16 autocast; `a` = 4 bytes in fp32, 2 under bf16 autocast):
@@ -61,6 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 GIB = 1024 ** 3
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): its default, allocated whole
 # Bytes saved per token by one block without recomputation: (per D, per ffn), by activation bytes (4: fp32, 2: bf16).
 BLOCK_BYTES = {4: (89, 8), 2: (69, 4)}
 HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
@@ -116,19 +122,23 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
         trained, ema, frozen: how many models of that size are trained (with AdamW), EMA-averaged on the
             device, held frozen.
         backend: "DDP" (or single), "DEEPSPEED"; `zero_stage` applies to DeepSpeed.
-        frozen_bytes: 4 (fp32) or about 2 (bf16) per frozen weight.
+        frozen_bytes: 4 (fp32) or about 2 (bf16) per frozen weight (a DeepSpeed engine holds fp32).
         trained_params: of a trained model, the parameters that train (LoRA: the adapters; their gradients,
             AdamW state and EMA; its frozen base weights are held as weights); default all.
     """
     n = max(processes, 1)
-    stage = zero_stage if backend == "DEEPSPEED" else 0
-    w = 4 / n if stage >= 3 else 4
-    g = 4 / n if stage >= 2 else 4
-    o = 8 / n if stage >= 1 else 8
-    f = frozen_bytes / n if backend == "DEEPSPEED" else frozen_bytes  # the frozen teacher: a ZeRO-3 engine
     t = params if trained_params is None else trained_params
-    return dict(weights=trained * (params * w if trained_params is None else (params - t) * 4 + t * w),
-                gradients=trained * t * g, optimizer=trained * t * o, ema=ema * t * 4, frozen=frozen * params * f)
+    if backend == "DEEPSPEED":
+        # measured on the CPU (benchmarks/memory_estimate.py under accelerate launch): each engine keeps an fp32
+        # master copy of its partition beside the model's weights, and while its model updates, its fp32
+        # gradient bucket (`DEEPSPEED_REDUCE_BUCKET` elements, whatever the model's size) and gradient partition
+        whole = 4 / n if zero_stage >= 3 else 4
+        o = 8 / n if zero_stage >= 1 else 8
+        return dict(weights=trained * (params * whole + t * 4 / n),
+                    gradients=trained * (4 * DEEPSPEED_REDUCE_BUCKET + t * (4 / n if zero_stage >= 2 else 4)),
+                    optimizer=trained * t * o, ema=ema * t * 4, frozen=frozen * params * 4 / n)
+    return dict(weights=trained * params * 4, gradients=trained * t * 4, optimizer=trained * t * 8, ema=ema * t * 4,
+                frozen=frozen * params * frozen_bytes)
 
 
 def lora_params(shape: "Shape", rank: int, target_modules) -> int:
@@ -329,7 +339,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
                                    "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
         states = {k: gen_states[k] + critic_states[k] + real_states[k] for k in gen_states}
-        kept = backend == "DEEPSPEED" or processes > 1  # gradients held between updates (see the docstring)
+        kept = backend != "DEEPSPEED" and processes > 1  # gradients held between updates (see the docstring)
         gen_phase = states if kept else {**states, "gradients": gen_states["gradients"]}
         critic_phase = states if kept else {**states, "gradients": critic_states["gradients"]}
         critic_masked = masked(run.attention)

@@ -20,8 +20,8 @@ from pipeline.io.run_dir import StageDir
 from pipeline.methods.base import Method
 from pipeline.models.loading import save_model, save_weights
 from pipeline.training.checkpoint import CheckpointManager
-from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, prepare,
-                                           restore_optimizer_state)
+from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, mixed_precision,
+                                           prepare, restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
 from pipeline.training.memory import accelerator_backend, device_peak, peak_report
 from pipeline.training.optim import averaged, place_ema, replay_schedule
@@ -90,9 +90,10 @@ class Trainer:
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
         for n, t in method.trained.items():
-            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial)
+            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial,
+                                            mixed_precision=mixed_precision(cfg))
         for n, m in method.frozen.items():
-            method.frozen[n] = prepare(accelerator, n, m)
+            method.frozen[n] = prepare(accelerator, n, m, mixed_precision=mixed_precision(cfg))
         if step:
             for n, t in method.trained.items():
                 restore_optimizer_state(accelerator, t.module, loaded[n])
