@@ -89,11 +89,12 @@ class Trainer:
 
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
+        mp = mixed_precision(cfg)
         for n, t in method.trained.items():
             t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial,
-                                            mixed_precision=mixed_precision(cfg))
+                                           mixed_precision=mp)
         for n, m in method.frozen.items():
-            method.frozen[n] = prepare(accelerator, n, m, mixed_precision=mixed_precision(cfg))
+            method.frozen[n] = prepare(accelerator, n, m, mixed_precision=mp)
         if step:
             for n, t in method.trained.items():
                 restore_optimizer_state(accelerator, t.module, loaded[n])
