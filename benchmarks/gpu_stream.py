@@ -353,7 +353,7 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
     # DF+L2: one model trained, per-frame levels (Diffusion Forcing), block-causal vs bidirectional attention.
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
 
-    def df_step(attention):
+    def df_step(attention, student, opt):  # arguments, not closures: the names are deleted below
         def fn():
             sigma = torch.rand(b, shape[1], generator=g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
@@ -368,12 +368,12 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
     reset_peak(device, free=True)
     for m in modes:  # warm-up (and the optimizer's state)
         log(f"training: DF+L2 {m} warm-up step ...")
-        timed_step(df_step(m), device, autocast)
+        timed_step(df_step(m, student, opt), device, autocast)
     times, peaks = {m: [] for m in modes}, {m: 0.0 for m in modes}
     for r in range(args.train_repeats):  # interleaved: a busy spell of the machine hits both alike
         for m in modes:
             reset_peak(device)
-            times[m].append(timed_step(df_step(m), device, autocast))
+            times[m].append(timed_step(df_step(m, student, opt), device, autocast))
             peaks[m] = max(peaks[m], peak_gib(device))
         log(f"training: DF+L2 repeat {r + 1}/{args.train_repeats}: "
             + ", ".join(f"{m} {times[m][-1]:.3f} s" for m in modes))
@@ -400,7 +400,7 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
         max_context_frames=st.max_context_frames, sink_frames=st.sink_frames)
     batch = {"context": ctx, "null": torch.zeros_like(ctx), "shape": shape}
 
-    def at_exit(k):
+    def at_exit(k, method, opt):
         def fn():
             method.exit_steps = lambda n, gen: torch.full((n,), k)
             loss, _ = method.generator_loss(batch, g)
@@ -411,12 +411,12 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
 
     steps = len(method.sigmas)
     reset_peak(device, free=True)
-    timed_step(at_exit(steps - 1), device, autocast)  # warm-up (and the optimizer's state)
+    timed_step(at_exit(steps - 1, method, opt), device, autocast)  # warm-up (and the optimizer's state)
     per_exit, peak = {k: [] for k in range(steps)}, 0.0
     for r in range(args.train_repeats):
         for k in range(steps):
             reset_peak(device)
-            per_exit[k].append(timed_step(at_exit(k), device, autocast))
+            per_exit[k].append(timed_step(at_exit(k, method, opt), device, autocast))
             peak = max(peak, peak_gib(device))
         log(f"training: sf_dmd repeat {r + 1}/{args.train_repeats}: "
             + ", ".join(f"exit {k} {per_exit[k][-1]:.3f} s" for k in range(steps)))

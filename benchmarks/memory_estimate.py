@@ -15,7 +15,6 @@ checks one within 25 %.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,21 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.training.memory import TensorPeak  # noqa: E402
 from pipeline.cli import parse_with_overrides  # noqa: E402
-from pipeline.training.distributed import run_device  # noqa: E402
+from pipeline.training.distributed import launched_backend, run_device  # noqa: E402
 from pipeline.plan import memory_estimate  # noqa: E402
 from pipeline.methods import method_for  # noqa: E402
 from pipeline.training.trainer import Trainer  # noqa: E402
 
 STAGES = ("pretrain_teacher", "init_student", "distill")
-
-
-def launched_backend() -> tuple[str, int, int]:
-    """(backend, ZeRO stage, processes) of the `accelerate launch` that started this process (its environment),
-    or one plain process."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "DEEPSPEED", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), processes
-    return "DDP", 0, processes
 
 
 def measure(cfg, stages=STAGES, verbose: bool = False) -> dict[str, tuple[float, float, str]]:

@@ -22,6 +22,7 @@ import yaml
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.plan import plan
+from pipeline.training.distributed import refuse_trained_zero3
 from pipeline.training.stage_io import lock_run_dir
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
@@ -123,12 +124,7 @@ def main(argv=None) -> int:
                 print(plan(cfg, stages, args.num_processes, backend, zero))
             if args.dry_run:
                 return 0
-            if zero == 3:  # tried on the CPU: the EMA step, the saved weights and the checkpoints all need the
-                # partitioned weights gathered, which the trainer does not do (a frozen teacher is a ZeRO-3 engine anyway)
-                raise ConfigError(f"--accelerate-config {args.accelerate_config}: ZeRO-3 for the trained models is "
-                                  "not supported yet (their saved weights would be partitions); use "
-                                  "configs/accelerate/deepspeed_zero2.yaml, where the frozen teacher is a ZeRO-3 "
-                                  "engine already (--dry-run still estimates ZeRO-3)")
+            refuse_trained_zero3(zero, f"--accelerate-config {args.accelerate_config}")  # before any process starts
             if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/io/guard.py);
                 # the processes `accelerate launch` starts below find it held by this one (CVD_LOCKS) and go on
                 lock = lock_run_dir(cfg, stages, f"./launch.sh {shlex.join(line)}")

@@ -173,6 +173,23 @@ def test_zero3_for_trained_models_estimates_in_dry_run_and_is_refused_to_train(t
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "distill").exists()
 
 
+def test_a_stage_started_by_accelerate_itself_refuses_trained_zero3(tmp_path, monkeypatch):
+    """`accelerate launch -m stages.distill` (no launcher to read the config file) stops too: the accelerator
+    refuses trained ZeRO-3 engines from the launch environment, before it exists."""
+    from pipeline.config import Config, ConfigError
+    from pipeline.training.distributed import launched_backend, make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_backend() == ("DEEPSPEED", 3, 2)
+    with pytest.raises(ConfigError, match="ZeRO-3 for the trained models is not supported"):
+        make_accelerator(Config(), tmp_path / "stage", models={"generator": 1.0, "teacher": None})
+    assert not (tmp_path / "stage").exists()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert launched_backend() == ("DDP", 0, 2)
+
+
 def test_bad_accelerate_config_is_one_line(tmp_path):
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Config, TrainingConfig
-from pipeline.training.distributed import autocast, global_norm, mixed_precision
+from pipeline.training.distributed import autocast, global_norm
 from pipeline.training.optim import averaged, ema_step, optimizer_step
 from pipeline.training.settings import flatten, settings_of
 
@@ -94,6 +94,7 @@ class Method:
     def __init__(self, *, cfg: Config, section: TrainingConfig):
         self.cfg, self.section = cfg, section
         self.accelerator: Accelerator | None = None
+        self.precision = "no"  # the run's `mixed_precision(cfg)`, resolved by the trainer before `build`
         self.trained: dict[str, Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
         self.ema = None
@@ -175,7 +176,7 @@ class Method:
         for i in range(self.section.grad_accum):
             b = batch(i)
             with acc.accumulate(t.module, *(m[0] for m in more)):
-                with autocast(acc, mixed_precision(self.cfg)):
+                with autocast(acc, self.precision):
                     value, stats = loss(b)
                 norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step,
                                       also=more)

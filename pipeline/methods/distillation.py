@@ -35,7 +35,7 @@ from pipeline.models.discriminator import FrameDiscriminatorHead
 from pipeline.models.loading import load_source, student_config
 from pipeline.models.roles import Role, check_compatible, load_role
 from pipeline.models.sampling_meta import attach, sampling_record
-from pipeline.training.distributed import local_batch, mixed_precision, shared_generator
+from pipeline.training.distributed import local_batch, shared_generator
 from pipeline.training.optim import averaged, hold_frozen, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 
@@ -145,8 +145,8 @@ class DMDMethod(Method):
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.gan_only:  # the GAN needs no real score: only the critic (the discriminator's backbone) started as it
             self.teacher = None
-        else:  # bf16 matmul weights when the run computes in bf16 (a DeepSpeed engine casts it itself)
-            hold_frozen(self.teacher, "no" if deepspeed and not dc.teacher_offload else mixed_precision(self.cfg))
+        else:  # bf16 matmul weights when the run computes in bf16 (a DeepSpeed ZeRO-3 engine partitions it in fp32)
+            hold_frozen(self.teacher, "no" if deepspeed and not dc.teacher_offload else self.precision)
         if dc.teacher_offload and self.teacher is not None:  # in CPU memory; each layer visits the device for its call
             cpu_offload(self.teacher, execution_device=accelerator.device)
         self.ema = EMAModel(averaged(self.generator), decay=dc.ema_decay, update_after_step=dc.ema_start)

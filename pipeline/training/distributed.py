@@ -12,7 +12,7 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
                                ProjectConfiguration, convert_outputs_to_fp32)
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.shard import ShardedGenerator
 from pipeline.models.device import resolve_device
 
@@ -32,22 +32,49 @@ def mixed_precision(cfg: Config) -> str:
     return mp
 
 
+def launched_backend() -> tuple[str, int, int]:
+    """(backend, ZeRO stage, processes) this process was started with, from the environment `accelerate launch`
+    sets (readable before any accelerator exists): DEEPSPEED with its stage, FSDP, or DDP (a plain process too)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DEEPSPEED", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), processes
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP", 0, processes
+    return "DDP", 0, processes
+
+
+def refuse_trained_zero3(zero_stage: int, source: str) -> None:
+    """Trained models under ZeRO-3 are refused (ConfigError naming `source`): their EMA step, saved weights,
+    checkpoints and preview would need the partitioned weights gathered, which the trainer does not do (tried on
+    the CPU). A frozen teacher is a ZeRO-3 engine under ZeRO-1/2 configs anyway."""
+    if zero_stage == 3:
+        raise ConfigError(f"{source}: ZeRO-3 for the trained models is not supported yet (their saved weights would "
+                          "be partitions); use configs/accelerate/deepspeed_zero2.yaml, where the frozen teacher is "
+                          "a ZeRO-3 engine already (--dry-run still estimates ZeRO-3)")
+
+
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
-                     models: dict[str, float | None] | None = None) -> Accelerator:
+                     models: dict[str, float | None] | None = None, *,
+                     precision: str | None = None) -> Accelerator:
     """An `Accelerator` logging TensorBoard scalars under `<stage>/logs`; bf16 where supported.
 
     Under DeepSpeed (an accelerate config with `distributed_type: DEEPSPEED`), every model gets its
     own plugin, as accelerate's multi-model API requires: `models` maps a name to its gradient clip
-    (a trained model: the config file's ZeRO stage) or None (frozen: ZeRO-3, weights partitioned, no
-    optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before preparing it.
-    Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed asks for.
+    (a trained model: the config file's ZeRO stage, not 3: `refuse_trained_zero3`) or None (frozen: ZeRO-3,
+    weights partitioned, no optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before
+    preparing it. Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed
+    asks for. `precision`: the run's `mixed_precision(cfg)`, if the caller resolved it already.
     """
     cpu = run_device(cfg).type == "cpu"
-    mp = mixed_precision(cfg)
+    mp = precision if precision is not None else mixed_precision(cfg)
     # DDP's gradients are views into its buckets, not a second copy (4 bytes per trained parameter saved)
     kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        kwargs["deepspeed_plugins"] = deepspeed_plugins(models or {"model": 1.0}, batch_size, grad_accum)
+    backend, zero, _ = launched_backend()
+    if backend == "DEEPSPEED":
+        models = models or {"model": 1.0}
+        if any(clip is not None for clip in models.values()):
+            refuse_trained_zero3(zero, "the accelerate config (deepspeed_config.zero_stage)")
+        kwargs["deepspeed_plugins"] = deepspeed_plugins(models, batch_size, grad_accum)
         if cpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
             cpu = False  # DeepSpeed picks its CPU accelerator itself; accelerate's cpu flag would disable it
@@ -59,7 +86,7 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_s
 def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_accum: int) -> dict:
     """One `DeepSpeedPlugin` per model: trained ones at the ZeRO stage (and offload) of the accelerate
     config (read by accelerate from the environment its launcher sets), frozen ones at ZeRO-3."""
-    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    stage = launched_backend()[1]
     offload = {k: os.environ.get(f"ACCELERATE_DEEPSPEED_{k.upper()}", "none")
                for k in ("offload_optimizer_device", "offload_param_device")}
     plugins = {}
@@ -79,16 +106,16 @@ def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_acc
     return plugins
 
 
-def _deepspeed_amp(accelerator: Accelerator, mixed_precision: str) -> bool:
+def _deepspeed_amp(accelerator: Accelerator, precision: str) -> bool:
     """Whether a bf16 run's autocast is ours to apply: under DeepSpeed accelerate leaves mixed precision to the
     engine, whose own bf16 we keep off (`deepspeed_plugins`), so `accelerator.autocast()` does nothing."""
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and mixed_precision == "bf16"
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and precision == "bf16"
 
 
-def autocast(accelerator: Accelerator, mixed_precision: str):
+def autocast(accelerator: Accelerator, precision: str):
     """The context a training step's forward passes run in: `accelerator.autocast()` (bf16 autocast in a bf16
-    run; `mixed_precision`: the run's, `mixed_precision(cfg)`), and the same under DeepSpeed."""
-    if _deepspeed_amp(accelerator, mixed_precision):
+    run; `precision`: the run's, `mixed_precision(cfg)`), and the same under DeepSpeed."""
+    if _deepspeed_amp(accelerator, precision):
         return _bf16_autocast(accelerator)
     return accelerator.autocast()
 
@@ -108,12 +135,12 @@ def _amp_forward(accelerator: Accelerator, model: torch.nn.Module) -> None:
 
 
 def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False,
-            mixed_precision: str = "no"):
+            precision: str = "no"):
     """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
     (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
     under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
     `find_unused`: its DDP looks for parameters a step leaves without gradient (`Trained.partial`).
-    `mixed_precision`: the run's (`mixed_precision(cfg)`); in bf16 under DeepSpeed the model's forward gets the
+    `precision`: the run's (`mixed_precision(cfg)`); in bf16 under DeepSpeed the model's forward gets the
     autocast accelerate gives it under DDP (`_amp_forward`).
 
     Returns:
@@ -123,7 +150,7 @@ def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_
         state = accelerator.state
         active = next(k for k, v in state.deepspeed_plugins.items() if v is state.deepspeed_plugin)
         state.select_deepspeed_plugin(name)
-        if _deepspeed_amp(accelerator, mixed_precision):
+        if _deepspeed_amp(accelerator, precision):
             _amp_forward(accelerator, model)
         if optimizer is not None:
             return accelerator.prepare(model, optimizer)

@@ -519,15 +519,6 @@ def device_peak(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def accelerator_backend(accelerator) -> tuple[str, int]:
-    """(backend, ZeRO stage) of a running accelerator, in the estimate's terms: DEEPSPEED with its stage,
-    FSDP, or DDP (one process included)."""
-    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if kind == "DEEPSPEED":
-        return kind, int(accelerator.state.deepspeed_plugin.zero_stage)
-    return ("FSDP" if kind == "FSDP" else "DDP"), 0
-
-
 def peak_report(stage: str, peak: int, estimate: "MemoryEstimate") -> str:
     """One line: the measured device peak beside the `--dry-run` estimate of the same setting."""
     gib = 2 ** 30

@@ -9,7 +9,6 @@ logging (tqdm, TensorBoard), fault points, the replica check, saving and the pre
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -20,10 +19,10 @@ from pipeline.io.run_dir import StageDir
 from pipeline.methods.base import Method
 from pipeline.models.loading import save_model, save_weights
 from pipeline.training.checkpoint import CheckpointManager
-from pipeline.training.distributed import (check_replicas, full_optimizer_state, make_accelerator, mixed_precision,
-                                           prepare, restore_optimizer_state)
+from pipeline.training.distributed import (check_replicas, full_optimizer_state, launched_backend, make_accelerator,
+                                           mixed_precision, prepare, restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
-from pipeline.training.memory import accelerator_backend, device_peak, peak_report
+from pipeline.training.memory import device_peak, peak_report
 from pipeline.training.optim import averaged, place_ema, replay_schedule
 from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
@@ -45,8 +44,8 @@ class Trainer:
         cfg, section = method.cfg, method.section
         stage = StageDir(cfg.run.dir, method.stage)
         stage.guard(method.inputs(), force)
-        # WORLD_SIZE: set by `accelerate launch` for every worker (the accelerator does not exist yet)
-        settings = method.fingerprint(processes=int(os.environ.get("WORLD_SIZE", "1")))
+        backend, zero, processes = launched_backend()  # the accelerator does not exist yet
+        settings = method.fingerprint(processes=processes)
         harmless, defaults = method.harmless_settings(), method.fingerprint_defaults()
         if stage.done and not force:  # a done stage is never kept silently on changed settings or inputs
             if "settings" in stage.manifest():
@@ -57,8 +56,9 @@ class Trainer:
         if finished_already(stage, section, force):
             return stage
         method.load()
+        method.precision = mp = mixed_precision(cfg)  # resolved once: the accelerator, the wrappers and every step
         accelerator = make_accelerator(cfg, stage.path, grad_accum=section.grad_accum, batch_size=section.batch_size,
-                                       models=method.engines())
+                                       models=method.engines(), precision=mp)
         if force and stage.path.exists():  # a rerun from scratch: the earlier run's folder is kept aside
             if accelerator.is_main_process:
                 print(f"[{stage.stage}] --force: moved the earlier stage folder aside to {stage.move_aside()}")
@@ -89,12 +89,10 @@ class Trainer:
 
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
-        mp = mixed_precision(cfg)
         for n, t in method.trained.items():
-            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial,
-                                           mixed_precision=mp)
+            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial, precision=mp)
         for n, m in method.frozen.items():
-            method.frozen[n] = prepare(accelerator, n, m, mixed_precision=mp)
+            method.frozen[n] = prepare(accelerator, n, m, precision=mp)
         if step:
             for n, t in method.trained.items():
                 restore_optimizer_state(accelerator, t.module, loaded[n])
@@ -153,7 +151,6 @@ class Trainer:
             if (peak := device_peak(accelerator.device)) is not None:  # the figure the --dry-run estimate predicts
                 from pipeline.plan import memory_estimate
 
-                backend, zero = accelerator_backend(accelerator)
                 est = memory_estimate(cfg, stage.stage, num_processes=accelerator.num_processes, backend=backend,
                                       stage_zero=zero)
                 metrics.update(peak_memory_gib=peak / 2 ** 30, memory_estimate_gib=est.total / 2 ** 30)
