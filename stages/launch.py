@@ -22,7 +22,6 @@ import yaml
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.plan import plan
-from pipeline.training.distributed import refuse_trained_zero3
 from pipeline.training.stage_io import lock_run_dir
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
@@ -124,7 +123,6 @@ def main(argv=None) -> int:
                 print(plan(cfg, stages, args.num_processes, backend, zero))
             if args.dry_run:
                 return 0
-            refuse_trained_zero3(zero, f"--accelerate-config {args.accelerate_config}")  # before any process starts
             if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/io/guard.py);
                 # the processes `accelerate launch` starts below find it held by this one (CVD_LOCKS) and go on
                 lock = lock_run_dir(cfg, stages, f"./launch.sh {shlex.join(line)}")

@@ -17,8 +17,10 @@ def test_model_states_per_backend():
     bucket = 4 * memory.DEEPSPEED_REDUCE_BUCKET
     z2 = memory.model_states(P, 2, 1, 1, "DEEPSPEED", 2, 4)
     assert z2 == dict(weights=2 * (4 * P + P), gradients=2 * (bucket + P), optimizer=4 * P, ema=4 * P, frozen=1 * P)
-    z3 = memory.model_states(P, 2, 1, 1, "DEEPSPEED", 3, 4)
-    assert z3["weights"] == 2 * (P + P) and z3["gradients"] == 2 * (bucket + P)
+    z3 = memory.model_states(P, 2, 1, 1, "DEEPSPEED", 3, 4)  # + each pass's gathered layers (here the whole model)
+    assert z3["weights"] == 2 * (P + P + 4 * P) and z3["gradients"] == 2 * (bucket + P)
+    big = 10 * memory.DEEPSPEED_PREFETCH_BUCKET  # gathered ahead: the prefetch bucket, not the model
+    assert memory.model_states(big, 1, 0, 0, "DEEPSPEED", 3, 10)["weights"] == 0.8 * big + 0.4 * big
     z1 = memory.model_states(P, 1, 0, 0, "DEEPSPEED", 1, 2, frozen_bytes=2)
     assert (z1["gradients"], z1["optimizer"]) == (bucket + 4 * P, 4 * P)
 

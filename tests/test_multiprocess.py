@@ -161,33 +161,43 @@ def test_fsdp_config_validates_in_dry_run_and_is_refused_on_cpu(tmp_path):
         assert not (tmp_path / "run" / "distill").exists()
 
 
-def test_zero3_for_trained_models_estimates_in_dry_run_and_is_refused_to_train(tmp_path):
-    r = launch(tmp_path / "run", "distill", "--dry-run", processes=2, accelerate_config="deepspeed_zero3.yaml")
+def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_path):
+    """Every model a ZeRO-3 engine (each process holds a partition of every weight): the checkpoints, the EMA and
+    the saved folders hold whole fp32 weights (gathered, `FullWeights`), and a resume puts the optimizer moments
+    back into the partitions (ZeRO-3 makes them only at the first step). 2 steps, then 2 more after a resume,
+    2 processes × batch 2: the uninterrupted one-process run with batch 4."""
+    run = tmp_path / "run"
+    r = launch(run, "distill", "--dry-run", processes=2, accelerate_config="deepspeed_zero3.yaml")
     assert "processes: 2 (DEEPSPEED" in r.stdout
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    bad = subprocess.run([sys.executable, "-m", "stages.launch", str(tmp_path / "empty.yaml"), "--stages", "distill",
-                          "--num-processes", "2", "--accelerate-config", str(ACCEL / "deepspeed_zero3.yaml"),
-                          *TINY_OVERRIDES, f"run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
-                         env={**env, "OMP_NUM_THREADS": "1"})
-    assert bad.returncode == 2 and "ZeRO-3 for the trained models is not supported" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "distill").exists()
+    copy_stages(one_process, run)
+    launch(run, "distill", "distill.batch_size=2", "distill.steps=2", processes=2,
+           accelerate_config="deepspeed_zero3.yaml")
+    half = load_file(str(run / "distill" / "checkpoints" / "step_0000002" / "model.safetensors"))
+    reference = weights(one_process, "distill", "transformer")
+    assert {k: v.shape for k, v in half.items()} == {k: v.shape for k, v in reference.items()}  # whole, not partitions
+    launch(run, "distill", "distill.batch_size=2", processes=2, accelerate_config="deepspeed_zero3.yaml")
+    m = manifest(run, "distill")["metrics"]
+    assert m["steps"] == 4 and m["replicas_identical"] == 1  # one copy of each weight: nothing to compare
+    for part in ("transformer", "transformer_ema", "critic"):
+        got = weights(run, "distill", part)
+        assert all(v.dtype == torch.float32 for v in got.values()), part
+        assert max_diff(got, weights(one_process, "distill", part)) <= TOL, part
 
 
-def test_a_stage_started_by_accelerate_itself_refuses_trained_zero3(tmp_path, monkeypatch):
-    """`accelerate launch -m stages.distill` (no launcher to read the config file) stops too: the accelerator
-    refuses trained ZeRO-3 engines from the launch environment, before it exists."""
-    from pipeline.config import Config, ConfigError
-    from pipeline.training.distributed import launched_backend, make_accelerator
+def test_launched_backend_reads_the_launch_environment(monkeypatch):
+    """What the trainer, the accelerator and the memory benchmark read before any accelerator exists."""
+    from pipeline.training.distributed import launched_backend
 
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert launched_backend() == ("DDP", 0, 1)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launched_backend() == ("DEEPSPEED", 3, 2)
-    with pytest.raises(ConfigError, match="ZeRO-3 for the trained models is not supported"):
-        make_accelerator(Config(), tmp_path / "stage", models={"generator": 1.0, "teacher": None})
-    assert not (tmp_path / "stage").exists()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
-    assert launched_backend() == ("DDP", 0, 2)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert launched_backend() == ("FSDP", 0, 2)
 
 
 def test_bad_accelerate_config_is_one_line(tmp_path):

@@ -3,6 +3,7 @@ per model, optimizer state across ZeRO partitions, replica checks, global-batch 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from types import MethodType
@@ -12,7 +13,7 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
                                ProjectConfiguration, convert_outputs_to_fp32)
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.data.shard import ShardedGenerator
 from pipeline.models.device import resolve_device
 
@@ -43,16 +44,6 @@ def launched_backend() -> tuple[str, int, int]:
     return "DDP", 0, processes
 
 
-def refuse_trained_zero3(zero_stage: int, source: str) -> None:
-    """Trained models under ZeRO-3 are refused (ConfigError naming `source`): their EMA step, saved weights,
-    checkpoints and preview would need the partitioned weights gathered, which the trainer does not do (tried on
-    the CPU). A frozen teacher is a ZeRO-3 engine under ZeRO-1/2 configs anyway."""
-    if zero_stage == 3:
-        raise ConfigError(f"{source}: ZeRO-3 for the trained models is not supported yet (their saved weights would "
-                          "be partitions); use configs/accelerate/deepspeed_zero2.yaml, where the frozen teacher is "
-                          "a ZeRO-3 engine already (--dry-run still estimates ZeRO-3)")
-
-
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
                      models: dict[str, float | None] | None = None, *,
                      precision: str | None = None) -> Accelerator:
@@ -60,7 +51,7 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_s
 
     Under DeepSpeed (an accelerate config with `distributed_type: DEEPSPEED`), every model gets its
     own plugin, as accelerate's multi-model API requires: `models` maps a name to its gradient clip
-    (a trained model: the config file's ZeRO stage, not 3: `refuse_trained_zero3`) or None (frozen: ZeRO-3,
+    (a trained model: the config file's ZeRO stage, see `FullWeights` for ZeRO-3) or None (frozen: ZeRO-3,
     weights partitioned, no optimizer); select one with `accelerator.state.select_deepspeed_plugin(name)` before
     preparing it. Without a GPU, DeepSpeed runs over gloo. `batch_size` is the per-process micro-batch DeepSpeed
     asks for. `precision`: the run's `mixed_precision(cfg)`, if the caller resolved it already.
@@ -69,12 +60,8 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_s
     mp = precision if precision is not None else mixed_precision(cfg)
     # DDP's gradients are views into its buckets, not a second copy (4 bytes per trained parameter saved)
     kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]}
-    backend, zero, _ = launched_backend()
-    if backend == "DEEPSPEED":
-        models = models or {"model": 1.0}
-        if any(clip is not None for clip in models.values()):
-            refuse_trained_zero3(zero, "the accelerate config (deepspeed_config.zero_stage)")
-        kwargs["deepspeed_plugins"] = deepspeed_plugins(models, batch_size, grad_accum)
+    if launched_backend()[0] == "DEEPSPEED":
+        kwargs["deepspeed_plugins"] = deepspeed_plugins(models or {"model": 1.0}, batch_size, grad_accum)
         if cpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
             cpu = False  # DeepSpeed picks its CPU accelerator itself; accelerate's cpu flag would disable it
@@ -99,9 +86,9 @@ def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_acc
         # DeepSpeed's own bf16 would cast the weights to bf16 (and save them so); ours stay fp32 and the steps
         # compute under torch.autocast (`autocast` below), as under DDP: the same numerics, fp32 checkpoints
         plugin.deepspeed_config.update(bf16={"enabled": False}, fp16={"enabled": False})
-        if frozen:  # ZeRO-3's memory-efficient linear (it spares a backward we never run) would replace
-            # torch.nn.functional.linear for the whole process, adding the bias after a rounded bf16 matmul
-            plugin.deepspeed_config["zero_optimization"]["memory_efficient_linear"] = False
+        # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear for the whole process and adds the
+        # bias after a rounded bf16 matmul: bf16 steps would differ from DDP's (by 2e-3 after 2 steps, measured)
+        plugin.deepspeed_config["zero_optimization"]["memory_efficient_linear"] = False
         plugins[name] = plugin
     return plugins
 
@@ -205,6 +192,11 @@ def restore_optimizer_state(accelerator: Accelerator, model, state: dict) -> Non
     from deepspeed.utils import safe_set_full_optimizer_state
 
     base = model.optimizer.optimizer
+    # ZeRO-3 creates the moments of its flat fp32 partitions at the first step only: made here as AdamW makes them
+    for flat in getattr(model.optimizer, "fp32_partitioned_groups_flat", []):
+        if flat not in base.state:
+            base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
     for i, p in enumerate(model.module.parameters()):
         for k in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, state["state"][i][k].to(p.device), k)
@@ -213,16 +205,65 @@ def restore_optimizer_state(accelerator: Accelerator, model, state: dict) -> Non
         st["step"] = step.clone().to(st["step"].device) if torch.is_tensor(st.get("step")) else step.item()
 
 
+def zero3(accelerator: Accelerator) -> bool:
+    """Whether the trained models are ZeRO-3 engines (each process holds a partition of every weight)."""
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and int(accelerator.state.deepspeed_plugin.zero_stage) == 3)
+
+
+class FullWeights:
+    """The trained models as whole modules, for what reads all their weights at once on the main process:
+    checkpoints, the saved folders, the preview.
+
+    Elsewhere that is `accelerator.unwrap_model`. Under ZeRO-3 every weight is partitioned over the processes and
+    the module's hooks gather them only inside a forward that every process runs; so the main process keeps a
+    plain copy of each trained model (made before `prepare`, on the meta device until first filled: no memory
+    before the first checkpoint), and `of` fills it by gathering the partitions one parameter at a time (a
+    collective: every process calls it; only the main process gets the copy, the others None).
+    """
+
+    def __init__(self, accelerator: Accelerator, models: dict[str, torch.nn.Module]):
+        self.accelerator, self.copies = accelerator, {}
+        if zero3(accelerator) and accelerator.is_main_process:
+            for name, model in models.items():  # the structure without the data: every tensor mapped to a meta one
+                memo = {id(t): (torch.nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
+                                if isinstance(t, torch.nn.Parameter) else t.to("meta"))
+                        for t in (*model.parameters(), *model.buffers())}
+                self.copies[name] = copy.deepcopy(model, memo)
+
+    def of(self, name: str, wrapped, device: torch.device | str = "cpu") -> torch.nn.Module | None:
+        """Trained model `name` (`wrapped`: its prepared module) whole, its copy on `device` under ZeRO-3."""
+        raw = self.accelerator.unwrap_model(wrapped)
+        if not zero3(self.accelerator):
+            return raw
+        import deepspeed
+
+        out = self.copies.get(name)
+        if out is not None:
+            if any(p.is_meta for p in out.parameters()) or next(out.parameters()).device != torch.device(device):
+                out.to_empty(device=device)
+            into = dict(out.named_parameters())
+        for key, p in raw.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if out is not None:
+                    into[key].data.copy_(p.data)
+        if out is not None:  # buffers are not partitioned
+            source = dict(raw.named_buffers())
+            for key, b in out.named_buffers():
+                b.copy_(source[key])
+        return out
+
+
 def check_replicas(accelerator: Accelerator, **models) -> int:
     """Check that every process holds the same weights of each trained model (a silent divergence
     would make rank 0's checkpoint one of several different models).
 
     Returns:
-        the number of processes compared (1: nothing to compare).
+        the number of processes compared (1: nothing to compare, also under ZeRO-3, where each weight exists once).
     Raises:
         RuntimeError naming the model whose weights differ.
     """
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or zero3(accelerator):
         return 1
     for name, model in models.items():
         flat = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])

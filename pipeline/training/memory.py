@@ -6,22 +6,25 @@ Model states are counted exactly from the parameter count `P` (bytes per paramet
 
 | state | bytes | DDP | ZeRO-1 | ZeRO-2 | ZeRO-3 |
 | --- | --- | --- | --- | --- | --- |
-| fp32 weights (trained) | 4 | 4 | 4 + 4/N | 4 + 4/N | 4/N + 4/N |
-| fp32 gradients (while the model updates) | 4 | 4 | 4 + bucket | 4/N + bucket | 4/N + bucket |
+| fp32 weights (trained) | 4 | 4 | 4 + 4/N | 4 + 4/N | 4/N + 4/N, + the gathered layers |
+| fp32 gradients (while the model updates) | 4 | 4 | 4 + bucket | 4/N + bucket | 4/N + bucket (kept) |
 | AdamW moments (2 × fp32) | 8 | 8 | 8/N | 8/N | 8/N |
 | EMA copy (fp32, generator / teacher; `ema_device: cpu`: 0) | 4 | 4 | 4 | 4 | 4 |
 | frozen weights (distill's real score; bf16 runs hold its matmul weights in bf16) | 4 (2 in bf16) | same | 4/N (a ZeRO-3 engine, fp32) | same | same |
 
 A DeepSpeed engine keeps an fp32 master copy of its partition beside the model's weights (the `+ 4/N`), and
 while its model updates, the gradient bucket it reduces through (`DEEPSPEED_REDUCE_BUCKET` fp32 elements, 1.86 GiB,
-whatever the model's size) and its gradient partition; it frees both at the optimiser step
-(measured on the CPU with `benchmarks/memory_estimate.py` under `accelerate launch`, ZeRO-2, 1 and 2 processes).
+whatever the model's size) and its gradient partition; under ZeRO-1/2 it frees both at the optimiser step, under
+ZeRO-3 it keeps them (so distill holds the generator's and the critic's at once). ZeRO-3 gathers each layer's
+weights whole for its forward and backward, prefetching up to `DEEPSPEED_PREFETCH_BUCKET` elements ahead: the
+"gathered layers" (the whole model, if smaller). Measured on the CPU with `benchmarks/memory_estimate.py` under
+`accelerate launch`, ZeRO-2 and ZeRO-3, 1 and 2 processes.
 
 Gradients live from a model's first backward of an update to its optimiser step (`zero_grad(set_to_none)`),
 across the micro-batches of `grad_accum`. Where they stay between updates differs: under DDP (more than one
 process) each trained model's gradient buckets are allocated when it is wrapped and kept (the gradients are
-views into them, `gradient_as_bucket_view`); one process and DeepSpeed keep none, so distill's generator and
-critic updates each hold only their own model's gradients.
+views into them, `gradient_as_bucket_view`), and so are ZeRO-3's (above); one process and ZeRO-1/2 keep none, so
+distill's generator and critic updates each hold only their own model's gradients.
 
 Activations follow what the code saves for the backward pass, measured on `CausalWanTransformer`
 (`SavedTensors`, CPU, fp32 and bf16 autocast; `a` = 4 bytes in fp32, 2 under bf16 autocast):
@@ -67,6 +70,7 @@ from torch.utils._pytree import tree_leaves
 
 GIB = 1024 ** 3
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): its default, allocated whole
+DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # ZeRO-3's stage3_prefetch_bucket_size (elements): weights gathered ahead
 # Bytes saved per token by one block without recomputation: (per D, per ffn), by activation bytes (4: fp32, 2: bf16).
 BLOCK_BYTES = {4: (89, 8), 2: (69, 4)}
 HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
@@ -132,9 +136,11 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
         # measured on the CPU (benchmarks/memory_estimate.py under accelerate launch): each engine keeps an fp32
         # master copy of its partition beside the model's weights, and while its model updates, its fp32
         # gradient bucket (`DEEPSPEED_REDUCE_BUCKET` elements, whatever the model's size) and gradient partition
+        # ZeRO-3: the weights are partitioned too, and gathered a few layers at a time for each pass
         whole = 4 / n if zero_stage >= 3 else 4
+        gathered = 4 * min(params, DEEPSPEED_PREFETCH_BUCKET) if zero_stage >= 3 else 0
         o = 8 / n if zero_stage >= 1 else 8
-        return dict(weights=trained * (params * whole + t * 4 / n),
+        return dict(weights=trained * (params * whole + t * 4 / n + gathered),
                     gradients=trained * (4 * DEEPSPEED_REDUCE_BUCKET + t * (4 / n if zero_stage >= 2 else 4)),
                     optimizer=trained * t * o, ema=ema * t * 4, frozen=frozen * params * 4 / n)
     return dict(weights=trained * params * 4, gradients=trained * t * 4, optimizer=trained * t * 8, ema=ema * t * 4,
@@ -339,7 +345,8 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
                                    "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
         states = {k: gen_states[k] + critic_states[k] + real_states[k] for k in gen_states}
-        kept = backend != "DEEPSPEED" and processes > 1  # gradients held between updates (see the docstring)
+        # gradients held between updates (see the docstring)
+        kept = zero_stage >= 3 if backend == "DEEPSPEED" else processes > 1
         gen_phase = states if kept else {**states, "gradients": gen_states["gradients"]}
         critic_phase = states if kept else {**states, "gradients": critic_states["gradients"]}
         critic_masked = masked(run.attention)

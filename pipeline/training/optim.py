@@ -66,23 +66,37 @@ def place_ema(ema, section, device) -> None:
 def ema_step(ema, parameters) -> None:
     """`ema.step(parameters)`, also when the EMA copy lives on another device than the weights
     (`ema_device: cpu`): then the weights are copied to it first, keeping `requires_grad` (which decides
-    between averaging and copying); the same arithmetic, on the EMA's device."""
-    params = list(parameters)
-    if ema.shadow_params and any(p.device != s.device for p, s in zip(params, ema.shadow_params)):
-        import contextlib
+    between averaging and copying); the same arithmetic, on the EMA's device. Under ZeRO-3 the partitioned
+    weights are gathered while they are read (by `EMAModel.step` itself, or by the copy)."""
+    import contextlib
 
+    params = list(parameters)
+    zero3 = _zero3_enabled()
+    if zero3:  # diffusers' EMAModel gathers with `deepspeed`, which it imports only if ZeRO-3 was on when
+        # diffusers itself was imported (long before the accelerator here)
+        import deepspeed
+        import diffusers.training_utils
+
+        diffusers.training_utils.deepspeed = deepspeed
+    if ema.shadow_params and any(p.device != s.device for p, s in zip(params, ema.shadow_params)):
         gather = contextlib.nullcontext()
-        try:  # ZeRO-3 partitions the weights: gather them while copying, as EMAModel.step does
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-            if is_deepspeed_zero3_enabled():
-                import deepspeed
-                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        except ImportError:
-            pass
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
             params = [p.detach().to(s.device).requires_grad_(p.requires_grad)
                       for p, s in zip(params, ema.shadow_params)]
     ema.step(params)
+
+
+def _zero3_enabled() -> bool:
+    """Whether the active DeepSpeed config partitions the weights (ZeRO-3), as diffusers' EMAModel reads it."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 def make_optimizer(model: torch.nn.Module, section, lr: float | None = None, total_steps: int | None = None):

@@ -19,8 +19,8 @@ from pipeline.io.run_dir import StageDir
 from pipeline.methods.base import Method
 from pipeline.models.loading import save_model, save_weights
 from pipeline.training.checkpoint import CheckpointManager
-from pipeline.training.distributed import (check_replicas, full_optimizer_state, launched_backend, make_accelerator,
-                                           mixed_precision, prepare, restore_optimizer_state)
+from pipeline.training.distributed import (FullWeights, check_replicas, full_optimizer_state, launched_backend,
+                                           make_accelerator, mixed_precision, prepare, restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
 from pipeline.training.memory import device_peak, peak_report
 from pipeline.training.optim import averaged, place_ema, replay_schedule
@@ -88,6 +88,7 @@ class Trainer:
         method.prepare_data(stage_path=stage.path)
 
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
+        whole = FullWeights(accelerator, {n: t.module for n, t in method.trained.items()})  # before the wrapping
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
         for n, t in method.trained.items():
             t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial, precision=mp)
@@ -120,21 +121,22 @@ class Trainer:
                     # every process: gathering ZeRO partitions is a collective
                     states = {n: full_optimizer_state(accelerator, t.module, t.optimizer)
                               for n, t in method.trained.items()}
+                    models = {n: whole.of(n, t.module) for n, t in method.trained.items()}
                     if accelerator.is_main_process:
-                        checkpoints.save(step, model=accelerator.unwrap_model(main.module), ema=method.ema,
+                        checkpoints.save(step, model=models[names[0]], ema=method.ema,
                                          optimizer=states[names[0]], rng=method.rng_state(),
                                          extra={**method.checkpoint_extra(), "settings": settings,
                                                 "elapsed_s": elapsed0 + time.time() - t0},
-                                         others={n: (accelerator.unwrap_model(t.module), states[n])
-                                                 for n, t in others.items()})
+                                         others={n: (models[n], states[n]) for n in others})
         replicas = check_replicas(accelerator, **{n: t.module for n, t in method.trained.items()})
 
         outputs = {}
+        models = {n: whole.of(n, t.module, accelerator.device) for n, t in method.trained.items()}
         if accelerator.is_main_process:
-            for n, t in others.items():
-                save_model(accelerator.unwrap_model(t.module), stage.path / n)
+            for n in others:
+                save_model(models[n], stage.path / n)
                 outputs[n] = str(stage.path / n)
-            raw = accelerator.unwrap_model(main.module)
+            raw = models[names[0]]
             raw.disable_gradient_checkpointing()
             outputs.update(save_weights(stage.path, raw, method.ema, cfg, **method.sampling_settings()))
             # raw now holds the EMA weights: the preview shows what was saved as transformer_ema
