@@ -41,9 +41,9 @@ def parse(argv):
     return parse_with_overrides(ap, argv)
 
 
-def accelerate_backend(config_file: str) -> tuple[str, int]:
-    """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...) and its ZeRO
-    stage (0 unless DeepSpeed)."""
+def accelerate_backend(config_file: str) -> tuple[str, int, tuple[str, ...]]:
+    """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...), its ZeRO
+    stage (0 unless DeepSpeed) and what its DeepSpeed config offloads to the CPU ("optimizer", "params")."""
     path = Path(config_file)
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate-config: file not found: {path}")
@@ -55,10 +55,13 @@ def accelerate_backend(config_file: str) -> tuple[str, int]:
     if kind not in BACKENDS:
         raise ConfigError(f"--accelerate-config {path}: distributed_type must be one of {', '.join(BACKENDS)}, "
                           f"got '{conf.get('distributed_type')}'")
-    zero = int((conf.get("deepspeed_config") or {}).get("zero_stage", 2)) if kind == "DEEPSPEED" else 0
+    ds = (conf.get("deepspeed_config") or {}) if kind == "DEEPSPEED" else {}
+    zero = int(ds.get("zero_stage", 2)) if kind == "DEEPSPEED" else 0
     if zero not in (0, 1, 2, 3):
         raise ConfigError(f"--accelerate-config {path}: deepspeed_config.zero_stage must be 0..3")
-    return kind, zero
+    offload = tuple(what for what, key in (("optimizer", "offload_optimizer_device"), ("params", "offload_param_device"))
+                    if str(ds.get(key, "none")).lower() not in ("none", ""))
+    return kind, zero, offload
 
 
 def accelerate_command(num_processes: int, config_file: str | None, backend: str | None) -> tuple[list, dict]:
@@ -118,9 +121,10 @@ def main(argv=None) -> int:
                 if s not in STAGES:
                     raise ConfigError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
             child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
-            backend, zero = accelerate_backend(args.accelerate_config) if args.accelerate_config else (None, 0)
+            backend, zero, offload = (accelerate_backend(args.accelerate_config) if args.accelerate_config
+                                      else (None, 0, ()))
             if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
-                print(plan(cfg, stages, args.num_processes, backend, zero))
+                print(plan(cfg, stages, args.num_processes, backend, zero, offload))
             if args.dry_run:
                 return 0
             if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/io/guard.py);

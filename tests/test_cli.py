@@ -157,7 +157,7 @@ def test_wan_recipe_dry_run_names_missing_paths_and_memory():
         r = cli("-m", "stages.launch", str(path), "--dry-run", "--num-processes", "8", "--accelerate-config",
                 str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
         assert r.returncode == 0, r.stderr
-        assert "processes: 8 (DEEPSPEED)" in r.stdout and "1,418,996,800 parameters" in r.stdout  # Wan2.1-1.3B
+        assert "processes: 8 (DEEPSPEED, ZeRO-2)" in r.stdout and "1,418,996,800 parameters" in r.stdout  # Wan2.1-1.3B
         assert "missing local paths: model.pretrained=/path/to/" in r.stdout and "data.path=/path/to/" in r.stdout
         assert "latent [16, 21, 60, 104], 1560 tokens/frame" in r.stdout
         for s in stages:

@@ -1,10 +1,13 @@
 """The `--dry-run` memory estimate: model states per backend are exact byte counts; activations follow the
 documented rules (checked against measured peaks in tests/test_checkpointing.py)."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.training import memory
 
+REPO = Path(__file__).resolve().parents[1]
 P = 1_000_000
 GIB = memory.GIB
 
@@ -23,6 +26,43 @@ def test_model_states_per_backend():
     assert memory.model_states(big, 1, 0, 0, "DEEPSPEED", 3, 10)["weights"] == 0.8 * big + 0.4 * big
     z1 = memory.model_states(P, 1, 0, 0, "DEEPSPEED", 1, 2, frozen_bytes=2)
     assert (z1["gradients"], z1["optimizer"]) == (bucket + 4 * P, 4 * P)
+
+
+def test_deepspeed_cpu_offload_leaves_the_device():
+    """`offload_optimizer_device: cpu`: the fp32 master partition, the AdamW moments and the gradient partition
+    live in CPU memory (the reduce bucket stays); `offload_param_device: cpu` (ZeRO-3): the weight partitions too
+    (the gathered layers stay). DeepSpeed's documented placement."""
+    bucket = 4 * memory.DEEPSPEED_REDUCE_BUCKET
+    full = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4)
+    opt = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4, offload=("optimizer",))
+    both = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4, offload=("optimizer", "params"))
+    assert full == dict(weights=P + P + 4 * P, gradients=bucket + P, optimizer=2 * P, ema=4 * P, frozen=0)
+    assert opt == dict(weights=P + 4 * P, gradients=bucket, optimizer=0, ema=4 * P, frozen=0)
+    assert both == dict(weights=4 * P, gradients=bucket, optimizer=0, ema=4 * P, frozen=0)
+    # parameters are offloaded under ZeRO-3 only
+    assert memory.model_states(P, 1, 0, 0, "DEEPSPEED", 2, 4, offload=("params",)) == \
+        memory.model_states(P, 1, 0, 0, "DEEPSPEED", 2, 4)
+
+
+def test_the_plan_reads_offload_from_the_accelerate_config(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.plan import plan
+    from stages.launch import accelerate_backend
+
+    text = (REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml").read_text()
+    assert accelerate_backend(str(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml")) == ("DEEPSPEED", 3, ())
+    off = tmp_path / "offload.yaml"
+    off.write_text(text.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")
+                   .replace("offload_param_device: none", "offload_param_device: cpu"))
+    backend = accelerate_backend(str(off))
+    assert backend == ("DEEPSPEED", 3, ("optimizer", "params"))
+    cfg = load_config(REPO / "configs" / "wan2.1-t2v-1.3b" / "student.yaml", [])
+    on, plain = plan(cfg, ["distill"], 8, *backend), plan(cfg, ["distill"], 8, "DEEPSPEED", 3)
+    assert "processes: 8 (DEEPSPEED, ZeRO-3, CPU offload of the optimizer and params)" in on
+
+    def gib(text):
+        return float(text.split("memory: ~")[1].split(" GiB")[0])
+    assert gib(on) < gib(plain)
 
 
 def test_activation_rules():

@@ -164,8 +164,9 @@ def test_fsdp_config_validates_in_dry_run_and_is_refused_on_cpu(tmp_path):
 def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_path):
     """Every model a ZeRO-3 engine (each process holds a partition of every weight): the checkpoints, the EMA and
     the saved folders hold whole fp32 weights (gathered, `FullWeights`), and a resume puts the optimizer moments
-    back into the partitions (ZeRO-3 makes them only at the first step). 2 steps, then 2 more after a resume,
-    2 processes × batch 2: the uninterrupted one-process run with batch 4."""
+    back into the partitions (ZeRO-3 makes them only at the first step). 2 steps, then 2 more after a resume with
+    the optimizer and the weights offloaded to the CPU (DeepSpeed's CPU Adam), 2 processes × batch 2: the
+    uninterrupted one-process run with batch 4."""
     run = tmp_path / "run"
     r = launch(run, "distill", "--dry-run", processes=2, accelerate_config="deepspeed_zero3.yaml")
     assert "processes: 2 (DEEPSPEED" in r.stdout
@@ -175,7 +176,12 @@ def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_p
     half = load_file(str(run / "distill" / "checkpoints" / "step_0000002" / "model.safetensors"))
     reference = weights(one_process, "distill", "transformer")
     assert {k: v.shape for k, v in half.items()} == {k: v.shape for k, v in reference.items()}  # whole, not partitions
-    launch(run, "distill", "distill.batch_size=2", processes=2, accelerate_config="deepspeed_zero3.yaml")
+    offload = tmp_path / "offload.yaml"
+    offload.write_text((ACCEL / "deepspeed_zero3.yaml").read_text()
+                       .replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")
+                       .replace("offload_param_device: none", "offload_param_device: cpu"))
+    r = launch(run, "distill", "distill.batch_size=2", processes=2, accelerate_config=str(offload))
+    assert "ZeRO-3, CPU offload of the optimizer and params" in r.stdout
     m = manifest(run, "distill")["metrics"]
     assert m["steps"] == 4 and m["replicas_identical"] == 1  # one copy of each weight: nothing to compare
     for part in ("transformer", "transformer_ema", "critic"):

@@ -44,6 +44,13 @@ def launched_backend() -> tuple[str, int, int]:
     return "DDP", 0, processes
 
 
+def launched_offload() -> tuple[str, ...]:
+    """What the launched DeepSpeed config keeps in CPU memory for the trained models: "optimizer"
+    (`offload_optimizer_device`), "params" (`offload_param_device`), from the launch environment."""
+    keys = (("optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("params", "OFFLOAD_PARAM_DEVICE"))
+    return tuple(what for what, key in keys if os.environ.get(f"ACCELERATE_DEEPSPEED_{key}", "none") not in ("none", ""))
+
+
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
                      models: dict[str, float | None] | None = None, *,
                      precision: str | None = None) -> Accelerator:
@@ -176,7 +183,7 @@ def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
     for i, p in enumerate(params):
         moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
         if all(v is not None for v in moments.values()) and steps:
-            state[i] = {"step": steps[0].detach().clone().float().cpu(),
+            state[i] = {"step": torch.as_tensor(steps[0]).detach().clone().float().cpu(),  # an int when offloaded
                         **{k: v.detach().float().cpu() for k, v in moments.items()}}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     if len(groups) != 1:
