@@ -226,7 +226,9 @@ class FullWeights:
     the module's hooks gather them only inside a forward that every process runs; so the main process keeps a
     plain copy of each trained model (made before `prepare`, on the meta device until first filled: no memory
     before the first checkpoint), and `of` fills it by gathering the partitions one parameter at a time (a
-    collective: every process calls it; only the main process gets the copy, the others None).
+    collective: every process calls it; only the main process gets the copy, the others None). The copy lives in
+    CPU memory (a whole fp32 model on the device beside the engines would undo ZeRO-3's saving; the preview of a
+    sprites run then samples on the CPU).
     """
 
     def __init__(self, accelerator: Accelerator, models: dict[str, torch.nn.Module]):

@@ -132,7 +132,7 @@ class Trainer:
         replicas = check_replicas(accelerator, **{n: t.module for n, t in method.trained.items()})
 
         outputs = {}
-        models = {n: whole.of(n, t.module, accelerator.device) for n, t in method.trained.items()}
+        models = {n: whole.of(n, t.module) for n, t in method.trained.items()}  # ZeRO-3: in CPU memory
         if accelerator.is_main_process:
             for n in others:
                 save_model(models[n], stage.path / n)
