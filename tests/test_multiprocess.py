@@ -183,11 +183,42 @@ def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_p
     r = launch(run, "distill", "distill.batch_size=2", processes=2, accelerate_config=str(offload))
     assert "ZeRO-3, CPU offload of the optimizer and params" in r.stdout
     m = manifest(run, "distill")["metrics"]
-    assert m["steps"] == 4 and m["replicas_identical"] == 1  # one copy of each weight: nothing to compare
+    assert m["steps"] == 4 and m["replicas_identical"] == 2  # the EMA copies (each weight exists once)
     for part in ("transformer", "transformer_ema", "critic"):
         got = weights(run, "distill", part)
         assert all(v.dtype == torch.float32 for v in got.values()), part
         assert max_diff(got, weights(one_process, "distill", part)) <= TOL, part
+
+
+def test_check_replicas_names_what_differs_and_compares_only_the_ema_under_zero3():
+    """`check_replicas` on a stand-in accelerator whose `gather` returns this process's fingerprint and another
+    process's (equal, or with one weight moved): DDP compares models and EMA; ZeRO-3 the EMA only."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from diffusers.training_utils import EMAModel
+
+    from pipeline.training.distributed import check_replicas
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMAModel(model.parameters())
+
+    def accelerator(kind, moved):  # `moved`: the other process's copy of that tensor differs
+        def gather(fingerprint):
+            other = fingerprint.clone()
+            if moved:
+                other[0, 0] += 1e-3
+            return torch.cat([fingerprint, other])
+        return SimpleNamespace(num_processes=2, distributed_type=kind, device=torch.device("cpu"), gather=gather,
+                               unwrap_model=lambda m: m,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+
+    assert check_replicas(accelerator(DistributedType.MULTI_GPU, False), {"generator": model}, ema=ema) == 2
+    with pytest.raises(RuntimeError, match="generator: weights differ"):
+        check_replicas(accelerator(DistributedType.MULTI_GPU, True), {"generator": model}, ema=ema)
+    with pytest.raises(RuntimeError, match="EMA: weights differ"):  # under ZeRO-3 the EMA is the replicated state
+        check_replicas(accelerator(DistributedType.DEEPSPEED, True), {"generator": model}, ema=ema)
+    assert check_replicas(accelerator(DistributedType.DEEPSPEED, False), {"generator": model}) == 1
 
 
 def test_launched_backend_reads_the_launch_environment(monkeypatch):

@@ -263,19 +263,26 @@ class FullWeights:
         return out
 
 
-def check_replicas(accelerator: Accelerator, **models) -> int:
-    """Check that every process holds the same weights of each trained model (a silent divergence
-    would make rank 0's checkpoint one of several different models).
+def check_replicas(accelerator: Accelerator, models: dict, *, ema=None) -> int:
+    """Check that every process holds the same weights of each trained model in `models` (`{name: module}`) and
+    the same EMA copy (`ema`: a diffusers `EMAModel`, kept by every process): a silent divergence would make
+    rank 0's checkpoint one of several different models. Under ZeRO-3 each weight exists once (partitioned), so
+    only the EMA is compared.
 
     Returns:
-        the number of processes compared (1: nothing to compare, also under ZeRO-3, where each weight exists once).
+        the number of processes compared (1: nothing to compare).
     Raises:
         RuntimeError naming the model whose weights differ.
     """
-    if accelerator.num_processes == 1 or zero3(accelerator):
+    if accelerator.num_processes == 1:
         return 1
-    for name, model in models.items():
-        flat = torch.cat([p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    tensors = {} if zero3(accelerator) else {n: list(accelerator.unwrap_model(m).parameters()) for n, m in models.items()}
+    if ema is not None:
+        tensors["EMA"] = list(ema.shadow_params)
+    if not tensors:
+        return 1
+    for name, params in tensors.items():
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
         position = torch.arange(1, len(flat) + 1, dtype=torch.float64)
         fingerprint = torch.stack([flat.sum(), (flat * position).sum(), flat.abs().max()])[None]
         every = accelerator.gather(fingerprint.to(accelerator.device)).cpu()

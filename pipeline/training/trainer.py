@@ -129,7 +129,7 @@ class Trainer:
                                          extra={**method.checkpoint_extra(), "settings": settings,
                                                 "elapsed_s": elapsed0 + time.time() - t0},
                                          others={n: (models[n], states[n]) for n in others})
-        replicas = check_replicas(accelerator, **{n: t.module for n, t in method.trained.items()})
+        replicas = check_replicas(accelerator, {n: t.module for n, t in method.trained.items()}, ema=method.ema)
 
         outputs = {}
         models = {n: whole.of(n, t.module) for n, t in method.trained.items()}  # ZeRO-3: in CPU memory
