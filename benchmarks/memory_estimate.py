@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.training.memory import TensorPeak  # noqa: E402
 from pipeline.cli import parse_with_overrides  # noqa: E402
-from pipeline.training.distributed import launched_backend, launched_offload, run_device  # noqa: E402
+from pipeline.training.distributed import launched_backend, launched_deepspeed, run_device  # noqa: E402
 from pipeline.plan import memory_estimate  # noqa: E402
 from pipeline.methods import method_for  # noqa: E402
 from pipeline.training.trainer import Trainer  # noqa: E402
@@ -42,7 +42,7 @@ def measure(cfg, stages=STAGES, verbose: bool = False) -> dict[str, tuple[float,
     backend, zero, processes = launched_backend()
     for stage in stages:
         est = memory_estimate(cfg, stage, num_processes=processes, backend=backend, stage_zero=zero,
-                              offload=launched_offload())
+                              deepspeed=launched_deepspeed())
         def run(cfg, force, _stage=stage):  # what `python -m stages.<stage>` runs
             return Trainer(method_for(_stage, cfg), force=force).run()
         if cuda:

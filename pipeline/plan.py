@@ -113,10 +113,10 @@ def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
 
 def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_processes: int = 1,
                     backend: str | None = None, stage_zero: int = 0,
-                    offload: tuple[str, ...] = ()) -> memory.MemoryEstimate:
+                    deepspeed: memory.DeepSpeed = memory.DeepSpeed()) -> memory.MemoryEstimate:
     """The per-device memory estimate of a training stage (`pipeline/training/memory.py`); `ms`: `model_summary(cfg)`.
-    distill's three models each get their own shape (`distill_roles`). `offload`: DeepSpeed's CPU offload
-    ("optimizer", "params")."""
+    distill's three models each get their own shape (`distill_roles`). `deepspeed`: the DeepSpeed config's CPU
+    offload and reduce bucket."""
     ms = ms or model_summary(cfg)
     real = fake = None
     kw = {}
@@ -127,13 +127,13 @@ def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_proc
         kw = {"teacher_attention": roles["fake score"][1], "real_attention": roles["real score"][1]}
     return memory.estimate_config(cfg, stage, _shape(cfg, ms), backend or "DDP", stage_zero, num_processes,
                                   bf16=mixed_precision(cfg) == "bf16", masked=masked_attention(cfg), real=real,
-                                  fake=fake, offload=offload, **kw)
+                                  fake=fake, deepspeed=deepspeed, **kw)
 
 
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int,
-                offload: tuple[str, ...] = ()) -> str:
+                deepspeed: memory.DeepSpeed = memory.DeepSpeed()) -> str:
     est = memory_estimate(cfg, stage, ms=ms, num_processes=num_processes, backend=backend, stage_zero=stage_zero,
-                          offload=offload)
+                          deepspeed=deepspeed)
     return "\n".join([f"  memory: {est.line()}", *(f"    {line}" for line in est.model_lines())])
 
 
@@ -160,12 +160,16 @@ def role_lines(cfg: Config) -> list[str]:
 
 
 def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | None = None, zero: int = 0,
-         offload: tuple[str, ...] = ()) -> str:
+         deepspeed: memory.DeepSpeed = memory.DeepSpeed()) -> str:
     device = run_device(cfg).type
     _, _, h, w = latent_shape(cfg)
     how = backend or ("DDP" if num_processes > 1 else "single")
     if backend == "DEEPSPEED":
-        how += f", ZeRO-{zero}" + (f", CPU offload of the {' and '.join(offload)}" if offload else "")
+        how += f", ZeRO-{zero}"
+        if deepspeed.offload:
+            how += f", CPU offload of the {' and '.join(deepspeed.offload)}"
+        if deepspeed.reduce_bucket != memory.DEEPSPEED_REDUCE_BUCKET:
+            how += f", reduce bucket {deepspeed.reduce_bucket:,}"
     lines = [f"run dir: {cfg.run.dir}",
              f"processes: {num_processes} ({how})",
              f"device: {device} ({torch.cuda.device_count()} GPU visible)",
@@ -197,11 +201,11 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
         if s == "distill":
             lines += role_lines(cfg)
         if s in ("pretrain_teacher", "init_student", "distill"):
-            lines.append(memory_line(cfg, s, ms, num_processes, backend, zero, offload))
+            lines.append(memory_line(cfg, s, ms, num_processes, backend, zero, deepspeed))
         if s == "distill":  # the other place for the real score
             other = replace(cfg, distill=replace(cfg.distill, teacher_offload=not cfg.distill.teacher_offload))
             est = memory_estimate(other, s, num_processes=num_processes, backend=backend, stage_zero=zero,
-                                  offload=offload)
+                                  deepspeed=deepspeed)
             lines.append(f"    with distill.teacher_offload={str(not cfg.distill.teacher_offload).lower()}: "
                          f"{est.line().split(' per device')[0]} in all")
     return "\n".join(lines)

@@ -22,6 +22,8 @@ import yaml
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.plan import plan
+from pipeline.training.distributed import deepspeed_file, zero_settings
+from pipeline.training.memory import DeepSpeed
 from pipeline.training.stage_io import lock_run_dir
 
 BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")  # accelerate's distributed_type values we run
@@ -41,9 +43,10 @@ def parse(argv):
     return parse_with_overrides(ap, argv)
 
 
-def accelerate_backend(config_file: str) -> tuple[str, int, tuple[str, ...]]:
+def accelerate_backend(config_file: str) -> tuple[str, int, DeepSpeed]:
     """`distributed_type` of an accelerate config file (MULTI_GPU, DEEPSPEED, FSDP, ...), its ZeRO
-    stage (0 unless DeepSpeed) and what its DeepSpeed config offloads to the CPU ("optimizer", "params")."""
+    stage (0 unless DeepSpeed) and its DeepSpeed offload and reduce bucket (from its `deepspeed_config_file`, if
+    it names one)."""
     path = Path(config_file)
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate-config: file not found: {path}")
@@ -55,13 +58,17 @@ def accelerate_backend(config_file: str) -> tuple[str, int, tuple[str, ...]]:
     if kind not in BACKENDS:
         raise ConfigError(f"--accelerate-config {path}: distributed_type must be one of {', '.join(BACKENDS)}, "
                           f"got '{conf.get('distributed_type')}'")
-    ds = (conf.get("deepspeed_config") or {}) if kind == "DEEPSPEED" else {}
-    zero = int(ds.get("zero_stage", 2)) if kind == "DEEPSPEED" else 0
+    if kind != "DEEPSPEED":
+        return kind, 0, DeepSpeed()
+    ds = conf.get("deepspeed_config") or {}
+    if ds.get("deepspeed_config_file"):
+        return (kind, *zero_settings(deepspeed_file(ds["deepspeed_config_file"])))
+    zero = int(ds.get("zero_stage", 2))
     if zero not in (0, 1, 2, 3):
         raise ConfigError(f"--accelerate-config {path}: deepspeed_config.zero_stage must be 0..3")
     offload = tuple(what for what, key in (("optimizer", "offload_optimizer_device"), ("params", "offload_param_device"))
                     if str(ds.get(key, "none")).lower() not in ("none", ""))
-    return kind, zero, offload
+    return kind, zero, DeepSpeed(offload=offload)
 
 
 def accelerate_command(num_processes: int, config_file: str | None, backend: str | None) -> tuple[list, dict]:
@@ -121,10 +128,10 @@ def main(argv=None) -> int:
                 if s not in STAGES:
                     raise ConfigError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
             child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
-            backend, zero, offload = (accelerate_backend(args.accelerate_config) if args.accelerate_config
-                                      else (None, 0, ()))
+            backend, zero, deepspeed = (accelerate_backend(args.accelerate_config) if args.accelerate_config
+                                        else (None, 0, DeepSpeed()))
             if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
-                print(plan(cfg, stages, args.num_processes, backend, zero, offload))
+                print(plan(cfg, stages, args.num_processes, backend, zero, deepspeed))
             if args.dry_run:
                 return 0
             if int(os.environ.get("RANK", "0")) == 0:  # one command at a time per run directory (pipeline/io/guard.py);

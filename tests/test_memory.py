@@ -34,13 +34,14 @@ def test_deepspeed_cpu_offload_leaves_the_device():
     (the gathered layers stay). DeepSpeed's documented placement."""
     bucket = 4 * memory.DEEPSPEED_REDUCE_BUCKET
     full = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4)
-    opt = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4, offload=("optimizer",))
-    both = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4, offload=("optimizer", "params"))
+    opt = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4, deepspeed=memory.DeepSpeed(offload=("optimizer",)))
+    both = memory.model_states(P, 1, 1, 0, "DEEPSPEED", 3, 4,
+                               deepspeed=memory.DeepSpeed(offload=("optimizer", "params")))
     assert full == dict(weights=P + P + 4 * P, gradients=bucket + P, optimizer=2 * P, ema=4 * P, frozen=0)
     assert opt == dict(weights=P + 4 * P, gradients=bucket, optimizer=0, ema=4 * P, frozen=0)
     assert both == dict(weights=4 * P, gradients=bucket, optimizer=0, ema=4 * P, frozen=0)
     # parameters are offloaded under ZeRO-3 only
-    assert memory.model_states(P, 1, 0, 0, "DEEPSPEED", 2, 4, offload=("params",)) == \
+    assert memory.model_states(P, 1, 0, 0, "DEEPSPEED", 2, 4, deepspeed=memory.DeepSpeed(offload=("params",))) == \
         memory.model_states(P, 1, 0, 0, "DEEPSPEED", 2, 4)
 
 
@@ -50,12 +51,13 @@ def test_the_plan_reads_offload_from_the_accelerate_config(tmp_path):
     from stages.launch import accelerate_backend
 
     text = (REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml").read_text()
-    assert accelerate_backend(str(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml")) == ("DEEPSPEED", 3, ())
+    assert accelerate_backend(str(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml")) == \
+        ("DEEPSPEED", 3, memory.DeepSpeed())
     off = tmp_path / "offload.yaml"
     off.write_text(text.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")
                    .replace("offload_param_device: none", "offload_param_device: cpu"))
     backend = accelerate_backend(str(off))
-    assert backend == ("DEEPSPEED", 3, ("optimizer", "params"))
+    assert backend == ("DEEPSPEED", 3, memory.DeepSpeed(offload=("optimizer", "params")))
     cfg = load_config(REPO / "configs" / "wan2.1-t2v-1.3b" / "student.yaml", [])
     on, plain = plan(cfg, ["distill"], 8, *backend), plan(cfg, ["distill"], 8, "DEEPSPEED", 3)
     assert "processes: 8 (DEEPSPEED, ZeRO-3, CPU offload of the optimizer and params)" in on
@@ -63,6 +65,44 @@ def test_the_plan_reads_offload_from_the_accelerate_config(tmp_path):
     def gib(text):
         return float(text.split("memory: ~")[1].split(" GiB")[0])
     assert gib(on) < gib(plain)
+
+    # a DeepSpeed JSON file named by the accelerate config: its stage, offload and reduce bucket
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 1e6, '
+                  '"offload_optimizer": {"device": "cpu"}}}')
+    named = tmp_path / "named.yaml"
+    named.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    backend = accelerate_backend(str(named))
+    assert backend == ("DEEPSPEED", 2, memory.DeepSpeed(offload=("optimizer",), reduce_bucket=1_000_000))
+    text = plan(cfg, ["distill"], 8, *backend)
+    assert "(DEEPSPEED, ZeRO-2, CPU offload of the optimizer, reduce bucket 1,000,000)" in text
+    # the bucket is the whole difference in gradients (the gradient partition is offloaded with the optimizer)
+    bucketed = plan(cfg, ["distill"], 8, "DEEPSPEED", 2, memory.DeepSpeed(offload=("optimizer",)))
+    assert gib(bucketed) - gib(text) == pytest.approx(4 * (memory.DEEPSPEED_REDUCE_BUCKET - 1e6) / GIB, abs=0.06)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "deepspeed_config_file: file not found"),
+    ("{not json", "not valid JSON"),
+    ('{"train_micro_batch_size_per_gpu": 1}', "needs a zero_optimization section"),
+    ('{"zero_optimization": {"stage": 4}}', "zero_optimization.stage must be 0..3"),
+    ('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}', "remove its optimizer section"),
+])
+def test_a_bad_deepspeed_file_is_one_line(tmp_path, content, says):
+    import subprocess
+    import sys
+
+    ds = tmp_path / "ds.json"
+    if content is not None:
+        ds.write_text(content)
+    named = tmp_path / "named.yaml"
+    named.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    r = subprocess.run([sys.executable, "-m", "stages.launch", str(empty), "--dry-run", "--stages", "distill",
+                        "--num-processes", "2", "--accelerate-config", str(named), f"run.dir={tmp_path / 'run'}"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_activation_rules():

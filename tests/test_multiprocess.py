@@ -116,11 +116,16 @@ def test_ddp_sf_gan_equals_one_process_with_the_doubled_batch(one_process, tmp_p
 def test_deepspeed_zero2_distill_and_resume_with_another_process_count(one_process, tmp_path):
     """Generator and critic as ZeRO-2 engines, the teacher as a ZeRO-3 one; 2 of the 4 steps under
     DeepSpeed, then the checkpoint (optimizer moments gathered from the ZeRO partitions) resumed by one
-    plain process with batch 4: the result is the uninterrupted one-process run."""
+    plain process with batch 4: the result is the uninterrupted one-process run. The ZeRO-2 settings come from a
+    DeepSpeed JSON file the accelerate config names (`deepspeed_config_file`), as many recipes ship them."""
     run = tmp_path / "run"
     copy_stages(one_process, run)
-    launch(run, "distill", "distill.batch_size=2", "distill.steps=2", processes=2,
-           accelerate_config="deepspeed_zero2.yaml")
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000}, "gradient_clipping": 5.0}')
+    named = tmp_path / "accelerate.yaml"
+    named.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    r = launch(run, "distill", "distill.batch_size=2", "distill.steps=2", processes=2, accelerate_config=str(named))
+    assert "(DEEPSPEED, ZeRO-2, reduce bucket 1,000,000)" in r.stdout
     assert manifest(run, "distill")["metrics"]["replicas_identical"] == 2
     half = load_file(str(run / "distill" / "checkpoints" / "step_0000002" / "optimizer.safetensors"))
     assert any(k.endswith(".exp_avg") for k in half) and all(v.isfinite().all() for v in half.values())

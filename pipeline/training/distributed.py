@@ -4,6 +4,7 @@ per model, optimizer state across ZeRO partitions, replica checks, global-batch 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from types import MethodType
@@ -13,9 +14,10 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
                                ProjectConfiguration, convert_outputs_to_fp32)
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.shard import ShardedGenerator
 from pipeline.models.device import resolve_device
+from pipeline.training.memory import DEEPSPEED_REDUCE_BUCKET, DeepSpeed
 
 
 
@@ -33,22 +35,70 @@ def mixed_precision(cfg: Config) -> str:
     return mp
 
 
+def deepspeed_file(path: str | Path) -> dict:
+    """A DeepSpeed JSON config (an accelerate config's `deepspeed_config_file`), checked for what the pipeline
+    reads: a `zero_optimization` section. ConfigError (one line naming the file) otherwise."""
+    path = Path(path)
+    try:
+        conf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed_config_file: file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"deepspeed_config_file {path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("zero_optimization"), dict):
+        raise ConfigError(f"deepspeed_config_file {path}: needs a zero_optimization section")
+    if unused := [k for k in ("optimizer", "scheduler") if k in conf]:  # would be ignored silently otherwise
+        raise ConfigError(f"deepspeed_config_file {path}: remove its {' and '.join(unused)} section (the run's "
+                          "config makes AdamW and its LR schedule: <section>.lr, betas, weight_decay, lr_schedule)")
+    return conf
+
+
+def zero_settings(conf: dict) -> tuple[int, DeepSpeed]:
+    """(ZeRO stage, its offload and reduce bucket) of a DeepSpeed JSON config."""
+    zero = conf["zero_optimization"]
+    try:
+        stage = int(zero.get("stage", 0))
+        bucket = zero.get("reduce_bucket_size", "auto")
+        bucket = DEEPSPEED_REDUCE_BUCKET if bucket == "auto" else int(float(bucket))
+    except (TypeError, ValueError):
+        raise ConfigError("deepspeed_config_file: zero_optimization.stage and reduce_bucket_size must be numbers, "
+                          f"got {zero.get('stage')!r} and {zero.get('reduce_bucket_size')!r}") from None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed_config_file: zero_optimization.stage must be 0..3, got {stage}")
+    offload = tuple(what for what, key in (("optimizer", "offload_optimizer"), ("params", "offload_param"))
+                    if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", ""))
+    return stage, DeepSpeed(offload=offload, reduce_bucket=bucket)
+
+
+def _launched_file() -> dict | None:
+    """The DeepSpeed JSON config the launch names (`ACCELERATE_DEEPSPEED_CONFIG_FILE`), if any."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    return None if path in ("none", "") else deepspeed_file(path)
+
+
 def launched_backend() -> tuple[str, int, int]:
     """(backend, ZeRO stage, processes) this process was started with, from the environment `accelerate launch`
-    sets (readable before any accelerator exists): DEEPSPEED with its stage, FSDP, or DDP (a plain process too)."""
+    sets (readable before any accelerator exists): DEEPSPEED with its stage (of the accelerate config, or of its
+    `deepspeed_config_file`), FSDP, or DDP (a plain process too)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "DEEPSPEED", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), processes
+        file = _launched_file()
+        stage = zero_settings(file)[0] if file else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        return "DEEPSPEED", stage, processes
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "FSDP", 0, processes
     return "DDP", 0, processes
 
 
-def launched_offload() -> tuple[str, ...]:
-    """What the launched DeepSpeed config keeps in CPU memory for the trained models: "optimizer"
-    (`offload_optimizer_device`), "params" (`offload_param_device`), from the launch environment."""
+def launched_deepspeed() -> DeepSpeed:
+    """The launched DeepSpeed config's CPU offload for the trained models ("optimizer": `offload_optimizer_device`,
+    "params": `offload_param_device`) and reduce bucket, from the launch environment (or its config file)."""
+    file = _launched_file() if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else None
+    if file:
+        return zero_settings(file)[1]
     keys = (("optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("params", "OFFLOAD_PARAM_DEVICE"))
-    return tuple(what for what, key in keys if os.environ.get(f"ACCELERATE_DEEPSPEED_{key}", "none") not in ("none", ""))
+    return DeepSpeed(offload=tuple(what for what, key in keys
+                                   if os.environ.get(f"ACCELERATE_DEEPSPEED_{key}", "none") not in ("none", "")))
 
 
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
@@ -79,16 +129,25 @@ def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_s
 
 def deepspeed_plugins(models: dict[str, float | None], batch_size: int, grad_accum: int) -> dict:
     """One `DeepSpeedPlugin` per model: trained ones at the ZeRO stage (and offload) of the accelerate
-    config (read by accelerate from the environment its launcher sets), frozen ones at ZeRO-3."""
+    config (read by accelerate from the environment its launcher sets) or, if it names a `deepspeed_config_file`,
+    with that file's settings (bucket sizes, offload, ...); frozen ones at ZeRO-3. What the run's config decides
+    wins over the file: micro-batch, gradient accumulation, each model's gradient clipping, precision (below)."""
     stage = launched_backend()[1]
+    file = _launched_file()
     offload = {k: os.environ.get(f"ACCELERATE_DEEPSPEED_{k.upper()}", "none")
                for k in ("offload_optimizer_device", "offload_param_device")}
     plugins = {}
     for name, clip in models.items():
         frozen = clip is None
-        plugin = DeepSpeedPlugin(zero_stage=3 if frozen else stage, gradient_accumulation_steps=grad_accum,
-                                 gradient_clipping=1.0 if frozen else clip, zero3_init_flag=False,
-                                 **({} if frozen else offload))
+        if file and not frozen:
+            conf = copy.deepcopy(file)
+            # the global batch follows from the micro-batch (below), the accumulation and the process count
+            conf.update(gradient_accumulation_steps=grad_accum, gradient_clipping=clip, train_batch_size="auto")
+            plugin = DeepSpeedPlugin(hf_ds_config=conf, zero3_init_flag=False)
+        else:  # hf_ds_config "none": built from these arguments, not from a launched config file
+            plugin = DeepSpeedPlugin(hf_ds_config="none", zero_stage=3 if frozen else stage,
+                                     gradient_accumulation_steps=grad_accum, gradient_clipping=1.0 if frozen else clip,
+                                     zero3_init_flag=False, **({} if frozen else offload))
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
         # DeepSpeed's own bf16 would cast the weights to bf16 (and save them so); ours stay fp32 and the steps
         # compute under torch.autocast (`autocast` below), as under DDP: the same numerics, fp32 checkpoints

@@ -71,6 +71,22 @@ from torch.utils._pytree import tree_leaves
 GIB = 1024 ** 3
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): its default, allocated whole
 DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # ZeRO-3's stage3_prefetch_bucket_size (elements): weights gathered ahead
+
+
+@dataclass(frozen=True)
+class DeepSpeed:
+    """What of a DeepSpeed config moves the estimate besides the ZeRO stage.
+
+    Args:
+        offload: what it keeps in CPU memory instead of the device (`offload_optimizer` / `offload_param` device
+            cpu): "optimizer" (the fp32 master partition, the AdamW moments and the gradient partition; the reduce
+            bucket stays), "params" (ZeRO-3's weight partitions; the gathered layers stay). DeepSpeed's documented
+            placement, not measured here.
+        reduce_bucket: `zero_optimization.reduce_bucket_size` (elements), allocated whole.
+    """
+
+    offload: tuple[str, ...] = ()
+    reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
 # Bytes saved per token by one block without recomputation: (per D, per ffn), by activation bytes (4: fp32, 2: bf16).
 BLOCK_BYTES = {4: (89, 8), 2: (69, 4)}
 HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
@@ -118,7 +134,8 @@ def params_text(n: int) -> str:
 
 
 def model_states(params: int, trained: int, ema: int, frozen: int, backend: str, zero_stage: int, processes: int,
-                 frozen_bytes: float = 4, trained_params: int | None = None, offload: tuple[str, ...] = ()) -> dict:
+                 frozen_bytes: float = 4, trained_params: int | None = None,
+                 deepspeed: DeepSpeed = DeepSpeed()) -> dict:
     """Bytes per device of weights, gradients, optimizer, EMA and frozen copies.
 
     Args:
@@ -129,10 +146,7 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
         frozen_bytes: 4 (fp32) or about 2 (bf16) per frozen weight (a DeepSpeed engine holds fp32).
         trained_params: of a trained model, the parameters that train (LoRA: the adapters; their gradients,
             AdamW state and EMA; its frozen base weights are held as weights); default all.
-        offload: what DeepSpeed keeps in CPU memory instead of the device (the accelerate config's
-            `offload_optimizer_device` / `offload_param_device: cpu`): "optimizer" (the fp32 master partition, the
-            AdamW moments and the gradient partition; the reduce bucket stays), "params" (ZeRO-3's weight
-            partitions; the gathered layers stay). DeepSpeed's documented placement, not measured here.
+        deepspeed: the DeepSpeed config's offload and reduce bucket (`DeepSpeed`).
     """
     n = max(processes, 1)
     t = params if trained_params is None else trained_params
@@ -144,10 +158,11 @@ def model_states(params: int, trained: int, ema: int, frozen: int, backend: str,
         whole = 4 / n if zero_stage >= 3 else 4
         gathered = 4 * min(params, DEEPSPEED_PREFETCH_BUCKET) if zero_stage >= 3 else 0
         o = 8 / n if zero_stage >= 1 else 8
+        offload = deepspeed.offload
         host_optimizer, host_params = "optimizer" in offload, "params" in offload and zero_stage >= 3
         return dict(weights=trained * (params * whole * (not host_params) + t * 4 / n * (not host_optimizer)
                                        + gathered),
-                    gradients=trained * (4 * DEEPSPEED_REDUCE_BUCKET
+                    gradients=trained * (4 * deepspeed.reduce_bucket
                                          + t * (4 / n if zero_stage >= 2 else 4) * (not host_optimizer)),
                     optimizer=trained * t * o * (not host_optimizer), ema=ema * t * 4, frozen=frozen * params * 4 / n)
     return dict(weights=trained * params * 4, gradients=trained * t * 4, optimizer=trained * t * 8, ema=ema * t * 4,
@@ -307,7 +322,7 @@ class Run:
     ode_guidance: float = 1.0
     ode_sampler: str = "autoregressive"
     real_attention: str | None = None  # distill's real score's, when it differs from the critic's (`attention`)
-    offload: tuple[str, ...] = ()  # what DeepSpeed holds in CPU memory for the trained models (`model_states`)
+    deepspeed: DeepSpeed = DeepSpeed()  # the DeepSpeed config's offload and bucket for the trained models
     teacher_offload: bool = False  # distill: the real score waits on the CPU, one block at a time on the device
     lora_params: int | None = None  # the trained model's adapters under LoRA (None: it trains whole)
     critic_lora_params: int | None = None  # distill: the critic's
@@ -330,7 +345,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
     phases = []
     if stage in ("pretrain_teacher", "init_student"):
         states = model_states(p, 1, ema, 0, backend, zero_stage, processes, trained_params=run.lora_params,
-                              offload=run.offload)
+                              deepspeed=run.deepspeed)
         attention = run.attention if stage == "pretrain_teacher" else "block_causal"
         held, extra = trained_pass(shape, b, act, run.checkpointing, masked(attention))
         phases.append(("training", states, held + extra + weight_copies, 0.0))
@@ -348,9 +363,9 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         real, fake = real or shape, fake or shape
         frozen_bytes = 2 if run.bf16 else 4
         gen_states = model_states(p, 1, ema, 0, backend, zero_stage, processes, trained_params=run.lora_params,
-                                  offload=run.offload)
+                                  deepspeed=run.deepspeed)
         critic_states = model_states(fake.params, 1, 0, 0, backend, zero_stage, processes,
-                                     trained_params=run.critic_lora_params, offload=run.offload)
+                                     trained_params=run.critic_lora_params, deepspeed=run.deepspeed)
         # offloaded: one block's weights on the device at a time (besides the embeddings and head, small)
         real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
                                    "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
@@ -417,7 +432,7 @@ def estimate(stage: str, params: int, dim: int, layers: int, tokens_per_frame: i
 def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_stage: int = 2, processes: int = 1,
                     bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None,
                     real: Shape | None = None, fake: Shape | None = None, real_attention: str | None = None,
-                    offload: tuple[str, ...] = ()) -> MemoryEstimate:
+                    deepspeed: DeepSpeed = DeepSpeed()) -> MemoryEstimate:
     """`stage_estimate` of a `Config`'s stage (`bf16`, `masked`: the run's resolved mixed precision and
     masked-attention method; `teacher_attention`: the loaded teacher's (distill: the fake score's),
     default the config's; distill's `real` / `fake` score shapes and the real score's attention)."""
@@ -433,7 +448,7 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
               fake_guidance=dc.fake_guidance, ode_videos=min(ic.ode_batch_size or ic.ode_shard_size, ic.ode_shard_size,
                                                              ic.ode_pairs),
               ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, real_attention=real_attention,
-              teacher_offload=dc.teacher_offload, offload=tuple(offload) if backend == "DEEPSPEED" else ())
+              teacher_offload=dc.teacher_offload, deepspeed=deepspeed)
     lc = section.lora
     if lc.rank:
         run.lora_params = lora_params(shape, lc.rank, lc.target_modules)

@@ -20,7 +20,7 @@ from pipeline.methods.base import Method
 from pipeline.models.loading import save_model, save_weights
 from pipeline.training.checkpoint import CheckpointManager
 from pipeline.training.distributed import (FullWeights, check_replicas, full_optimizer_state, launched_backend,
-                                           launched_offload, make_accelerator, mixed_precision, prepare,
+                                           launched_deepspeed, make_accelerator, mixed_precision, prepare,
                                            restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
 from pipeline.training.memory import device_peak, peak_report
@@ -155,7 +155,7 @@ class Trainer:
                 from pipeline.plan import memory_estimate
 
                 est = memory_estimate(cfg, stage.stage, num_processes=accelerator.num_processes, backend=backend,
-                                      stage_zero=zero, offload=launched_offload())
+                                      stage_zero=zero, deepspeed=launched_deepspeed())
                 metrics.update(peak_memory_gib=peak / 2 ** 30, memory_estimate_gib=est.total / 2 ** 30)
                 print(peak_report(stage.stage, peak, est))
             stage.finish(outputs, metrics, settings=settings)
