@@ -14,7 +14,7 @@ Model states are counted exactly from the parameter count `P` (bytes per paramet
 
 A DeepSpeed engine keeps an fp32 master copy of its partition beside the model's weights (the `+ 4/N`), and
 while its model updates, the gradient bucket it reduces through (`DEEPSPEED_REDUCE_BUCKET` fp32 elements, 1.86 GiB,
-whatever the model's size) and its gradient partition; under ZeRO-1/2 it frees both at the optimiser step, under
+whatever the model's size, or a `deepspeed_config_file`'s `reduce_bucket_size`: `DeepSpeed`) and its gradient partition; under ZeRO-1/2 it frees both at the optimiser step, under
 ZeRO-3 it keeps them (so distill holds the generator's and the critic's at once). ZeRO-3 gathers each layer's
 weights whole for its forward and backward, prefetching up to `DEEPSPEED_PREFETCH_BUCKET` elements ahead: the
 "gathered layers" (the whole model, if smaller). Measured on the CPU with `benchmarks/memory_estimate.py` under
