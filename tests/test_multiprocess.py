@@ -225,6 +225,18 @@ def test_check_replicas_names_what_differs_and_compares_only_the_ema_under_zero3
         check_replicas(accelerator(DistributedType.DEEPSPEED, True), {"generator": model}, ema=ema)
     assert check_replicas(accelerator(DistributedType.DEEPSPEED, False), {"generator": model}) == 1
 
+    # the fingerprint holds one tensor's float64 copies at a time, not the whole model's (34 GB for Wan2.1-1.3B)
+    from pipeline.training.distributed import _fingerprint
+    from pipeline.training.memory import TensorPeak
+
+    peaks = []
+    for n in (4, 16):
+        params = [torch.nn.Linear(256, 256, bias=False).weight for _ in range(n)]
+        with TensorPeak() as peak:
+            _fingerprint(params)
+        peaks.append(peak.peak - peak.now)  # still live at the end: views of the weights, which existed before
+    assert peaks[0] == peaks[1] <= 3 * (8 * 256 * 256) + 64  # 3 float64 copies of one layer, whatever the depth
+
 
 def test_launched_backend_reads_the_launch_environment(monkeypatch):
     """What the trainer, the accelerator and the memory benchmark read before any accelerator exists."""
