@@ -22,7 +22,7 @@ import yaml
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.plan import plan
-from pipeline.training.distributed import deepspeed_file, zero_settings
+from pipeline.training.distributed import deepspeed_file, offloaded, zero_settings
 from pipeline.training.memory import DeepSpeed
 from pipeline.training.stage_io import lock_run_dir
 
@@ -66,9 +66,7 @@ def accelerate_backend(config_file: str) -> tuple[str, int, DeepSpeed]:
     zero = int(ds.get("zero_stage", 2))
     if zero not in (0, 1, 2, 3):
         raise ConfigError(f"--accelerate-config {path}: deepspeed_config.zero_stage must be 0..3")
-    offload = tuple(what for what, key in (("optimizer", "offload_optimizer_device"), ("params", "offload_param_device"))
-                    if str(ds.get(key, "none")).lower() not in ("none", ""))
-    return kind, zero, DeepSpeed(offload=offload)
+    return kind, zero, DeepSpeed(offload=offloaded(ds.get("offload_optimizer_device"), ds.get("offload_param_device")))
 
 
 def accelerate_command(num_processes: int, config_file: str | None, backend: str | None) -> tuple[list, dict]:

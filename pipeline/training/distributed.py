@@ -53,6 +53,13 @@ def deepspeed_file(path: str | Path) -> dict:
     return conf
 
 
+def offloaded(optimizer: str | None, params: str | None) -> tuple[str, ...]:
+    """What a DeepSpeed config offloads ("optimizer", "params") from its two offload devices (`none`, None or
+    empty: kept on the accelerator), whichever form the config has them in (accelerate YAML, environment, JSON)."""
+    return tuple(what for what, device in (("optimizer", optimizer), ("params", params))
+                 if str(device or "none").lower() not in ("none", ""))
+
+
 def zero_settings(conf: dict) -> tuple[int, DeepSpeed]:
     """(ZeRO stage, its offload and reduce bucket) of a DeepSpeed JSON config."""
     zero = conf["zero_optimization"]
@@ -65,8 +72,7 @@ def zero_settings(conf: dict) -> tuple[int, DeepSpeed]:
                           f"got {zero.get('stage')!r} and {zero.get('reduce_bucket_size')!r}") from None
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed_config_file: zero_optimization.stage must be 0..3, got {stage}")
-    offload = tuple(what for what, key in (("optimizer", "offload_optimizer"), ("params", "offload_param"))
-                    if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", ""))
+    offload = offloaded(*((zero.get(key) or {}).get("device") for key in ("offload_optimizer", "offload_param")))
     return stage, DeepSpeed(offload=offload, reduce_bucket=bucket)
 
 
@@ -96,9 +102,8 @@ def launched_deepspeed() -> DeepSpeed:
     file = _launched_file() if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else None
     if file:
         return zero_settings(file)[1]
-    keys = (("optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("params", "OFFLOAD_PARAM_DEVICE"))
-    return DeepSpeed(offload=tuple(what for what, key in keys
-                                   if os.environ.get(f"ACCELERATE_DEEPSPEED_{key}", "none") not in ("none", "")))
+    return DeepSpeed(offload=offloaded(*(os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE")
+                                         for k in ("OPTIMIZER", "PARAM"))))
 
 
 def make_accelerator(cfg: Config, stage_path: Path, grad_accum: int = 1, batch_size: int = 1,
@@ -299,8 +304,8 @@ class FullWeights:
                         for t in (*model.parameters(), *model.buffers())}
                 self.copies[name] = copy.deepcopy(model, memo)
 
-    def of(self, name: str, wrapped, device: torch.device | str = "cpu") -> torch.nn.Module | None:
-        """Trained model `name` (`wrapped`: its prepared module) whole, its copy on `device` under ZeRO-3."""
+    def of(self, name: str, wrapped) -> torch.nn.Module | None:
+        """Trained model `name` (`wrapped`: its prepared module) whole (under ZeRO-3 its copy, in CPU memory)."""
         raw = self.accelerator.unwrap_model(wrapped)
         if not zero3(self.accelerator):
             return raw
@@ -308,8 +313,8 @@ class FullWeights:
 
         out = self.copies.get(name)
         if out is not None:
-            if any(p.is_meta for p in out.parameters()) or next(out.parameters()).device != torch.device(device):
-                out.to_empty(device=device)
+            if any(p.is_meta for p in out.parameters()):  # the first time
+                out.to_empty(device="cpu")
             into = dict(out.named_parameters())
         for key, p in raw.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
