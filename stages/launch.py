@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.cli import parse_with_overrides, run_command
 from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.methods.distillation import check_zero_stage
 from pipeline.plan import plan
 from pipeline.training.distributed import deepspeed_file, offloaded, zero_settings
 from pipeline.training.memory import DeepSpeed
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
             child = "LOCAL_RANK" in os.environ  # started by accelerate launch (below)
             backend, zero, deepspeed = (accelerate_backend(args.accelerate_config) if args.accelerate_config
                                         else (None, 0, DeepSpeed()))
+            if "distill" in stages and backend == "DEEPSPEED":  # before the processes start: one line, exit 2
+                check_zero_stage(cfg.distill, zero)
             if not child or (os.environ["LOCAL_RANK"] == "0" and "CVD_PLAN_PRINTED" not in os.environ):
                 print(plan(cfg, stages, args.num_processes, backend, zero, deepspeed))
             if args.dry_run:

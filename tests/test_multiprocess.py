@@ -88,27 +88,34 @@ def test_ddp_distill_equals_one_process_with_the_doubled_batch(one_process, tmp_
     assert max_diff(weights(run, "distill", "transformer"), weights(one_process, "init_student", "transformer_ema")) > 1e-4
 
 
-def test_ddp_sf_gan_equals_one_process_with_the_doubled_batch(one_process, tmp_path):
+def test_ddp_and_zero2_sf_gan_equal_one_process_with_the_doubled_batch(one_process, tmp_path):
     """The GAN under DDP: the discriminator reads the critic after its middle block (the later blocks get no
     gradient) and its head is a third wrapped model; 2 processes × batch 2 give one process × batch 4. With R1 on
     (one run covers both: without it only the penalty's term is missing), whose double backward runs through both
-    wrapped models and each process's mean over its videos."""
+    wrapped models and each process's mean over its videos. The same under ZeRO-2: the critic an engine, the head
+    a plain module whose gradients the step averages, R1's pass through the unwrapped modules (an engine's
+    backward ends at R1's inner gradient otherwise); the checkpoint at step 2 comes before the generator's first
+    step (no moments to gather yet)."""
     gan = ["distill.method=sf_gan", "distill.critic_warmup=1", "distill.steps=3", "distill.r1_weight=1.0"]
     runs = {}
-    for name, processes, batch in (("one", 1, 4), ("two", 2, 2)):
+    for name, processes, batch, accelerate in (("one", 1, 4, None), ("two", 2, 2, None),
+                                               ("zero2", 2, 2, "deepspeed_zero2.yaml")):
         runs[name] = copy_stages(one_process, tmp_path / name)
-        launch(runs[name], "distill", f"distill.batch_size={batch}", *gan, processes=processes)
+        launch(runs[name], "distill", f"distill.batch_size={batch}", *gan, processes=processes,
+               accelerate_config=accelerate)
     metrics = {name: manifest(run, "distill")["metrics"] for name, run in runs.items()}
-    assert metrics["two"]["replicas_identical"] == 2
-    assert metrics["two"]["final_critic_loss"] == pytest.approx(metrics["one"]["final_critic_loss"], rel=1e-5)
+    for two in ("two", "zero2"):  # under DeepSpeed the critic's engine runs the backward for its plain head too
+        assert metrics[two]["replicas_identical"] == 2
+        assert metrics[two]["final_critic_loss"] == pytest.approx(metrics["one"]["final_critic_loss"], rel=1e-5)
     # the penalty was on (logged at each critic step, > 0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(next((runs["two"] / "distill" / "logs").rglob("events.out.tfevents*")))).Reload()
     assert [e.value > 0 for e in events.Scalars("r1")] == [True] * 3
     # the critic learns from L_D alone, whose gradients are near zero in places (the text embedder's): Adam turns the
     # all-reduce's rounding there into steps of 1e-5 (measured: 1.3e-5 in one tensor, every other one under 6e-7)
-    for part, tol in (("transformer", TOL), ("transformer_ema", TOL), ("critic", 5e-5), ("discriminator", TOL)):
-        assert max_diff(weights(runs["two"], "distill", part), weights(runs["one"], "distill", part)) <= tol, part
+    for two in ("two", "zero2"):
+        for part, tol in (("transformer", TOL), ("transformer_ema", TOL), ("critic", 5e-5), ("discriminator", TOL)):
+            assert max_diff(weights(runs[two], "distill", part), weights(runs["one"], "distill", part)) <= tol, part
     for part, start in (("transformer", ("init_student", "transformer_ema")), ("critic", ("pretrain_teacher", "transformer_ema"))):
         assert max_diff(weights(runs["two"], "distill", part), weights(one_process, *start)) > 1e-3, part  # trained
 
@@ -195,9 +202,38 @@ def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_p
         assert max_diff(got, weights(one_process, "distill", part)) <= TOL, part
 
 
-def test_check_replicas_names_what_differs_and_compares_only_the_ema_under_zero3():
+def test_deepspeed_zero3_dmd_gan_resumes_as_one_process_and_refuses_r1(one_process, tmp_path):
+    """DMD + GAN (`gan_weight`) with every trained model but the head a ZeRO-3 engine: 2 steps (the checkpoint
+    comes before the generator's first step), resumed for 1 more, 2 processes × batch 2, equal the uninterrupted
+    one-process run with batch 4. R1 (a double backward through partitioned weights) is refused before any
+    process starts: one line naming the key, exit 2, nothing written."""
+    gan = ["distill.gan_weight=0.5", "distill.critic_warmup=1", "distill.steps=3"]
+    one = copy_stages(one_process, tmp_path / "one")
+    launch(one, "distill", "distill.batch_size=4", *gan)
+    run = copy_stages(one_process, tmp_path / "zero3")
+    for steps in (2, 3):
+        launch(run, "distill", "distill.batch_size=2", *gan, f"distill.steps={steps}", processes=2,
+               accelerate_config="deepspeed_zero3.yaml")
+    m = manifest(run, "distill")["metrics"]
+    assert m["steps"] == 3 and m["generator_updates"] == 1 and m["replicas_identical"] == 2
+    for part, tol in (("transformer", TOL), ("transformer_ema", TOL), ("critic", 5e-5), ("discriminator", TOL)):
+        assert max_diff(weights(run, "distill", part), weights(one, "distill", part)) <= tol, part
+    assert max_diff(weights(run, "distill", "critic"), weights(one_process, "pretrain_teacher", "transformer_ema")) > 1e-4
+
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("{}\n")
+    r = subprocess.run([sys.executable, "-m", "stages.launch", str(cfg), "--stages", "distill", "--num-processes", "2",
+                        "--accelerate-config", str(ACCEL / "deepspeed_zero3.yaml"), *TINY_OVERRIDES,
+                        f"run.dir={tmp_path / 'r1'}", "distill.method=sf_gan", "distill.r1_weight=1"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "distill.r1_weight" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "r1").exists()
+
+
+def test_check_replicas_names_what_differs_and_skips_zero3_partitions():
     """`check_replicas` on a stand-in accelerator whose `gather` returns this process's fingerprint and another
-    process's (equal, or with one weight moved): DDP compares models and EMA; ZeRO-3 the EMA only."""
+    process's (equal, or with one weight moved): DDP compares models and EMA; under ZeRO-3 a partitioned engine's
+    weights (`ds_id`) exist once, so the EMA and the models kept whole (a GAN head) are compared."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -221,9 +257,14 @@ def test_check_replicas_names_what_differs_and_compares_only_the_ema_under_zero3
     assert check_replicas(accelerator(DistributedType.MULTI_GPU, False), {"generator": model}, ema=ema) == 2
     with pytest.raises(RuntimeError, match="generator: weights differ"):
         check_replicas(accelerator(DistributedType.MULTI_GPU, True), {"generator": model}, ema=ema)
+    partitioned = torch.nn.Linear(3, 2)
+    for i, p in enumerate(partitioned.parameters()):
+        p.ds_id = i  # what a ZeRO-3 engine marks its partitioned parameters with
     with pytest.raises(RuntimeError, match="EMA: weights differ"):  # under ZeRO-3 the EMA is the replicated state
-        check_replicas(accelerator(DistributedType.DEEPSPEED, True), {"generator": model}, ema=ema)
-    assert check_replicas(accelerator(DistributedType.DEEPSPEED, False), {"generator": model}) == 1
+        check_replicas(accelerator(DistributedType.DEEPSPEED, True), {"generator": partitioned}, ema=ema)
+    with pytest.raises(RuntimeError, match="discriminator: weights differ"):
+        check_replicas(accelerator(DistributedType.DEEPSPEED, True), {"generator": partitioned, "discriminator": model})
+    assert check_replicas(accelerator(DistributedType.DEEPSPEED, False), {"generator": partitioned}) == 1
 
     # the fingerprint holds one tensor's float64 copies at a time, not the whole model's (34 GB for Wan2.1-1.3B)
     from pipeline.training.distributed import _fingerprint

@@ -49,6 +49,9 @@ class Trained:
             them); the identity for a model updated every step.
         partial: its loss reaches only part of it (sf_gan's critic, read after an inner block): DDP must
             look for the parameters without a gradient each step.
+        engine: under DeepSpeed, its own engine (listed by `Method.engines`). False for a small model trained
+            by another model's loss (`optimize(also=...)`: a discriminator's head), which one engine's backward
+            cannot share: kept whole on every process, its gradients averaged by `optimizer_step`.
     """
 
     module: torch.nn.Module
@@ -58,6 +61,7 @@ class Trained:
     lr_key: str
     schedule_steps: Callable[[int], int] = lambda step: step
     partial: bool = False
+    engine: bool = True
 
 
 @dataclass
@@ -111,7 +115,8 @@ class Method:
         return None
 
     def engines(self) -> dict[str, float | None]:
-        """`{model name: gradient clip, or None for a frozen model}`: one DeepSpeed engine each."""
+        """`{model name: gradient clip, or None for a frozen model}`: one DeepSpeed engine each (every trained
+        model with `Trained.engine`, every frozen one)."""
         return {"model": self.section.grad_clip}
 
     def fingerprint_sections(self) -> list[str]:

@@ -35,7 +35,7 @@ from pipeline.models.discriminator import FrameDiscriminatorHead
 from pipeline.models.loading import load_source, student_config
 from pipeline.models.roles import Role, check_compatible, load_role
 from pipeline.models.sampling_meta import attach, sampling_record
-from pipeline.training.distributed import local_batch, shared_generator
+from pipeline.training.distributed import local_batch, shared_generator, zero3
 from pipeline.training.optim import averaged, hold_frozen, make_optimizer, trainable
 from pipeline.training.stage_io import data_inputs
 
@@ -111,8 +111,7 @@ class DMDMethod(Method):
     def engines(self) -> dict:
         dc = self.section
         frozen = {} if dc.teacher_offload or self.gan_only else {"teacher": None}  # an offloaded real score: no engine
-        head = {"discriminator": dc.critic_grad_clip} if self.gan_on else {}
-        return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, **head, **frozen}
+        return {"generator": dc.grad_clip, "critic": dc.critic_grad_clip, **frozen}  # the GAN's head: no engine
 
     def load(self) -> None:
         dc = self.section
@@ -158,7 +157,8 @@ class DMDMethod(Method):
             "critic": Trained(self.critic, critic_opt, critic_sched, dc.critic_grad_clip, f"{self.stage}.critic_lr",
                               partial=self.gan_only)}
         if self.gan_on:
-            self.trained["discriminator"] = self.discriminator_head(deepspeed)
+            self.trained["discriminator"] = self.discriminator_head()
+            check_zero_stage(dc, 3 if zero3(accelerator) else 0)
         self.frozen = {} if dc.teacher_offload or self.teacher is None else {"teacher": self.teacher}
         self.offloaded = self.teacher if dc.teacher_offload else None
         del self.generator, self.critic, self.teacher  # from here on: self.trained / self.frozen (wrapped)
@@ -168,20 +168,18 @@ class DMDMethod(Method):
         self.g_loss = self.c_loss = None
         self.scalars: dict = {}
 
-    def discriminator_head(self, deepspeed: bool) -> Trained:
+    def discriminator_head(self) -> Trained:
         """The GAN discriminator's head (`pipeline/methods/gan.py`) on the critic's block `disc_layer`, with its
-        own optimizer (`distill.disc_lr`)."""
+        own optimizer (`distill.disc_lr`). The critic's loss trains it: under DeepSpeed it is no engine of its
+        own (`Trained.engine`; it is small), the critic's engine runs the backward for both."""
         dc, critic = self.section, self.critic.config
-        if deepspeed:
-            raise ConfigError("distill: the GAN (sf_gan, gan_weight) trains the critic and its head from one loss, "
-                              "which DeepSpeed engines cannot share; run it with DDP", "distill.gan_weight")
         self.layer = critic.num_layers // 2 if dc.disc_layer is None else dc.disc_layer
         if self.layer >= critic.num_layers:
             raise ConfigError(f"distill.disc_layer={self.layer}: the critic has {critic.num_layers} blocks "
                               f"(0 .. {critic.num_layers - 1})", "distill.disc_layer")
         head = FrameDiscriminatorHead(dim=critic.num_attention_heads * critic.attention_head_dim, hidden=dc.disc_hidden)
         opt, sched = make_optimizer(head, dc, lr=dc.disc_lr or dc.critic_lr)
-        return Trained(head, opt, sched, dc.critic_grad_clip, f"{self.stage}.disc_lr")
+        return Trained(head, opt, sched, dc.critic_grad_clip, f"{self.stage}.disc_lr", engine=False)
 
     def restore(self, *, step, extra, rng) -> None:
         super().restore(step=step, extra=extra, rng=rng)
@@ -197,7 +195,8 @@ class DMDMethod(Method):
             unwrap = self.accelerator.unwrap_model
             gan = GAN(disc=Discriminator(critic, head, fake.attention, fpc, self.layer),
                       frozen_disc=Discriminator(unwrap(critic), unwrap(head), fake.attention, fpc, self.layer),
-                      draw_sigma=None, r1_weight=dc.r1_weight)
+                      draw_sigma=None, r1_weight=dc.r1_weight,
+                      r1_unwrapped=self.accelerator.distributed_type == DistributedType.DEEPSPEED)
         teacher = self.frozen.get("teacher", self.offloaded)
         self.dmd = self.losses(
             generator=Denoiser(self.trained["generator"].module, "block_causal", fpc, self.prediction, st.clip_x0,
@@ -255,6 +254,16 @@ class DMDMethod(Method):
         return {"generator_updates": generator_updates(step, self.ratio, self.section.critic_warmup), "method": self.section.method,
                 "final_critic_loss": self.c_loss.item() if self.c_loss is not None else extra.get("critic_loss"),
                 "final_generator_loss": self.g_loss.item() if self.g_loss is not None else None}
+
+
+def check_zero_stage(section, zero: int) -> None:
+    """What a distill section cannot do under DeepSpeed's ZeRO stage `zero` (checked before a launch too):
+    the GAN's R1 penalty differentiates the discriminator's gradient, whose weights ZeRO-3 frees after their
+    first backward. ConfigError naming the key."""
+    gan = section.method == "sf_gan" or section.gan_weight > 0
+    if zero == 3 and gan and section.r1_weight:
+        raise ConfigError("distill.r1_weight: R1 differentiates the discriminator's gradient, whose weights ZeRO-3 "
+                          "frees after their first backward; set distill.r1_weight=0 or run ZeRO-2", "distill.r1_weight")
 
 
 @register("sf_dmd")

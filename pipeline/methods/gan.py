@@ -94,12 +94,16 @@ class GAN:
         frozen_disc: the same modules unwrapped, for the generator's loss (no DDP hooks; parameters
             collect no gradients there).
         r1_weight: γ of the R1 penalty (0: none).
+        r1_unwrapped: R1's pass runs through `frozen_disc`'s modules (its parameters do collect gradients there):
+            a DeepSpeed engine ends its backward (reduces its gradients) after every backward pass through it,
+            R1's inner gradient too; its parameters' gradients still reach the engine's own backward.
     """
 
     disc: Discriminator
     frozen_disc: Discriminator
     draw_sigma: object
     r1_weight: float = 0.0
+    r1_unwrapped: bool = False
 
     def generator_term(self, x: torch.Tensor, context: torch.Tensor, gen) -> tuple[torch.Tensor, dict]:
         """`L_G` of samples x `[B, C, F, H, W]` (with their gradients) under prompts `context`."""
@@ -120,7 +124,7 @@ class GAN:
         if self.r1_weight:  # R1 differentiates a gradient: SDPA's math kernel has a double backward, flash does not
             x_real = x_real.detach().requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):
-                real_logits = self.disc(x_real, s_real, real_context)
+                real_logits = (self.frozen_disc if self.r1_unwrapped else self.disc)(x_real, s_real, real_context)
         else:
             real_logits = self.disc(x_real, s_real, real_context)
         fake_logits = self.disc(x_fake, s_fake, fake_context)

@@ -4,6 +4,7 @@ per model, optimizer state across ZeRO partitions, replica checks, global-batch 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -77,9 +78,21 @@ def zero_settings(conf: dict) -> tuple[int, DeepSpeed]:
 
 
 def _launched_file() -> dict | None:
-    """The DeepSpeed JSON config the launch names (`ACCELERATE_DEEPSPEED_CONFIG_FILE`), if any."""
+    """The DeepSpeed JSON config the launch names (`ACCELERATE_DEEPSPEED_CONFIG_FILE`), if any; read once (the
+    trainer, the accelerator and the estimate each ask), again only if the file changed. Not to be modified."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    return None if path in ("none", "") else deepspeed_file(path)
+    if path in ("none", ""):
+        return None
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None  # deepspeed_file names the missing file
+    return _read_deepspeed_file(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_deepspeed_file(path: str, stamp: int | None) -> dict:
+    return deepspeed_file(path)
 
 
 def launched_backend() -> tuple[str, int, int]:
@@ -193,13 +206,15 @@ def _amp_forward(accelerator: Accelerator, model: torch.nn.Module) -> None:
 
 
 def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False,
-            precision: str = "no"):
+            precision: str = "no", engine: bool = True):
     """Wrap one model (and its optimizer) for the run's backend: DDP, or its own DeepSpeed engine
     (`name` selects its plugin, see `make_accelerator`). A frozen model (no optimizer) is not put
     under DDP (`evaluation_mode`); under DeepSpeed it becomes a ZeRO-3 engine holding a shard of it.
     `find_unused`: its DDP looks for parameters a step leaves without gradient (`Trained.partial`).
     `precision`: the run's (`mixed_precision(cfg)`); in bf16 under DeepSpeed the model's forward gets the
-    autocast accelerate gives it under DDP (`_amp_forward`).
+    autocast accelerate gives it under DDP (`_amp_forward`). `engine` False (`Trained.engine`): under DeepSpeed
+    the model stays a plain module on the device, whole on every process, with its plain optimizer
+    (`optimizer_step` averages its gradients); under DDP it is wrapped as any other.
 
     Returns:
         the wrapped model, or (model, optimizer).
@@ -207,9 +222,13 @@ def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         state = accelerator.state
         active = next(k for k, v in state.deepspeed_plugins.items() if v is state.deepspeed_plugin)
-        state.select_deepspeed_plugin(name)
         if _deepspeed_amp(accelerator, precision):
             _amp_forward(accelerator, model)
+        if not engine:
+            model.to(accelerator.device)
+            optimizer.load_state_dict(optimizer.state_dict())  # a resumed state follows its parameters' device
+            return model, optimizer
+        state.select_deepspeed_plugin(name)
         if optimizer is not None:
             return accelerator.prepare(model, optimizer)
         model = accelerator.prepare(model)
@@ -229,6 +248,15 @@ def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_
         accelerator.ddp_handler = handler
 
 
+def engine(accelerator: Accelerator, model) -> bool:
+    """Whether `model` (prepared) is a DeepSpeed engine (not a plain module kept whole: `prepare(engine=False)`)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
+
+
 def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
     """The optimizer's state dict in the form a one-process `AdamW` over `model.parameters()` has it,
     whatever the backend, so a checkpoint resumes under any backend and process count.
@@ -236,7 +264,7 @@ def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
     Under DeepSpeed the fp32 moments live in ZeRO partitions: they are gathered per parameter with
     DeepSpeed's `safe_get_full_optimizer_state` (a collective: every process must call this).
     """
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    if not engine(accelerator, model):
         return optimizer.state_dict()
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -244,7 +272,7 @@ def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
     params = list(model.module.parameters())
     steps = [st["step"] for st in base.state.values() if "step" in st]
     state = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(params if steps else ()):  # no moments before the engine's first step (an sf_gan warm-up)
         moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
         if all(v is not None for v in moments.values()) and steps:
             state[i] = {"step": torch.as_tensor(steps[0]).detach().clone().float().cpu(),  # an int when offloaded
@@ -258,7 +286,7 @@ def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
 def restore_optimizer_state(accelerator: Accelerator, model, state: dict) -> None:
     """After `prepare`: put a one-process optimizer state (loaded from a checkpoint before `prepare`)
     into a DeepSpeed engine's ZeRO partitions (elsewhere `prepare` kept it: nothing to do)."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED or not state.get("state"):
+    if not engine(accelerator, model) or not state.get("state"):
         return
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -296,8 +324,10 @@ class FullWeights:
     """
 
     def __init__(self, accelerator: Accelerator, models: dict[str, torch.nn.Module]):
+        """`models`: the trained models that become engines (`Trained.engine`), before `prepare`."""
         self.accelerator, self.copies = accelerator, {}
-        if zero3(accelerator) and accelerator.is_main_process:
+        self.partitioned = set(models) if zero3(accelerator) else set()
+        if self.partitioned and accelerator.is_main_process:
             for name, model in models.items():  # the structure without the data: every tensor mapped to a meta one
                 memo = {id(t): (torch.nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
                                 if isinstance(t, torch.nn.Parameter) else t.to("meta"))
@@ -307,7 +337,7 @@ class FullWeights:
     def of(self, name: str, wrapped) -> torch.nn.Module | None:
         """Trained model `name` (`wrapped`: its prepared module) whole (under ZeRO-3 its copy, in CPU memory)."""
         raw = self.accelerator.unwrap_model(wrapped)
-        if not zero3(self.accelerator):
+        if name not in self.partitioned:
             return raw
         import deepspeed
 
@@ -330,8 +360,8 @@ class FullWeights:
 def check_replicas(accelerator: Accelerator, models: dict, *, ema=None) -> int:
     """Check that every process holds the same weights of each trained model in `models` (`{name: module}`) and
     the same EMA copy (`ema`: a diffusers `EMAModel`, kept by every process): a silent divergence would make
-    rank 0's checkpoint one of several different models. Under ZeRO-3 each weight exists once (partitioned), so
-    only the EMA is compared.
+    rank 0's checkpoint one of several different models. A ZeRO-3 engine's weights exist once (partitioned): not
+    compared.
 
     Returns:
         the number of processes compared (1: nothing to compare).
@@ -340,7 +370,8 @@ def check_replicas(accelerator: Accelerator, models: dict, *, ema=None) -> int:
     """
     if accelerator.num_processes == 1:
         return 1
-    tensors = {} if zero3(accelerator) else {n: list(accelerator.unwrap_model(m).parameters()) for n, m in models.items()}
+    tensors = {n: list(accelerator.unwrap_model(m).parameters()) for n, m in models.items()}
+    tensors = {n: params for n, params in tensors.items() if not any(hasattr(p, "ds_id") for p in params)}
     if ema is not None:
         tensors["EMA"] = list(ema.shadow_params)
     if not tensors:
@@ -356,17 +387,19 @@ def _fingerprint(params) -> torch.Tensor:
     """[1, 3] float64: the sum, the position-weighted sum and the largest magnitude of all `params` in order, one
     tensor at a time where it lives (a whole model flattened to float64 would hold 8 bytes per weight, three times
     over: about 34 GB for Wan2.1-1.3B, at the end of a run)."""
-    total = weighted = largest = torch.zeros((), dtype=torch.float64)
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")  # summed where they live: one copy to the host
+    total = weighted = largest = torch.zeros((), dtype=torch.float64, device=device)
     offset = 0
     for p in params:
         x = p.detach().flatten().double()
         position = torch.arange(offset + 1, offset + x.numel() + 1, dtype=torch.float64, device=x.device)
-        total = total + x.sum().cpu()
-        weighted = weighted + (x * position).sum().cpu()
-        largest = torch.maximum(largest, x.abs().max().cpu()) if x.numel() else largest
+        total = total + x.sum()
+        weighted = weighted + (x * position).sum()
+        largest = torch.maximum(largest, x.abs().max()) if x.numel() else largest
         offset += x.numel()
         del x, position  # before the next tensor's copies exist
-    return torch.stack([total, weighted, largest])[None]
+    return torch.stack([total, weighted, largest])[None].cpu()
 
 
 def global_norm(accelerator: Accelerator, weight: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,9 @@ def ema_step(ema, parameters) -> None:
 
 
 def _zero3_enabled() -> bool:
-    """Whether the active DeepSpeed config partitions the weights (ZeRO-3), as diffusers' EMAModel reads it."""
+    """Whether the active DeepSpeed config partitions the weights (ZeRO-3): the test diffusers' `EMAModel.step`
+    makes itself (so the copy below gathers exactly when `EMAModel` does; `distributed.zero3` asks the
+    accelerator the same of the trained models' plugin, which `prepare` leaves active)."""
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:
@@ -123,8 +125,10 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: 
     """One backward pass and (when gradients sync, i.e. at the end of an accumulation) one clipped
     optimiser and LR-schedule step. A NaN/inf loss stops the run with a one-line `NonFiniteLoss`
     naming the config key `lr_key` to lower. `also`: `(model, optimizer, scheduler, grad_clip)` of
-    further models the same loss trains (a discriminator's head), each clipped and stepped on its own
-    (not under DeepSpeed, where each engine runs its own backward).
+    further models the same loss trains (a discriminator's head), each clipped and stepped on its own.
+    Under DeepSpeed `model` is an engine, whose backward reaches the `also` models too; those are plain
+    modules (`prepare(engine=False)`: an engine's backward handles only its own parameters), whose
+    gradients are averaged over the processes here, as DDP would.
 
     Returns:
         the gradient norm before clipping, or None between accumulation steps.
@@ -141,6 +145,14 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, loss: 
         model.step()
         scheduler.step()
         norm = model.get_global_grad_norm()
+        for m, opt, sched, clip in also:
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         return float("nan") if norm is None else float(norm)
     accelerator.backward(loss)
     grad_norm = None

@@ -89,10 +89,11 @@ class Trainer:
         method.prepare_data(stage_path=stage.path)
 
         # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
-        whole = FullWeights(accelerator, {n: t.module for n, t in method.trained.items()})  # before the wrapping
+        whole = FullWeights(accelerator, {n: t.module for n, t in method.trained.items() if t.engine})  # before wrapping
         loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
         for n, t in method.trained.items():
-            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial, precision=mp)
+            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial, precision=mp,
+                                            engine=t.engine)
         for n, m in method.frozen.items():
             method.frozen[n] = prepare(accelerator, n, m, precision=mp)
         if step:
