@@ -92,7 +92,7 @@ class DMDMethod(Method):
         self.ratio = self.section.critic_steps_per_generator_step
         self.desc = f"{self.stage} ({self.section.method})"
         self.gan_only = self.section.method == "sf_gan"  # no DMD: the real score is only the critic's start
-        self.gan_on = self.gan_only or self.section.gan_weight > 0
+        self.gan_on = gan_on(self.section)
 
     def inputs(self) -> dict:
         return {"distill.student": self.student_path, "distill.teacher": self.teacher_path,
@@ -256,12 +256,16 @@ class DMDMethod(Method):
                 "final_generator_loss": self.g_loss.item() if self.g_loss is not None else None}
 
 
+def gan_on(section) -> bool:
+    """Whether a distill section trains a GAN discriminator (`sf_gan`, or DMD + GAN by `gan_weight`)."""
+    return section.method == "sf_gan" or section.gan_weight > 0
+
+
 def check_zero_stage(section, zero: int) -> None:
     """What a distill section cannot do under DeepSpeed's ZeRO stage `zero` (checked before a launch too):
     the GAN's R1 penalty differentiates the discriminator's gradient, whose weights ZeRO-3 frees after their
     first backward. ConfigError naming the key."""
-    gan = section.method == "sf_gan" or section.gan_weight > 0
-    if zero == 3 and gan and section.r1_weight:
+    if zero == 3 and gan_on(section) and section.r1_weight:
         raise ConfigError("distill.r1_weight: R1 differentiates the discriminator's gradient, whose weights ZeRO-3 "
                           "frees after their first backward; set distill.r1_weight=0 or run ZeRO-2", "distill.r1_weight")
 

@@ -274,7 +274,7 @@ def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
     state = {}
     for i, p in enumerate(params if steps else ()):  # no moments before the engine's first step (an sf_gan warm-up)
         moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-        if all(v is not None for v in moments.values()) and steps:
+        if all(v is not None for v in moments.values()):
             state[i] = {"step": torch.as_tensor(steps[0]).detach().clone().float().cpu(),  # an int when offloaded
                         **{k: v.detach().float().cpu() for k, v in moments.items()}}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
