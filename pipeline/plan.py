@@ -67,7 +67,7 @@ def model_summary(cfg: Config, config: dict | None = None, origin: str = "") -> 
     return {"class": "CausalWanTransformer (diffusers WanTransformer3DModel)" + source, "parameters": params,
             "latent": [kw["in_channels"], f, h, w], "tokens_per_frame": tokens, "sequence": tokens * f,
             "dim": kw["num_attention_heads"] * kw["attention_head_dim"], "layers": kw["num_layers"],
-            "ffn": kw["ffn_dim"]}
+            "ffn": kw["ffn_dim"], "heads": kw["num_attention_heads"]}
 
 
 def masked_attention(cfg: Config) -> str:
@@ -82,7 +82,7 @@ def masked_attention(cfg: Config) -> str:
 
 def _shape(cfg: Config, ms: dict) -> memory.Shape:
     return memory.Shape(ms["parameters"], ms["dim"], ms["ffn"], ms["layers"], ms["tokens_per_frame"], cfg.data.frames,
-                        cfg.data.frames_per_chunk)
+                        cfg.data.frames_per_chunk, ms["heads"])
 
 
 def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
@@ -202,7 +202,7 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
             lines += role_lines(cfg)
         if s in ("pretrain_teacher", "init_student", "distill"):
             lines.append(memory_line(cfg, s, ms, num_processes, backend, zero, deepspeed))
-        if s == "distill":  # the other place for the real score
+        if s == "distill" and cfg.distill.method != "sf_gan":  # the other place for the real score (sf_gan loads none)
             other = replace(cfg, distill=replace(cfg.distill, teacher_offload=not cfg.distill.teacher_offload))
             est = memory_estimate(other, s, num_processes=num_processes, backend=backend, stage_zero=zero,
                                   deepspeed=deepspeed)

@@ -130,6 +130,22 @@ def test_sf_gan_resume_restores_the_discriminator_bit_exactly(student_stage, tmp
         assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["sf_gan", "df_dmd"])
+def test_gan_with_r1_under_gradient_checkpointing_trains_as_without(student_stage, tmp_path, method):
+    """Gradient checkpointing (the Wan recipes') changes no number of a GAN run: the generator's GAN loss
+    recomputes the discriminator's blocks in its backward (its parameters must stay frozen there), R1
+    recomputes them under SDPA's math kernel (its double backward). Both failed with a CheckpointError."""
+    cfg, _ = student_stage
+    keys = dict(r1_weight=1.0, critic_warmup=0, steps=2, gan_weight=0.5 if method == "df_dmd" else 0.0,
+                method=method)
+    runs = [distill.run(gan_cfg(cfg, tmp_path / str(ck), gradient_checkpointing=ck, **keys)).path
+            for ck in (False, True)]
+    for sub in ("transformer", "critic", "discriminator"):
+        assert_same_weights(weights(runs[1], sub), weights(runs[0], sub))
+    assert not torch.equal(weights(runs[1], "transformer")["proj_out.weight"],
+                           weights(Path(cfg.run.dir) / "init_student", "transformer")["proj_out.weight"])
+
+
 def test_nan_in_the_discriminator_loss_stops_in_one_line(student_stage, tmp_path, capsys, monkeypatch):
     cfg, _ = student_stage
     state = {"calls": 0}

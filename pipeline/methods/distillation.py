@@ -13,6 +13,7 @@ Self-Forcing rollout (`SelfForcing`, `distill.method=sf_dmd`) or from noised cle
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -217,8 +218,9 @@ class DMDMethod(Method):
     def train_step(self, step: int) -> None:
         acc, dc, reuse = self.accelerator, self.section, None
         if step % self.ratio == 0 and step >= dc.critic_warmup:  # generator update, Self-Forcing's order: before the critic's
-            g = self.optimize("generator", step=step, batch=lambda i: self.batches.next(),
-                              loss=lambda b: self.dmd.generator_loss(b, self.gen))
+            with self.dmd.gan.frozen() if self.gan_on else nullcontext():  # the discriminator: through the backward
+                g = self.optimize("generator", step=step, batch=lambda i: self.batches.next(),
+                                  loss=lambda b: self.dmd.generator_loss(b, self.gen))
             seen = [(b, stats.pop("samples", None)) for b, stats in g.seen]
             reuse = seen if dc.critic_samples == "generator" else None
             self.update_ema()

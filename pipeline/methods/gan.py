@@ -50,7 +50,7 @@ def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def no_parameter_grads(*modules: torch.nn.Module):
     """Gradients flow through `modules` to their inputs but their own parameters collect none (the
-    generator's GAN loss must not leave gradients in the discriminator)."""
+    generator's GAN loss must not leave gradients in the discriminator). Nested, the inner one changes nothing."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -105,13 +105,19 @@ class GAN:
     r1_weight: float = 0.0
     r1_unwrapped: bool = False
 
+    def frozen(self):
+        """The discriminator's parameters collect no gradient while this holds. A generator update holds it
+        through its backward too: gradient checkpointing recomputes the discriminator's blocks there, and the
+        recomputation must see the parameters as the forward did (else it saves other tensors and fails)."""
+        return no_parameter_grads(self.frozen_disc.backbone, self.frozen_disc.head)
+
     def generator_term(self, x: torch.Tensor, context: torch.Tensor, gen) -> tuple[torch.Tensor, dict]:
-        """`L_G` of samples x `[B, C, F, H, W]` (with their gradients) under prompts `context`."""
+        """`L_G` of samples x `[B, C, F, H, W]` (with their gradients) under prompts `context` (hold `frozen()`
+        through the backward when the discriminator checkpoints its blocks)."""
         sigma = self.draw_sigma(x, gen)
         x_t = add_noise(x, shard.randn(x.shape, gen).to(x.device), sigma)
-        d = self.frozen_disc
-        with no_parameter_grads(d.backbone, d.head):
-            logits = d(x_t, sigma, context)
+        with self.frozen():
+            logits = self.frozen_disc(x_t, sigma, context)
         return generator_gan_loss(logits), {"gan_g_logit": logits.detach().float().mean().item()}
 
     def discriminator_term(self, real: torch.Tensor, real_context: torch.Tensor, fake: torch.Tensor,

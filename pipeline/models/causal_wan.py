@@ -20,9 +20,12 @@ mask and the cache, and so modulation can stay per frame.
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401 (ModelMixin: how DiffusionPipeline.from_pretrained
 # finds the load method of a component class from this module, `CausalWanPipeline`)
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
@@ -117,6 +120,10 @@ class CausalWanTransformer(WanTransformer3DModel):
         for block in self.blocks:
             block.attn1.set_processor(CausalWanAttnProcessor())
         self.attention_backend = "auto"
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """diffusers' gradient checkpointing, by default through `checkpoint_under_forward_kernels`."""
+        super().enable_gradient_checkpointing(gradient_checkpointing_func or checkpoint_under_forward_kernels)
 
     def set_attention_backend(self, backend: str) -> None:
         """Choose how attention is computed: a name of `attention.BACKENDS` (auto, dense, flex, flash,
@@ -338,6 +345,39 @@ class CausalWanTransformer(WanTransformer3DModel):
         x = x.reshape(b, ppf - cf, pph, ppw, p_t, p_h, p_w, -1)
         out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return out
+
+
+def _sdpa_kernels() -> list[SDPBackend]:
+    """The SDPA kernels enabled now (`sdpa_kernel` sets these flags)."""
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled(),
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
+    return [k for k, on in enabled.items() if on]
+
+
+def checkpoint_under_forward_kernels(function, *args):
+    """diffusers' default checkpointing (non-reentrant `torch.utils.checkpoint`), whose recomputation in the
+    backward runs under the SDPA kernels the forward ran under. A pass that picks a kernel (the GAN's R1 pass:
+    SDPA's math kernel, the only one with a double backward) would otherwise recompute with another, which
+    saves other tensors (a `CheckpointError`) and has no double backward."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), _Kernels(_sdpa_kernels())))
+
+
+class _Kernels:
+    """`sdpa_kernel(kernels)` that can be entered again (a recomputation runs once per backward pass through
+    it: R1's inner gradient, then the loss's)."""
+
+    def __init__(self, kernels: list[SDPBackend]):
+        self.kernels, self.held = kernels, []
+
+    def __enter__(self):
+        self.held.append(sdpa_kernel(self.kernels))
+        self.held[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self.held.pop().__exit__(*exc)
 
 
 def _key_positions(held: int, new: int, shift: int, sinks: int) -> torch.Tensor:

@@ -57,6 +57,13 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
 - `distill` critic update: a gradient-free rollout (its KV cache), then the critic's trained pass
   over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
   activations at a time.
+- The GAN (`sf_gan`, `gan_weight`): the critic's update also holds the discriminator (the critic's first
+  `disc_layer + 1` blocks and the head) over the generated and the real videos (sf_gan: instead of the
+  denoising pass); with R1 the real pass runs in SDPA's math kernel and keeps its input gradient's graph
+  (`R1_BYTES`: its attention scores, B·heads·T² per block, make it infeasible at Wan scale). The
+  generator's update adds the discriminator over its samples with frozen weights (`FROZEN_BLOCK_BYTES`)
+  after the scores. sf_gan loads no real score. Measured on the CPU (`benchmarks/memory_estimate.py`, the
+  test configuration of tests/test_checkpointing.py, fp32 and bf16, with and without checkpointing): within 8 %.
 """
 
 from __future__ import annotations
@@ -89,6 +96,14 @@ class DeepSpeed:
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
 # Bytes saved per token by one block without recomputation: (per D, per ffn), by activation bytes (4: fp32, 2: bf16).
 BLOCK_BYTES = {4: (89, 8), 2: (69, 4)}
+# ... by a block whose weights are frozen while its input needs gradients (the generator's GAN term): no layer
+# inputs kept for weight gradients.
+FROZEN_BLOCK_BYTES = {4: (49, 4), 2: (37, 2)}
+# R1's real pass (SDPA's math kernel, then the input gradient with create_graph, kept for the loss's backward),
+# per block: (per token: per D, per ffn; per attention score: video x head x query x key), by (activation bytes,
+# checkpointing): checkpointing saves little, the inner gradient recomputes every block and keeps its graph.
+R1_BYTES = {(4, False): (202, 16, 12), (4, True): (150, 12, 12), (2, False): (184, 8, 14), (2, True): (133, 6, 14)}
+R1_EXTRA = 2.0  # the working set of R1's inner gradient and of the loss's backward through it, in R1 blocks
 HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
 BACKWARD_EXTRA = 0.1  # what the loss and the first gradients add on top of the saved activations, in blocks
 RECOMPUTE = 1.05  # one recomputed block's activations and its gradients (checkpointing), in blocks
@@ -187,6 +202,7 @@ class Shape:
     Args:
         params, dim, ffn, layers: parameter count, hidden size, feed-forward size, blocks.
         tokens_per_frame, frames, frames_per_chunk: one video's latent tokens per frame, latent frames, chunk.
+        heads: attention heads (R1's attention scores).
     """
 
     params: int
@@ -196,6 +212,7 @@ class Shape:
     tokens_per_frame: int
     frames: int
     frames_per_chunk: int
+    heads: int = 1
 
     @property
     def video(self) -> int:
@@ -210,9 +227,10 @@ class Shape:
         return self.frames // self.frames_per_chunk
 
 
-def block_bytes(tokens: float, shape: Shape, act: int) -> float:
-    """Bytes one block saves for the backward pass over `tokens` tokens (no mask, no recomputation)."""
-    per_dim, per_ffn = BLOCK_BYTES[act]
+def block_bytes(tokens: float, shape: Shape, act: int, frozen: bool = False) -> float:
+    """Bytes one block saves for the backward pass over `tokens` tokens (no mask, no recomputation; `frozen`:
+    its weights need no gradient)."""
+    per_dim, per_ffn = (FROZEN_BLOCK_BYTES if frozen else BLOCK_BYTES)[act]
     return tokens * (per_dim * shape.dim + per_ffn * shape.ffn)
 
 
@@ -224,16 +242,28 @@ def mask_bytes(q_tokens: float, k_tokens: float, act: int, masked: str | None) -
     return q_tokens * k_tokens * act, q_tokens * k_tokens
 
 
-def trained_pass(shape: Shape, videos: int, act: int, checkpointing: bool, masked: str | None) -> tuple[float, float]:
+def trained_pass(shape: Shape, videos: int, act: int, checkpointing: bool, masked: str | None,
+                 blocks: int | None = None, frozen: bool = False) -> tuple[float, float]:
     """A forward with gradients over `videos` whole clips (`masked`: the dense/flex block-causal mask or
-    None). Returns (bytes held until its backward, the backward's extra working set)."""
-    t = shape.video
-    block = block_bytes(videos * t, shape, act)
+    None) through `blocks` blocks (default: all; the GAN's discriminator: up to its layer), `frozen`: its
+    weights need none (the generator's GAN term). Returns (bytes held until its backward, the backward's
+    extra working set)."""
+    t, blocks = shape.video, shape.layers if blocks is None else blocks
+    block = block_bytes(videos * t, shape, act, frozen)
     bias, boolean = mask_bytes(t, t, act, masked)
     head = HEAD_BYTES_PER_DIM * shape.dim * videos * t
     if checkpointing:
-        return shape.layers * videos * t * shape.dim * act + head + boolean, RECOMPUTE * (block + bias)
-    return shape.layers * (block + bias) + head + boolean, BACKWARD_EXTRA * (block + bias)
+        return blocks * videos * t * shape.dim * act + head + boolean, RECOMPUTE * (block + bias)
+    return blocks * (block + bias) + head + boolean, BACKWARD_EXTRA * (block + bias)
+
+
+def r1_pass(shape: Shape, videos: int, act: int, checkpointing: bool, blocks: int) -> tuple[float, float]:
+    """The GAN's R1 pass over `videos` real clips through `blocks` blocks (`R1_BYTES`: its attention scores,
+    `videos · heads · T²` per block, dominate at scale). Returns (held until the loss's backward, extra)."""
+    per_dim, per_ffn, per_score = R1_BYTES[act, checkpointing]
+    t = shape.video
+    block = videos * t * (per_dim * shape.dim + per_ffn * shape.ffn) + per_score * videos * shape.heads * t * t
+    return blocks * block + HEAD_BYTES_PER_DIM * shape.dim * videos * t, R1_EXTRA * block
 
 
 def no_grad_forward(shape: Shape, tokens: float, act: int, q_tokens: float = 0.0, k_tokens: float = 0.0,
@@ -326,6 +356,10 @@ class Run:
     teacher_offload: bool = False  # distill: the real score waits on the CPU, one block at a time on the device
     lora_params: int | None = None  # the trained model's adapters under LoRA (None: it trains whole)
     critic_lora_params: int | None = None  # distill: the critic's
+    gan: bool = False  # distill trains a GAN discriminator (`sf_gan`, or `gan_weight` > 0) ...
+    disc_blocks: int = 0  # ... reading the critic after this many blocks ...
+    disc_head_params: int = 0  # ... through a head of this many parameters ...
+    r1: bool = False  # ... with R1 on its real inputs
 
 
 def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
@@ -367,9 +401,13 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         critic_states = model_states(fake.params, 1, 0, 0, backend, zero_stage, processes,
                                      trained_params=run.critic_lora_params, deepspeed=run.deepspeed)
         # offloaded: one block's weights on the device at a time (besides the embeddings and head, small)
-        real_states = model_states(real.params // real.layers if run.teacher_offload else real.params, 0, 0, 1,
-                                   "DDP" if run.teacher_offload else backend, zero_stage, processes, frozen_bytes)
-        states = {k: gen_states[k] + critic_states[k] + real_states[k] for k in gen_states}
+        gan_only = run.method == "sf_gan"  # no real score: the GAN alone
+        real_states = model_states(0 if gan_only else real.params // real.layers if run.teacher_offload else
+                                   real.params, 0, 0, 1, "DDP" if run.teacher_offload else backend, zero_stage,
+                                   processes, frozen_bytes)
+        # the GAN's head: a plain module (no DeepSpeed engine), its gradients averaged as DDP's
+        head_states = model_states(run.disc_head_params, 1, 0, 0, "DDP", zero_stage, processes)
+        states = {k: gen_states[k] + critic_states[k] + real_states[k] + head_states[k] for k in gen_states}
         # gradients held between updates (see the docstring)
         kept = zero_stage >= 3 if backend == "DEEPSPEED" else processes > 1
         gen_phase = states if kept else {**states, "gradients": gen_states["gradients"]}
@@ -380,29 +418,42 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         fake_rows = b * (2 if run.fake_guidance != 1.0 else 1)
         # the DMD forwards (no gradients), one after the other; the critic's bf16 weight copies are cached
         # by autocast meanwhile
-        scores = max(no_grad_forward(real, real_rows * real.video, act, real.video, real.video, real_masked),
-                     no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked)
-                     ) + (2 * fake.params if run.bf16 else 0.0)
-        if run.method == "sf_dmd":
+        scores = 0.0 if gan_only else max(
+            no_grad_forward(real, real_rows * real.video, act, real.video, real.video, real_masked),
+            no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked)
+        ) + (2 * fake.params if run.bf16 else 0.0)
+        # then the generator's GAN term: the discriminator over its samples, gradients to them only
+        disc = sum(trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks, frozen=True)
+                   ) if run.gan else 0.0
+        if run.method in ("sf_dmd", "sf_gan"):
             held, kv, extra = rollout_held(shape, b, act, run.checkpointing, run.window_frames)
             _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
-            gen_kv = kv if kv + rollout_work >= max(scores, extra) else 0.0  # the cache lives during the rollout
-            during = max(kv + rollout_work, scores, extra) - gen_kv
+            # the cache lives during the rollout
+            gen_kv = kv if kv + rollout_work >= max(scores, extra, disc) else 0.0
+            during = max(kv + rollout_work, scores, extra, disc) - gen_kv
             phases.append(("generator update", gen_phase, held + during + weight_copies, gen_kv))
             sample_kv, sample_work = no_grad_rollout(shape, b, act, run.window_frames)
         else:  # df_dmd: one trained block-causal pass of the generator
             held, extra = trained_pass(shape, b, act, run.checkpointing, masked("block_causal"))
-            phases.append(("generator update", gen_phase, held + max(extra, scores) + weight_copies, 0.0))
+            phases.append(("generator update", gen_phase, held + max(extra, scores, disc) + weight_copies, 0.0))
             sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
                                                           masked("block_causal"))
-        held, extra = trained_pass(fake, b, act, run.checkpointing, critic_masked)
+        # the critic's denoising pass (none under sf_gan), then the discriminator on the generator's samples
+        # and on real videos (R1: in SDPA's math kernel, with its input gradient), all held for one backward
+        held, extra = (0.0, 0.0) if gan_only else trained_pass(fake, b, act, run.checkpointing, critic_masked)
+        if run.gan:
+            fake_held, fake_extra = trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks)
+            real_held, real_extra = (r1_pass(fake, b, act, run.checkpointing, run.disc_blocks) if run.r1
+                                     else (fake_held, fake_extra))
+            held, extra = held + fake_held + real_held, max(extra, fake_extra, real_extra)
         # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
         copies = weight_copies + (2 * fake.params if run.bf16 else 0.0)
         if held + extra >= sample_kv + sample_work:
             phases.append(("critic update", critic_phase, held + extra + copies, 0.0))
         else:
             phases.append(("critic update", critic_phase, sample_work + copies, sample_kv))
-        models = {"generator": gen_states, "critic": critic_states, "real score": real_states}
+        models = {"generator": gen_states, "critic": critic_states, **({} if gan_only else {"real score": real_states}),
+                  **({"discriminator head": head_states} if run.gan else {})}
     else:
         raise ValueError(f"no memory estimate for stage '{stage}'")
     name, states, activations, kv = max(phases, key=lambda ph: sum(ph[1].values()) + ph[2] + ph[3])
@@ -412,10 +463,16 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
                  ("ZeRO-3 shard" if backend == "DEEPSPEED" else "on the device")}
         lora = {"generator": run.lora_params, "critic": run.critic_lora_params}
         for role, sh in (("generator", shape), ("critic", fake), ("real score", real)):
+            if role not in models:
+                continue
             desc = f"{params_text(sh.params)}, {sh.layers} layers x {sh.dim}"
             if lora.get(role):
                 desc += f", LoRA: {params_text(lora[role])} trainable"
             described[role] = (desc + (f", {where[role]}" if role in where else ""), sum(models[role].values()))
+        if run.gan:
+            described["discriminator head"] = (f"{params_text(run.disc_head_params)}, on the critic after block "
+                                               f"{run.disc_blocks - 1}" + (", R1" if run.r1 else ""),
+                                               sum(head_states.values()))
     return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name, models=described)
 
 
@@ -449,6 +506,15 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
                                                              ic.ode_pairs),
               ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, real_attention=real_attention,
               teacher_offload=dc.teacher_offload, deepspeed=deepspeed)
+    if stage == "distill" and (dc.method == "sf_gan" or dc.gan_weight > 0):  # the GAN's discriminator
+        from pipeline.models.discriminator import FrameDiscriminatorHead
+
+        critic = fake or shape
+        with torch.device("meta"):
+            head = FrameDiscriminatorHead(dim=critic.dim, hidden=dc.disc_hidden)
+        layer = critic.layers // 2 if dc.disc_layer is None else dc.disc_layer
+        run.gan, run.disc_blocks, run.r1 = True, layer + 1, bool(dc.r1_weight)
+        run.disc_head_params = sum(p.numel() for p in head.parameters())
     lc = section.lora
     if lc.rank:
         run.lora_params = lora_params(shape, lc.rank, lc.target_modules)
