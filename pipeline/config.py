@@ -472,6 +472,12 @@ class DistillConfig(TrainingConfig):
     disc_layer: Optional[int] = at_least(0, None)  # the block whose output the head reads (None: the middle one)
     disc_hidden: int = positive(256)  # the head's MLP width
     r1_weight: float = at_least(0, 0.0)  # γ of the R1 penalty γ/2·E‖∇D(real)‖² (0: none)
+    # R1 by a finite difference at this input perturbation, E[(ΣD(x+σε) − ΣD(x))²]/σ² (APT's approximation): one
+    # more discriminator pass instead of a double backward, so any attention kernel, gradient checkpointing and
+    # ZeRO-3 work, and its memory is that of a pass (in bf16 the difference must stand above the logits' rounding:
+    # on the tiny discriminator σ = 1e-2 read 3.1x the exact penalty, 1e-1 1.00x; README "The GAN row").
+    # None: the exact gradient (SDPA's math kernel, every block's attention scores kept: ~3 TB on the Wan recipe)
+    r1_sigma: Optional[float] = positive(None)
     # the first steps train the critic (and discriminator) alone: a generator following an untrained discriminator's
     # gradients drifts (Adam scales even noise to full steps); sf_gan on sprites fell from 0.96 to 0.38 valid frames
     critic_warmup: int = at_least(0, 0)

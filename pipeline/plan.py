@@ -154,8 +154,11 @@ def role_lines(cfg: Config) -> list[str]:
     out = []
     for role, (ms, attention) in distill_roles(cfg).items():
         said = attention or f"not recorded by its source: set {keys[role]} (the run stops here otherwise)"
+        unused = ""
+        if role == "real score" and cfg.distill.method == "sf_gan":  # the GAN alone: no score calls
+            unused = " (sf_gan: not loaded" + (", only the critic's start)" if cfg.distill.critic is None else ")")
         out.append(f"  {role}: {memory.params_text(ms['parameters'])} ({ms['layers']} layers x {ms['dim']}), "
-                   f"attention {said}")
+                   f"attention {said}{unused}")
     return out
 
 

@@ -62,16 +62,17 @@ def shared(seed: int = 0) -> ShardedGenerator:
     return ShardedGenerator(torch.Generator().manual_seed(seed), 0, 1)
 
 
-def dmd(kind, m: dict, r1: float | None = None):
+def dmd(kind, m: dict, r1: float | None = None, r1_sigma: float | None = None):
     """The DMD loss object of `kind`; with `r1` a number, sf_gan's instead: the GAN alone, its discriminator the
-    critic through its last block (so that every block is covered) and the head, R1 of weight `r1`."""
+    critic through its last block (so that every block is covered) and the head, R1 of weight `r1` (by a finite
+    difference at `r1_sigma`)."""
     common = dict(generator=Denoiser(m["generator"], "block_causal", FPC, "flow"),
                   real=Denoiser(m["teacher"], "block_causal", FPC, "flow"),
                   fake=Denoiser(m["critic"], "block_causal", FPC, "flow"), sigmas=SIGMAS, real_guidance=4.0)
     if r1 is None:
         return kind(**common)
     disc = Discriminator(m["critic"], m["head"], "block_causal", FPC, len(m["critic"].blocks) - 1)
-    loss = kind(**common, dmd_weight=0.0, gan=GAN(disc, disc, None, r1_weight=r1), gan_weight=1.0)
+    loss = kind(**common, dmd_weight=0.0, gan=GAN(disc, disc, None, r1_weight=r1, r1_sigma=r1_sigma), gan_weight=1.0)
     loss.gan.draw_sigma = loss.draw_sigma
     return loss
 
@@ -108,8 +109,8 @@ def sf_gan_generator_step(m, b):  # the discriminator frozen, as `GAN.frozen()` 
     return dmd(SelfForcingDMD, m, r1=0.0).generator_loss(b, shared(1))[0]
 
 
-def discriminator_step(m, b, r1=0.0):  # sf_gan's critic: L_D on real videos and a fresh rollout's samples
-    return dmd(SelfForcingDMD, m, r1=r1).critic_loss(b, shared(1))[0]
+def discriminator_step(m, b, r1=0.0, r1_sigma=None):  # sf_gan's critic: L_D on real videos and a fresh rollout's samples
+    return dmd(SelfForcingDMD, m, r1=r1, r1_sigma=r1_sigma).critic_loss(b, shared(1))[0]
 
 
 # (the trained model, the step, the whole-clip passes it trains through)
@@ -119,7 +120,9 @@ PASSES = {"teacher": ("generator", teacher_step, 1), "regression": ("generator",
           "sf_gan generator": ("generator", sf_gan_generator_step, 2),  # its rollout, then the discriminator
           "discriminator": ("critic", discriminator_step, 2),  # real and generated videos
           # R1 keeps its inner gradient's graph of every block: checkpointing saves little there (not below)
-          "discriminator, R1": ("critic", lambda m, b: discriminator_step(m, b, r1=1.0), 2)}
+          "discriminator, R1": ("critic", lambda m, b: discriminator_step(m, b, r1=1.0), 2),
+          # R1 by a finite difference: one more pass, over the perturbed real videos
+          "discriminator, R1 by finite difference": ("critic", lambda m, b: discriminator_step(m, b, 1.0, 0.01), 3)}
 
 
 def saved_bytes(step, layers: int, checkpointing: bool) -> int:
@@ -130,7 +133,7 @@ def saved_bytes(step, layers: int, checkpointing: bool) -> int:
     return saved.bytes
 
 
-@pytest.mark.parametrize("name", [p for p in PASSES if "R1" not in p])
+@pytest.mark.parametrize("name", [p for p in PASSES if not p.endswith("R1")])
 def test_checkpointing_keeps_one_layer_input_per_layer(name):
     """With checkpointing, the bytes saved for the backward pass grow by at most one layer input
     `[B, L, D]` per layer and pass (the sf_dmd rollout: one per chunk's exit call, the clip's tokens in all);
@@ -233,11 +236,12 @@ def test_dry_run_estimate_within_25_percent_of_measured_peak(tmp_path, monkeypat
     assert seen == {(s, checkpointing) for s in ("pretrain_teacher", "init_student", "distill")}
 
 
-@pytest.mark.parametrize("gan", ["distill.method=sf_gan distill.r1_weight=1", "distill.gan_weight=0.5"])
+@pytest.mark.parametrize("gan", ["distill.method=sf_gan distill.r1_weight=1", "distill.gan_weight=0.5",
+                                 "distill.method=sf_gan distill.r1_weight=1 distill.r1_sigma=0.01"])
 def test_dry_run_estimate_of_the_gan_within_25_percent_of_measured_peak(tmp_path, gan):
     """The GAN's passes counted too: the discriminator on real and generated videos in the critic's update, its
-    frozen pass in the generator's, R1's double-backward graph (whose attention scores dominate at scale), the
-    head; sf_gan holds no real score. With gradient checkpointing, as the Wan recipes run."""
+    frozen pass in the generator's, R1's double-backward graph (whose attention scores dominate at scale) or its
+    finite difference's extra pass, the head; sf_gan holds no real score. With gradient checkpointing, as the Wan recipes run."""
     flags = [f"{s}.gradient_checkpointing=true" for s in ("pretrain_teacher", "init_student", "distill")]
     cfg = load_config(None, [*SMALL, *flags, *gan.split(), "distill.critic_warmup=0", f"run.dir={tmp_path / 'run'}"])
     measured, estimated, phase = measure(cfg)["distill"]

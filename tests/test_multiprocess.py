@@ -202,12 +202,14 @@ def test_deepspeed_zero3_distill_and_resume_equal_one_process(one_process, tmp_p
         assert max_diff(got, weights(one_process, "distill", part)) <= TOL, part
 
 
-def test_deepspeed_zero3_dmd_gan_resumes_as_one_process_and_refuses_r1(one_process, tmp_path):
-    """DMD + GAN (`gan_weight`) with every trained model but the head a ZeRO-3 engine: 2 steps (the checkpoint
-    comes before the generator's first step), resumed for 1 more, 2 processes × batch 2, equal the uninterrupted
-    one-process run with batch 4. R1 (a double backward through partitioned weights) is refused before any
-    process starts: one line naming the key, exit 2, nothing written."""
-    gan = ["distill.gan_weight=0.5", "distill.critic_warmup=1", "distill.steps=3"]
+def test_deepspeed_zero3_dmd_gan_resumes_as_one_process_and_refuses_exact_r1(one_process, tmp_path):
+    """DMD + GAN (`gan_weight`) with R1 by a finite difference (`r1_sigma`) and every trained model but the head a
+    ZeRO-3 engine: 2 steps (the checkpoint comes before the generator's first step), resumed for 1 more,
+    2 processes × batch 2, equal the uninterrupted one-process run with batch 4. Exact R1 (a double backward
+    through partitioned weights) is refused before any process starts: one line naming the key, exit 2, nothing
+    written."""
+    gan = ["distill.gan_weight=0.5", "distill.critic_warmup=1", "distill.steps=3", "distill.r1_weight=1",
+           "distill.r1_sigma=0.05"]
     one = copy_stages(one_process, tmp_path / "one")
     launch(one, "distill", "distill.batch_size=4", *gan)
     run = copy_stages(one_process, tmp_path / "zero3")

@@ -189,3 +189,39 @@ def test_training_stages_are_thin(stage):
     tree = ast.parse(source)
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))], f"{stage} has a loop"
     assert len(source.splitlines()) <= 100
+
+
+def test_force_moves_the_folder_aside_once_every_process_has_looked(tmp_path):
+    """`--force` with several processes: the main process moves the stage folder aside only after every
+    process has looked for it, so all of them wait for the move alike. Two threads stand in for two processes
+    (a barrier for `wait_for_everyone`), the second one slow to start: before, it found no folder, skipped the
+    wait and the first one waited for ever (DDP runs hung at start-up)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.training.trainer import force_move_aside
+
+    (tmp_path / "distill").mkdir()
+    barrier = threading.Barrier(2, timeout=10)
+    waits, errors = [0, 0], []
+
+    def process(rank):
+        stage = SimpleNamespace(path=tmp_path / "distill", stage="distill",
+                                move_aside=lambda: (tmp_path / "distill").rename(tmp_path / "distill.replaced-1"))
+
+        def wait():
+            waits[rank] += 1
+            barrier.wait()
+        try:
+            time.sleep(0.5 * rank)
+            force_move_aside(SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=wait), stage)
+        except threading.BrokenBarrierError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and waits[0] == waits[1] == 2
+    assert (tmp_path / "distill.replaced-1").is_dir() and not (tmp_path / "distill").exists()

@@ -196,7 +196,7 @@ class DMDMethod(Method):
             unwrap = self.accelerator.unwrap_model
             gan = GAN(disc=Discriminator(critic, head, fake.attention, fpc, self.layer),
                       frozen_disc=Discriminator(unwrap(critic), unwrap(head), fake.attention, fpc, self.layer),
-                      draw_sigma=None, r1_weight=dc.r1_weight,
+                      draw_sigma=None, r1_weight=dc.r1_weight, r1_sigma=dc.r1_sigma,
                       r1_unwrapped=self.accelerator.distributed_type == DistributedType.DEEPSPEED)
         teacher = self.frozen.get("teacher", self.offloaded)
         self.dmd = self.losses(
@@ -266,10 +266,11 @@ def gan_on(section) -> bool:
 def check_zero_stage(section, zero: int) -> None:
     """What a distill section cannot do under DeepSpeed's ZeRO stage `zero` (checked before a launch too):
     the GAN's R1 penalty differentiates the discriminator's gradient, whose weights ZeRO-3 frees after their
-    first backward. ConfigError naming the key."""
-    if zero == 3 and gan_on(section) and section.r1_weight:
+    first backward (R1 by a finite difference, `r1_sigma`, runs). ConfigError naming the key."""
+    if zero == 3 and gan_on(section) and section.r1_weight and section.r1_sigma is None:
         raise ConfigError("distill.r1_weight: R1 differentiates the discriminator's gradient, whose weights ZeRO-3 "
-                          "frees after their first backward; set distill.r1_weight=0 or run ZeRO-2", "distill.r1_weight")
+                          "frees after their first backward; set distill.r1_sigma (R1 by a finite difference), "
+                          "distill.r1_weight=0 or run ZeRO-2", "distill.r1_weight")
 
 
 @register("sf_dmd")

@@ -12,6 +12,10 @@ Non-saturating losses (Goodfellow et al.; DMD2's), means over videos and frames:
     L_D = E[softplus(-D(x_σ))] + E[softplus(D(G(c)_σ))]  (+ γ/2 · E‖∇_{x_σ} D(x_σ)‖²,  R1 on real inputs)
     L_G = E[softplus(-D(G(c)_σ))]
 
+R1 exactly differentiates a gradient (a double backward: SDPA's math kernel, every block's attention
+scores kept), or, with `r1_sigma` s, by a finite difference (APT's approximated R1), one more pass:
+since E_ε[(∇D·sε)²] = s²‖∇D‖², the penalty γ/2 · E[(ΣD(x_σ + sε) − ΣD(x_σ))²] / s² → R1 as s → 0.
+
 At the optimum of D, `L_G` is `2·JSD(p_data ‖ p_G) - log 4` up to the generator-independent terms
 (per noise level). `sf_gan` trains the generator by `L_G` alone; `distill.gan_weight` adds
 `gan_weight·L_G` to DMD's generator loss and `gan_weight·L_D` to the critic's denoising loss (DMD2).
@@ -38,6 +42,12 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The non-saturating generator loss `mean(softplus(-D(fake)))`."""
     return F.softplus(-fake_logits.float()).mean()
+
+
+def r1_finite_difference(logits: torch.Tensor, perturbed: torch.Tensor, sigma: float) -> torch.Tensor:
+    """`mean over videos of (Σ D(x + σε) − Σ D(x))² / σ²`, logits `[B, F]` of x and of x + σε: R1 in
+    expectation over ε as σ → 0 (no double backward)."""
+    return (perturbed.float().sum(1) - logits.float().sum(1)).pow(2).mean() / sigma ** 2
 
 
 def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -94,6 +104,7 @@ class GAN:
         frozen_disc: the same modules unwrapped, for the generator's loss (no DDP hooks; parameters
             collect no gradients there).
         r1_weight: γ of the R1 penalty (0: none).
+        r1_sigma: R1 by a finite difference at this perturbation (None: exact, a double backward).
         r1_unwrapped: R1's pass runs through `frozen_disc`'s modules (its parameters do collect gradients there):
             a DeepSpeed engine ends its backward (reduces its gradients) after every backward pass through it,
             R1's inner gradient too; its parameters' gradients still reach the engine's own backward.
@@ -104,6 +115,7 @@ class GAN:
     draw_sigma: object
     r1_weight: float = 0.0
     r1_unwrapped: bool = False
+    r1_sigma: float | None = None
 
     def frozen(self):
         """The discriminator's parameters collect no gradient while this holds. A generator update holds it
@@ -127,7 +139,8 @@ class GAN:
         s_real, s_fake = self.draw_sigma(real, gen), self.draw_sigma(fake, gen)
         x_real = add_noise(real, shard.randn(real.shape, gen).to(real.device), s_real)
         x_fake = add_noise(fake, shard.randn(fake.shape, gen).to(fake.device), s_fake)
-        if self.r1_weight:  # R1 differentiates a gradient: SDPA's math kernel has a double backward, flash does not
+        exact_r1 = self.r1_weight and self.r1_sigma is None
+        if exact_r1:  # R1 differentiates a gradient: SDPA's math kernel has a double backward, flash does not
             x_real = x_real.detach().requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):
                 real_logits = (self.frozen_disc if self.r1_unwrapped else self.disc)(x_real, s_real, real_context)
@@ -137,8 +150,13 @@ class GAN:
         loss = discriminator_loss(real_logits, fake_logits)
         stats = {"gan_d_loss": loss.item(), "d_real_logit": real_logits.detach().float().mean().item(),
                  "d_fake_logit": fake_logits.detach().float().mean().item()}
-        if self.r1_weight:
+        if exact_r1:
             r1 = r1_penalty(real_logits, x_real)
+        elif self.r1_weight:  # the same real inputs, perturbed: one more pass
+            eps = shard.randn(x_real.shape, gen).to(x_real.device)
+            r1 = r1_finite_difference(real_logits, self.disc(x_real + self.r1_sigma * eps, s_real, real_context),
+                                      self.r1_sigma)
+        if self.r1_weight:
             loss = loss + 0.5 * self.r1_weight * r1
             stats["r1"] = r1.item()
         return loss, stats

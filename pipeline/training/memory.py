@@ -60,7 +60,8 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
 - The GAN (`sf_gan`, `gan_weight`): the critic's update also holds the discriminator (the critic's first
   `disc_layer + 1` blocks and the head) over the generated and the real videos (sf_gan: instead of the
   denoising pass); with R1 the real pass runs in SDPA's math kernel and keeps its input gradient's graph
-  (`R1_BYTES`: its attention scores, B·heads·T² per block, make it infeasible at Wan scale). The
+  (`R1_BYTES`: its attention scores, B·heads·T² per block, make it infeasible at Wan scale; `r1_sigma`'s
+  finite difference instead runs one more pass over the real videos). The
   generator's update adds the discriminator over its samples with frozen weights (`FROZEN_BLOCK_BYTES`)
   after the scores. sf_gan loads no real score. Measured on the CPU (`benchmarks/memory_estimate.py`, the
   test configuration of tests/test_checkpointing.py, fp32 and bf16, with and without checkpointing): within 8 %.
@@ -103,6 +104,7 @@ FROZEN_BLOCK_BYTES = {4: (49, 4), 2: (37, 2)}
 # per block: (per token: per D, per ffn; per attention score: video x head x query x key), by (activation bytes,
 # checkpointing): checkpointing saves little, the inner gradient recomputes every block and keeps its graph.
 R1_BYTES = {(4, False): (202, 16, 12), (4, True): (150, 12, 12), (2, False): (184, 8, 14), (2, True): (133, 6, 14)}
+DISC_HEAD_BYTES = {4: (8, 8), 2: (6, 4)}  # the GAN's head, per token: (per D, per hidden unit)
 R1_EXTRA = 2.0  # the working set of R1's inner gradient and of the loss's backward through it, in R1 blocks
 HEAD_BYTES_PER_DIM = 15  # patch embedding and output head, per token (measured: 13-15 D)
 BACKWARD_EXTRA = 0.1  # what the loss and the first gradients add on top of the saved activations, in blocks
@@ -359,7 +361,8 @@ class Run:
     gan: bool = False  # distill trains a GAN discriminator (`sf_gan`, or `gan_weight` > 0) ...
     disc_blocks: int = 0  # ... reading the critic after this many blocks ...
     disc_head_params: int = 0  # ... through a head of this many parameters ...
-    r1: bool = False  # ... with R1 on its real inputs
+    disc_hidden: int = 256  # ... and this MLP width ...
+    r1: str | None = None  # ... with R1 on its real inputs: "exact" (a double backward) or "finite difference"
 
 
 def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
@@ -422,9 +425,13 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             no_grad_forward(real, real_rows * real.video, act, real.video, real.video, real_masked),
             no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked)
         ) + (2 * fake.params if run.bf16 else 0.0)
+        per_dim, per_hidden = DISC_HEAD_BYTES[act]
+        # what one discriminator pass's head saves: the backward frees it first, before any block's recomputation
+        disc_head = b * fake.video * (per_dim * fake.dim + per_hidden * run.disc_hidden)
         # then the generator's GAN term: the discriminator over its samples, gradients to them only
-        disc = sum(trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks, frozen=True)
-                   ) if run.gan else 0.0
+        disc_held, disc_extra = trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks,
+                                             frozen=True)
+        disc = disc_held + max(disc_extra, disc_head) if run.gan else 0.0
         if run.method in ("sf_dmd", "sf_gan"):
             held, kv, extra = rollout_held(shape, b, act, run.checkpointing, run.window_frames)
             _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
@@ -443,9 +450,12 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         held, extra = (0.0, 0.0) if gan_only else trained_pass(fake, b, act, run.checkpointing, critic_masked)
         if run.gan:
             fake_held, fake_extra = trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks)
-            real_held, real_extra = (r1_pass(fake, b, act, run.checkpointing, run.disc_blocks) if run.r1
-                                     else (fake_held, fake_extra))
-            held, extra = held + fake_held + real_held, max(extra, fake_extra, real_extra)
+            real_held, real_extra = fake_held, fake_extra
+            if run.r1 == "exact":
+                real_held, real_extra = r1_pass(fake, b, act, run.checkpointing, run.disc_blocks)
+            passes = 3 if run.r1 == "finite difference" else 2  # the perturbed real videos: one more pass
+            held += (passes - 1) * fake_held + real_held
+            extra = max(extra, fake_extra, real_extra, passes * disc_head)
         # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
         copies = weight_copies + (2 * fake.params if run.bf16 else 0.0)
         if held + extra >= sample_kv + sample_work:
@@ -471,7 +481,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             described[role] = (desc + (f", {where[role]}" if role in where else ""), sum(models[role].values()))
         if run.gan:
             described["discriminator head"] = (f"{params_text(run.disc_head_params)}, on the critic after block "
-                                               f"{run.disc_blocks - 1}" + (", R1" if run.r1 else ""),
+                                               f"{run.disc_blocks - 1}" + (f", R1 ({run.r1})" if run.r1 else ""),
                                                sum(head_states.values()))
     return MemoryEstimate(**states, activations=activations, kv_cache=kv, phase=name, models=described)
 
@@ -513,7 +523,8 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
         with torch.device("meta"):
             head = FrameDiscriminatorHead(dim=critic.dim, hidden=dc.disc_hidden)
         layer = critic.layers // 2 if dc.disc_layer is None else dc.disc_layer
-        run.gan, run.disc_blocks, run.r1 = True, layer + 1, bool(dc.r1_weight)
+        run.gan, run.disc_blocks, run.disc_hidden = True, layer + 1, dc.disc_hidden
+        run.r1 = None if not dc.r1_weight else "exact" if dc.r1_sigma is None else "finite difference"
         run.disc_head_params = sum(p.numel() for p in head.parameters())
     lc = section.lora
     if lc.rank:

@@ -29,6 +29,18 @@ from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
 
 
+def force_move_aside(accelerator, stage) -> None:
+    """`--force`: the main process moves an earlier run's stage folder aside, the others wait for it. Every
+    process looks for the folder before it moves: one that looked later would find none, skip the wait, and
+    pair its next collective with the wrong one of the others (a hang at start-up, seen under DDP)."""
+    existed = stage.path.exists()
+    accelerator.wait_for_everyone()
+    if existed:
+        if accelerator.is_main_process:
+            print(f"[{stage.stage}] --force: moved the earlier stage folder aside to {stage.move_aside()}")
+        accelerator.wait_for_everyone()
+
+
 class Trainer:
     """Runs `method` as the training stage `method.stage` of `method.cfg.run.dir`.
 
@@ -60,10 +72,8 @@ class Trainer:
         method.precision = mp = mixed_precision(cfg)  # resolved once: the accelerator, the wrappers and every step
         accelerator = make_accelerator(cfg, stage.path, grad_accum=section.grad_accum, batch_size=section.batch_size,
                                        models=method.engines(), precision=mp)
-        if force and stage.path.exists():  # a rerun from scratch: the earlier run's folder is kept aside
-            if accelerator.is_main_process:
-                print(f"[{stage.stage}] --force: moved the earlier stage folder aside to {stage.move_aside()}")
-            accelerator.wait_for_everyone()
+        if force:  # a rerun from scratch: the earlier run's folder is kept aside
+            force_move_aside(accelerator, stage)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
         method.accelerator = accelerator
         method.build(accelerator)
