@@ -95,13 +95,15 @@ def test_ddp_and_zero2_sf_gan_equal_one_process_with_the_doubled_batch(one_proce
     wrapped models and each process's mean over its videos. The same under ZeRO-2: the critic an engine, the head
     a plain module whose gradients the step averages, R1's pass through the unwrapped modules (an engine's
     backward ends at R1's inner gradient otherwise); the checkpoint at step 2 comes before the generator's first
-    step (no moments to gather yet)."""
+    step (no moments to gather yet). The ZeRO-2 run checkpoints its blocks' activations (which change no number):
+    the discriminator's recomputations, R1's in SDPA's math kernel, under an engine."""
     gan = ["distill.method=sf_gan", "distill.critic_warmup=1", "distill.steps=3", "distill.r1_weight=1.0"]
     runs = {}
-    for name, processes, batch, accelerate in (("one", 1, 4, None), ("two", 2, 2, None),
-                                               ("zero2", 2, 2, "deepspeed_zero2.yaml")):
+    for name, processes, batch, accelerate, more in (
+            ("one", 1, 4, None, []), ("two", 2, 2, None, []),
+            ("zero2", 2, 2, "deepspeed_zero2.yaml", ["distill.gradient_checkpointing=true"])):
         runs[name] = copy_stages(one_process, tmp_path / name)
-        launch(runs[name], "distill", f"distill.batch_size={batch}", *gan, processes=processes,
+        launch(runs[name], "distill", f"distill.batch_size={batch}", *gan, *more, processes=processes,
                accelerate_config=accelerate)
     metrics = {name: manifest(run, "distill")["metrics"] for name, run in runs.items()}
     for two in ("two", "zero2"):  # under DeepSpeed the critic's engine runs the backward for its plain head too
