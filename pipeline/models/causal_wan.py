@@ -352,7 +352,9 @@ def _sdpa_kernels() -> list[SDPBackend]:
     enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
                SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled(),
-               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+               # (other devices' kernels: no public getter; entering `sdpa_kernel` without it would turn it off)
+               SDPBackend.OVERRIDEABLE: getattr(torch._C, "_get_overrideable_sdp_enabled", lambda: False)()}
     return [k for k, on in enabled.items() if on]
 
 
