@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,9 +127,10 @@ def test_alternation_ratio_holds(student_stage, tmp_path, monkeypatch):
     assert counts == {"generator_term": 3, "discriminator_term": 7}  # generator at steps 0, 3, 6
 
 
-def test_critic_warmup_trains_the_discriminator_alone_first(student_stage, tmp_path, monkeypatch):
+def test_critic_warmup_trains_the_discriminator_alone_first(student_stage, tmp_path, monkeypatch, capsys):
     """`critic_warmup: 4`: no generator update before step 4, then every `ratio`-th step (4 and 6 of 7 at ratio
-    2); the generator's LR schedule counts only those; the manifest reports them."""
+    2); the generator's LR schedule counts only those; the manifest reports them; the progress bar shows no
+    generator loss before the first (`gen=-`, not a NaN)."""
     from pipeline.methods.distillation import generator_updates
 
     cfg, _ = student_stage
@@ -144,6 +146,8 @@ def test_critic_warmup_trains_the_discriminator_alone_first(student_stage, tmp_p
     assert (len(counts["generator_term"]), len(counts["discriminator_term"])) == (2, 7)
     assert [generator_updates(s, 2, 4) for s in range(9)] == [0, 0, 0, 0, 0, 1, 1, 2, 2]
     assert json.loads((path / "manifest.json").read_text())["metrics"]["generator_updates"] == 2
+    err = capsys.readouterr().err
+    assert "gen=-" in err and "gen=nan" not in err and re.search(r"gen=\d+\.\d{4}", err)
 
 
 def test_sf_gan_resume_restores_the_discriminator_bit_exactly(student_stage, tmp_path, monkeypatch, capsys):

@@ -240,8 +240,8 @@ class DMDMethod(Method):
     def logs(self, step: int, *, elapsed: float) -> tuple[dict, dict]:
         self.c_loss = self.accelerator.reduce(self.c_loss.detach(), "mean")
         self.scalars.update(critic_loss=self.c_loss.item(), critic_grad_norm=float(self.c_norm))
-        return dict(self.scalars), {"gen": f"{self.scalars.get('generator_loss', float('nan')):.4f}",
-                                    "critic": f"{self.c_loss.item():.4f}"}
+        g = self.scalars.get("generator_loss")  # none yet during distill.critic_warmup: not a NaN loss
+        return dict(self.scalars), {"gen": "-" if g is None else f"{g:.4f}", "critic": f"{self.c_loss.item():.4f}"}
 
     def checkpoint_extra(self) -> dict:
         return {"data": self.batches.source.state_dict(), "critic_loss": self.c_loss.item()}
