@@ -39,7 +39,8 @@ What is measured (medians over `--repeats` after warm-up rollouts; on a GPU ever
 - training (unless `--skip-training`), batch `--train-batch` x `--frames` frames, fp32 weights under bf16 autocast
   (`--dtype bf16`, as the stages train), gradient checkpointing, AdamW: a DF+L2 step (`flow_matching_loss` on
   per-frame levels) with block-causal and with bidirectional attention, and an `sf_dmd` generator step
-  (`SelfForcingDMD.generator_loss`: rollout, critic and guided teacher x0, backward), timed at every exit step
+  (`SelfForcingDMD.generator_loss`: rollout, critic and guided teacher x0, backward; the teacher's matmul weights
+  held in bf16, as the distill stage holds them), timed at every exit step
   (the mean = the expected step under uniform exits); peak memory of each (`torch.cuda.max_memory_allocated`;
   on a CPU the process's max RSS so far, a proxy, and said so).
 The goals of the issue are printed next to the measured values; met / not met only on a GPU at the Wan2.1-1.3B
@@ -72,6 +73,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.methods.dmd import SelfForcingDMD  # noqa: E402
 from pipeline.diffusion.losses import flow_matching_loss  # noqa: E402
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, sample_few_step, uniform_denoising_steps  # noqa: E402
+from pipeline.training.optim import hold_frozen  # noqa: E402
 
 # The built-in shape: Wan2.1-T2V-1.3B at 480 x 832, Self-Forcing's student (configs/wan2.1-t2v-1.3b/student.yaml).
 WAN21_13B = {
@@ -384,9 +386,11 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
     del opt
     reset_peak(device, free=True)
 
-    # sf_dmd generator step: student (trained), teacher and critic (frozen here), all of the same shape.
+    # sf_dmd generator step: student (trained), teacher and critic (frozen here), all of the same shape, held as the
+    # distill stage holds them: the teacher's matmul weights in bf16 under autocast (`hold_frozen`), the critic in
+    # fp32 (it trains in the critic's updates; its score call here caches no bf16 copy, as the stage's does not)
     log("training: sf_dmd generator step ...")
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = hold_frozen(copy.deepcopy(student), "bf16" if autocast else "no")
     critic = copy.deepcopy(student).eval().requires_grad_(False)
     teacher.disable_gradient_checkpointing()
     critic.disable_gradient_checkpointing()

@@ -128,6 +128,45 @@ def test_exit_steps_per_rollout_or_per_chunk():
     assert torch.equal(ranks[0], ranks[1])
 
 
+def _dmd_models(**kw):
+    """Generator, critic (both trained) and teacher (frozen) `Denoiser`s of tiny models, 4x4 latents in chunks of 3."""
+    gen_m, critic_m, teacher_m = (make_tiny_model(seed=s, **kw).train() for s in (0, 1, 2))
+    teacher_m.requires_grad_(False)
+    return [Denoiser(m, "block_causal", 3, "x0") for m in (gen_m, teacher_m, critic_m)]
+
+
+def test_gradient_free_calls_of_trained_models_cache_no_bf16_weights():
+    """Under bf16 autocast, autocast keeps a bf16 copy of every weight that requires grad until the autocast ends. The
+    DMD scores call the trained critic without gradients, the critic's update samples with the trained generator
+    without gradients: neither leaves a copy (2 bytes per weight, per model, at the generator update's peak), so a
+    trained critic / generator costs there what a frozen one does."""
+    from pipeline.training.memory import TensorPeak
+
+    gen_den, real, fake = _dmd_models()
+    dmd = SelfForcingDMD(generator=gen_den, real=real, fake=fake, sigmas=SIGMAS, real_guidance=4.0)
+    cond = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(1))
+    batch = {"context": cond, "null": torch.zeros_like(cond), "shape": (3, 6, 4, 4)}
+
+    def live(call, model, trained):  # bytes of the tensors `call` created, still alive inside the autocast
+        model.requires_grad_(trained)
+        with torch.autocast("cpu", dtype=torch.bfloat16), TensorPeak() as p:
+            out = call(torch.Generator().manual_seed(0))
+            now = p.now
+        del out
+        model.requires_grad_(True)
+        return now
+
+    generator_update = lambda g: dmd.generator_loss(batch, g)  # noqa: E731
+    assert live(generator_update, fake.model, True) == live(generator_update, fake.model, False)
+    critic_update = lambda g: dmd.critic_loss(batch, g)  # noqa: E731
+    assert live(critic_update, gen_den.model, True) == live(critic_update, gen_den.model, False)
+    # the check can fail: a trained model's gradient-free call does cache its copies without `no_parameter_grads`
+    with torch.no_grad():
+        assert live(lambda g: fake.predict_x0(torch.randn(1, 3, 6, 4, 4, generator=g), torch.rand(1, 6), cond),
+                    fake.model, True) > live(lambda g: fake.predict_x0(torch.randn(1, 3, 6, 4, 4, generator=g),
+                                                                       torch.rand(1, 6), cond), fake.model, False)
+
+
 def test_df_dmd_denoises_noised_chunks_in_one_forward():
     model, den, noise, cond = _rollout_setup()
     calls = []

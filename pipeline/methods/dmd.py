@@ -44,6 +44,7 @@ from pipeline.diffusion.flow import add_noise, shift_sigma
 from pipeline.diffusion.losses import flow_matching_loss
 from pipeline.diffusion.sampling import Denoiser, few_step_rollout, rolling_rollout
 from pipeline.methods.gan import GAN
+from pipeline.training.optim import no_parameter_grads
 
 
 def sample_dmd_sigma(batch: int, frames: int, generator: torch.Generator, per_frame: bool = True,
@@ -152,7 +153,8 @@ class DMD:
             noise = shard.randn(x.shape, gen).to(x.device)
             with torch.no_grad():
                 x_t = add_noise(x.detach(), noise, sigma)
-                x0_fake = self.score_x0(self.fake, x_t, sigma, batch, self.fake_guidance)
+                with no_parameter_grads(self.fake.model):  # no bf16 copy of the critic's weights cached
+                    x0_fake = self.score_x0(self.fake, x_t, sigma, batch, self.fake_guidance)
                 x0_real = self.score_x0(self.real, x_t, sigma, batch, self.real_guidance)
                 grad = dmd_gradient(x.detach(), x0_fake, x0_real)
             stats.update(dmd_grad_norm=grad.flatten(1).norm(dim=1).mean().item(), dmd_sigma=sigma.detach().cpu())
@@ -175,7 +177,7 @@ class DMD:
         if samples is not None:
             x, stats = samples.detach(), {}
         else:
-            with torch.no_grad():
+            with torch.no_grad(), no_parameter_grads(self.generator.model):  # nor of the generator's
                 x, stats = self.samples(batch, gen)
         loss = x.new_zeros((), dtype=torch.float32)
         if self.dmd_weight:  # the fake score's denoising loss

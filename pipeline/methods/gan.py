@@ -23,7 +23,6 @@ At the optimum of D, `L_G` is `2·JSD(p_data ‖ p_G) - log 4` up to the generat
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.data import shard
 from pipeline.diffusion.flow import add_noise, timestep_from_sigma
+from pipeline.training.optim import no_parameter_grads
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -55,20 +55,6 @@ def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     itself is differentiated)."""
     grad, = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(1).mean()
-
-
-@contextmanager
-def no_parameter_grads(*modules: torch.nn.Module):
-    """Gradients flow through `modules` to their inputs but their own parameters collect none (the
-    generator's GAN loss must not leave gradients in the discriminator). Nested, the inner one changes nothing."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @dataclass

@@ -52,10 +52,11 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
   window's worth at most; with checkpointing instead the cache segments the recomputations will read:
   every chunk written, once, as `KVCache` snapshots share them); then
   the critic's and the teacher's gradient-free DMD forwards (2·B videos with guidance) run on top,
-  with autocast's bf16 copies of the generator's and the critic's weights. df_dmd: one trained pass
+  with autocast's bf16 copies of the generator's weights (not the critic's: it is called with its weights
+  not requiring grad, `no_parameter_grads`, so autocast caches no copy of them). df_dmd: one trained pass
   of the generator over B·T tokens instead of the rollout.
-- `distill` critic update: a gradient-free rollout (its KV cache), then the critic's trained pass
-  over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
+- `distill` critic update: a gradient-free rollout (its KV cache; no bf16 copy of the generator's weights
+  cached), then the critic's trained pass over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
   activations at a time.
 - The GAN (`sf_gan`, `gan_weight`): the critic's update also holds the discriminator (the critic's first
   `disc_layer + 1` blocks and the head) over the generated and the real videos (sf_gan: instead of the
@@ -420,12 +421,11 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         real_masked = masked(run.real_attention or run.attention)
         real_rows = b * (2 if run.real_guidance != 1.0 else 1)
         fake_rows = b * (2 if run.fake_guidance != 1.0 else 1)
-        # the DMD forwards (no gradients), one after the other; the critic's bf16 weight copies are cached
-        # by autocast meanwhile
+        # the DMD forwards (no gradients), one after the other (the critic's weights do not require grad meanwhile:
+        # autocast caches no bf16 copy of them)
         scores = 0.0 if gan_only else max(
             no_grad_forward(real, real_rows * real.video, act, real.video, real.video, real_masked),
-            no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked)
-        ) + (2 * fake.params if run.bf16 else 0.0)
+            no_grad_forward(fake, fake_rows * fake.video, act, fake.video, fake.video, critic_masked))
         per_dim, per_hidden = DISC_HEAD_BYTES[act]
         # what one discriminator pass's head saves: its backward frees it before the pass's blocks are recomputed
         disc_head = b * fake.video * (per_dim * fake.dim + per_hidden * run.disc_hidden)
@@ -458,12 +458,12 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             # the backward takes the passes last to first: the earlier passes' heads live through the last one's
             held += (passes - 1) * (fake_held + disc_head) + real_held
             extra = max(extra, fake_extra, real_extra, disc_head)
-        # the generator's bf16 weight copies (its gradient-free sampling) stay cached through the critic's pass
-        copies = weight_copies + (2 * fake.params if run.bf16 else 0.0)
+        # the critic's own bf16 weight copies (its sampling by the generator caches none: `no_parameter_grads`)
+        copies = 2 * fake.params if run.bf16 else 0.0
         if held + extra >= sample_kv + sample_work:
             phases.append(("critic update", critic_phase, held + extra + copies, 0.0))
         else:
-            phases.append(("critic update", critic_phase, sample_work + copies, sample_kv))
+            phases.append(("critic update", critic_phase, sample_work, sample_kv))  # before the critic's pass
         models = {"generator": gen_states, "critic": critic_states, **({} if gan_only else {"real score": real_states}),
                   **({"discriminator head": head_states} if run.gan else {})}
     else:

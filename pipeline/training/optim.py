@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -10,7 +11,22 @@ from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
 
-
+@contextmanager
+def no_parameter_grads(*modules: torch.nn.Module):
+    """Gradients flow through `modules` to their inputs but their own parameters collect none (the
+    generator's GAN loss must not leave gradients in the discriminator); and a gradient-free call of a trained
+    model under bf16 autocast leaves no bf16 copy of its weights in autocast's cache (it caches only the casts of
+    weights that require grad): the DMD scores' critic pass and the critic update's sampling by the generator
+    would otherwise hold 2 bytes per parameter until the step's autocast ends. Nested, the inner one changes
+    nothing."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class NonFiniteLoss(RuntimeError):
