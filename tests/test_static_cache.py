@@ -3,6 +3,7 @@ in both RoPE semantics, written in place."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.models.causal_wan import CausalWanTransformer, KVCache
 from pipeline.models.kv_cache import StaticKVCache, new_kv_cache, rope_at
@@ -168,3 +169,52 @@ def test_compiled_steady_state_step_equals_eager(device):
     assert len(calls) == 4  # chunks 4..7: the window (6 frames) is full from chunk 3 on, rolled from chunk 4
     assert counters["stats"]["unique_graphs"] == 1  # no recompilation between steady calls
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+class HostTraffic(TorchDispatchMode):
+    """The ops that stop a GPU stream's host from running ahead: a copy from a host tensor into a device one (from
+    pageable memory CUDA first waits for every queued kernel) and a read of a device scalar (`.item()`, `int()`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten._to_copy.default and args[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type != "cpu":
+            self.ops.append(f"host-to-device copy {tuple(args[0].shape)}")
+        elif func is aten.copy_.default and args[0].device.type != "cpu" and args[1].device.type == "cpu":
+            self.ops.append(f"host-to-device copy_ {tuple(args[1].shape)}")
+        elif func is aten._local_scalar_dense.default and args[0].device.type != "cpu":
+            self.ops.append("device scalar read")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kv_cache, rope, sinks, fused", [
+    ("static", "relative", 3, True), ("static", "relative", 3, False), ("static", "absolute", 3, True),
+    ("static", "relative", 0, True), ("dynamic", "absolute", 3, True), ("dynamic", "relative", 3, True)])
+def test_a_streaming_block_moves_nothing_between_host_and_device(monkeypatch, kv_cache, rope, sinks, fused):
+    """Issue [gpu]'s "no host synchronisation inside a block": streaming on a device (here the meta device: shapes
+    only, so anything reading a device value would fail), no network call copies a host tensor over (RoPE rows and
+    ring slots are slices and `arange`s made on the device) and nothing reads a device value back, through the
+    window's filling and rolling, with sinks, both RoPE semantics, fused and separate cache writes. The re-noising
+    draws use a device generator on a GPU (`sampling._noise`); meta has none, so here they are drawn on the device
+    without one."""
+    from pipeline.diffusion import sampling
+
+    monkeypatch.setattr(sampling, "_noise", lambda like, generator: torch.randn(like.shape, device=like.device))
+    model = model_of().to("meta")
+    den = Denoiser(model, "block_causal", FPC, "x0", kv_cache=kv_cache, rope=rope)
+    noise = torch.empty(1, 4, 6 * FPC, 8, 8, device="meta")
+    ctx = torch.empty(1, 4, 16, device="meta")
+    chunks = []
+    with HostTraffic() as traffic:
+        sample_few_step(den, noise, ctx, few_step_sigmas([1000, 750, 500, 250], 5.0), max_context_frames=2 * FPC,
+                        sink_frames=sinks, fuse_cache_write=fused, on_chunk=lambda i, c: chunks.append(i))
+    assert chunks == list(range(6)) and traffic.ops == []
+    # the check sees a host copy when there is one
+    with HostTraffic() as traffic:
+        torch.arange(3).to("meta")
+    assert traffic.ops == ["host-to-device copy (3,)"]

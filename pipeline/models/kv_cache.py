@@ -65,6 +65,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def runs(values: list[int]) -> list[tuple[int, int, int]]:
+    """`values` as runs `(first, length, step)` of equal steps 1 or 0 (single values otherwise): [3, 4, 5, 0, 0] ->
+    [(3, 3, 1), (0, 2, 0)]."""
+    out, i = [], 0
+    while i < len(values):
+        step = values[i + 1] - values[i] if i + 1 < len(values) and values[i + 1] - values[i] in (0, 1) else 1
+        j = i + 1
+        while j < len(values) and values[j] - values[j - 1] == step:
+            j += 1
+        out.append((values[i], j - i, step))
+        i = j
+    return out
+
+
+def table_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`table[rows]` for host-side row numbers `rows [n]`, made of slices of `table` (views, concatenated on its device)
+    instead of an index tensor copied there: on CUDA a copy from pageable host memory waits for every queued kernel,
+    a host synchronisation inside a streaming block."""
+    parts = [table[a:a + n] if step else table[a:a + 1].expand(n, *table.shape[1:]) for a, n, step in runs(rows.tolist())]
+    if not parts:
+        return table[:0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def slot_index(slots: list[int], tokens: int, device) -> torch.Tensor:
+    """Token indices `[len(slots)·tokens]` of frame slots `slots`, built on `device` by `arange` (no host copy)."""
+    parts = []
+    for a, n, step in runs(slots):
+        parts += [torch.arange(a * tokens, (a + n) * tokens, device=device)] if step else \
+            [torch.arange(a * tokens, (a + 1) * tokens, device=device)] * n
+    return torch.cat(parts)
+
+
 def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: bool = False):
     """(cos, sin) `[1, len(frames)·pph·ppw, 1, head_dim]` float64 for latent frames at positions `frames [n]`.
 
@@ -87,8 +120,7 @@ def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: 
         cos_t, sin_t = ext
     else:
         cos_t, sin_t = cos_all[:, :t_dim], sin_all[:, :t_dim]
-    idx = frames.to(cos_t.device)
-    cf, sf = cos_t[idx][:, None, None], sin_t[idx][:, None, None]  # [n, 1, 1, t_dim]
+    cf, sf = table_rows(cos_t, frames)[:, None, None], table_rows(sin_t, frames)[:, None, None]  # [n, 1, 1, t_dim]
     n = len(frames)
     if identity_hw:
         ones = cf.new_ones(n, pph, ppw, h_dim + w_dim)
@@ -324,7 +356,7 @@ class StaticKVCache:
                 raise ValueError(f"a StaticKVCache write of {frames} frames overflows its window "
                                  f"({self.max_frames} frames, {self.sink_frames} sinks)")
             if slots != list(range(held, held + frames)):
-                index = (torch.tensor(slots)[:, None] * t + torch.arange(t)[None]).flatten().to(device)
+                index = slot_index(slots, t, device)
             self.seen_frames = seen + frames
             self.num_frames = min(held + frames, self.max_frames or 1 << 62)
         return StaticPass(held=held, frames=frames, rope=rope_at(rope_module, positions, pph, ppw), sink_rope=sink_rope, commit=commit,
@@ -349,6 +381,6 @@ class StaticKVCache:
         if p.sink_tokens and self.sink_keys:
             self.sink_keys[block_index][:, p.sink_start:p.sink_start + p.sink_tokens] = key[:, :p.sink_tokens]
         if p.commit_index is not None:
-            index = p.commit_index.to(key.device)
+            index = p.commit_index
             self.keys[block_index].index_copy_(1, index, key)
             self.values[block_index].index_copy_(1, index, value)
