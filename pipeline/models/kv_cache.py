@@ -79,23 +79,20 @@ def runs(values: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def table_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`table[rows]` for host-side row numbers `rows [n]`, made of slices of `table` (views, concatenated on its device)
-    instead of an index tensor copied there: on CUDA a copy from pageable host memory waits for every queued kernel,
-    a host synchronisation inside a streaming block."""
-    parts = [table[a:a + n] if step else table[a:a + 1].expand(n, *table.shape[1:]) for a, n, step in runs(rows.tolist())]
+def table_rows(table: torch.Tensor, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+    """`table[r]` for the host-side row numbers r given as `runs(r)`, made of slices of `table` (views, concatenated on
+    its device) instead of an index tensor copied there: on CUDA a copy from pageable host memory waits for every
+    queued kernel, a host synchronisation inside a streaming block."""
+    parts = [table[a:a + n] if step else table[a:a + 1].expand(n, *table.shape[1:]) for a, n, step in rows]
     if not parts:
         return table[:0]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def slot_index(slots: list[int], tokens: int, device) -> torch.Tensor:
-    """Token indices `[len(slots)·tokens]` of frame slots `slots`, built on `device` by `arange` (no host copy)."""
-    parts = []
-    for a, n, step in runs(slots):
-        parts += [torch.arange(a * tokens, (a + n) * tokens, device=device)] if step else \
-            [torch.arange(a * tokens, (a + 1) * tokens, device=device)] * n
-    return torch.cat(parts)
+    """Token indices `[len(slots)·tokens]` of the distinct frame slots `slots`, built on `device` by `arange` (no
+    host copy)."""
+    return torch.cat([torch.arange(a * tokens, (a + n) * tokens, device=device) for a, n, _ in runs(slots)])
 
 
 def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: bool = False):
@@ -109,7 +106,8 @@ def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: 
 
     t_dim, h_dim, w_dim = rope_module.t_dim, rope_module.h_dim, rope_module.w_dim
     cos_all, sin_all = rope_module.freqs_cos, rope_module.freqs_sin
-    need = int(frames.max()) + 1 if len(frames) else 0
+    rows = runs(frames.tolist())
+    need = max((a + (n - 1) * step for a, n, step in rows), default=-1) + 1
     if need > cos_all.shape[0]:  # past the table: the frame rows of a longer table (same function, theta)
         ext = getattr(rope_module, "_frame_rows", None)
         if ext is None or ext[0].shape[0] < need:
@@ -120,7 +118,7 @@ def rope_at(rope_module, frames: torch.Tensor, pph: int, ppw: int, identity_hw: 
         cos_t, sin_t = ext
     else:
         cos_t, sin_t = cos_all[:, :t_dim], sin_all[:, :t_dim]
-    cf, sf = table_rows(cos_t, frames)[:, None, None], table_rows(sin_t, frames)[:, None, None]  # [n, 1, 1, t_dim]
+    cf, sf = table_rows(cos_t, rows)[:, None, None], table_rows(sin_t, rows)[:, None, None]  # [n, 1, 1, t_dim]
     n = len(frames)
     if identity_hw:
         ones = cf.new_ones(n, pph, ppw, h_dim + w_dim)
