@@ -330,11 +330,16 @@ def reset_peak(device, free: bool = False) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def timed_step(fn, device, autocast: bool) -> float:
+def timed_step(loss_fn, opt, device, autocast: bool) -> float:
+    """Seconds of one optimiser step as the stages take it (`Method.optimize`): the loss under autocast, whose
+    cache of bf16 weight copies ends with it, then the backward, `opt.step()` and `zero_grad` outside."""
     sync(device)
     t = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        fn()
+        loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - t
 
@@ -355,27 +360,24 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
     # DF+L2: one model trained, per-frame levels (Diffusion Forcing), block-causal vs bidirectional attention.
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
 
-    def df_step(attention, student, opt):  # arguments, not closures: the names are deleted below
+    def df_loss(attention, student):  # arguments, not closures: the names are deleted below
         def fn():
             sigma = torch.rand(b, shape[1], generator=g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
-            loss = flow_matching_loss(Denoiser(student, attention, fpc, pred), x0, ctx, sigma,
+            return flow_matching_loss(Denoiser(student, attention, fpc, pred), x0, ctx, sigma,
                                       torch.ones_like(sigma), noise)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         return fn
 
     modes = ("block_causal", "bidirectional")
     reset_peak(device, free=True)
     for m in modes:  # warm-up (and the optimizer's state)
         log(f"training: DF+L2 {m} warm-up step ...")
-        timed_step(df_step(m, student, opt), device, autocast)
+        timed_step(df_loss(m, student), opt, device, autocast)
     times, peaks = {m: [] for m in modes}, {m: 0.0 for m in modes}
     for r in range(args.train_repeats):  # interleaved: a busy spell of the machine hits both alike
         for m in modes:
             reset_peak(device)
-            times[m].append(timed_step(df_step(m, student, opt), device, autocast))
+            times[m].append(timed_step(df_loss(m, student), opt, device, autocast))
             peaks[m] = max(peaks[m], peak_gib(device))
         log(f"training: DF+L2 repeat {r + 1}/{args.train_repeats}: "
             + ", ".join(f"{m} {times[m][-1]:.3f} s" for m in modes))
@@ -404,23 +406,20 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
         max_context_frames=st.max_context_frames, sink_frames=st.sink_frames)
     batch = {"context": ctx, "null": torch.zeros_like(ctx), "shape": shape}
 
-    def at_exit(k, method, opt):
+    def at_exit(k, method):
         def fn():
             method.exit_steps = lambda n, gen: torch.full((n,), k)
-            loss, _ = method.generator_loss(batch, g)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            return method.generator_loss(batch, g)[0]
         return fn
 
     steps = len(method.sigmas)
     reset_peak(device, free=True)
-    timed_step(at_exit(steps - 1, method, opt), device, autocast)  # warm-up (and the optimizer's state)
+    timed_step(at_exit(steps - 1, method), opt, device, autocast)  # warm-up (and the optimizer's state)
     per_exit, peak = {k: [] for k in range(steps)}, 0.0
     for r in range(args.train_repeats):
         for k in range(steps):
             reset_peak(device)
-            per_exit[k].append(timed_step(at_exit(k, method, opt), device, autocast))
+            per_exit[k].append(timed_step(at_exit(k, method), opt, device, autocast))
             peak = max(peak, peak_gib(device))
         log(f"training: sf_dmd repeat {r + 1}/{args.train_repeats}: "
             + ", ".join(f"exit {k} {per_exit[k][-1]:.3f} s" for k in range(steps)))

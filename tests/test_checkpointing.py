@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import TINY_MODEL_KW, assert_same_weights, crash_then_resume, make_tiny_model, weights
 
 from pipeline.training import memory
@@ -158,6 +160,67 @@ def test_checkpointing_gives_the_same_gradients(name):
     # (the discriminator leaves the critic's output layers without gradients, with or without checkpointing)
     assert sum(a is not None for a in grads[0]) >= len(grads[0]) - 3
     assert all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(*grads))
+
+
+class LiveCasts(TorchDispatchMode):
+    """The bf16 casts of `weights` (by storage) made while active, as weak references: alive or freed."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.casts = {w.untyped_storage()._cdata: n for n, w in weights}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16 \
+                and args[0].untyped_storage()._cdata in self.weights:
+            self.casts.append((self.weights[args[0].untyped_storage()._cdata], weakref.ref(out)))
+        return out
+
+    def alive(self) -> set[str]:
+        return {n for n, ref in self.casts if ref() is not None}
+
+
+@pytest.mark.parametrize("name", [p for p in PASSES if not p.endswith("R1")])
+def test_checkpointed_blocks_cache_no_bf16_weight_casts(name):
+    """Under bf16 autocast a checkpointed block caches no casts of its weights (`checkpoint_under_forward_kernels`):
+    its recomputation casts them again in the backward, so autocast's cache only held 2 bytes per block weight to
+    the forward's end (the generator update's peak). At the end of each trained pass's forward no cast of a block
+    weight is alive, while the weights outside the blocks keep theirs (one copy shared by the calls); without
+    checkpointing the cache keeps the blocks' too (the check can fail)."""
+    trained = PASSES[name][0]
+    alive = {}
+    for ck in (True, False):
+        m = models(2, ck)
+        params = list(m[trained].named_parameters())
+        with LiveCasts(params) as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = PASSES[name][1](m, batch())
+            alive[ck] = casts.alive()
+        loss.backward()
+        assert all(p.grad is not None for n, p in params if n in alive[ck])
+    outside = {n for n in alive[False] if not n.startswith("blocks.")}
+    assert any(n.startswith("blocks.") for n in alive[False]) and outside
+    assert alive[True] == outside, (name, alive[True] ^ outside)
+
+
+def test_optimizer_moments_are_freed_after_the_last_checkpoint(tmp_path, monkeypatch):
+    """After its last checkpoint (which keeps them) a stage frees its optimizers' moments: the outputs and the final
+    preview run without them (on the configuration whose model states dominate, the preview had been the peak)."""
+    from safetensors.torch import load_file
+    from pipeline.methods import method_for
+    from pipeline.training.trainer import Trainer
+
+    cfg = load_config(None, [*HEAVY, f"run.dir={tmp_path / 'run'}"])
+    method = method_for("pretrain_teacher", cfg)
+    moments = []
+    def preview(model, path, _orig=method.preview):
+        moments.append(memory.tensor_bytes(method.trained["model"].optimizer))
+        return _orig(model, path)
+    monkeypatch.setattr(method, "preview", preview)
+    stage = Trainer(method, force=True).run()
+    assert moments == [0]
+    saved = load_file(str(stage.path / "checkpoints" / "step_0000002" / "optimizer.safetensors"))
+    assert sum(v.numel() for k, v in saved.items() if k.endswith("exp_avg_sq")) == \
+        sum(p.numel() for p in method.trained["model"].module.parameters())
 
 
 def test_frozen_model_in_bf16_gives_the_same_outputs():

@@ -324,17 +324,20 @@ class CausalWanTransformer(WanTransformer3DModel):
         temb, timestep_proj, context, _ = self.condition_embedder(
             timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=ppf)
         timestep_proj = timestep_proj.unflatten(2, (6, -1))
-        for i, block in enumerate(self.blocks):
-            attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
-                               tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
-                               context=context_attn, static_passes=static_passes)
-            if checkpointing:
-                x = self._gradient_checkpointing_func(
-                    _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
-            else:
-                x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
-            if i == features_at:
-                return x
+        # A model trained with checkpointing caches no bf16 casts of its blocks' weights, in its gradient-free
+        # calls too (the rollout's steps before its exit): see `checkpoint_under_forward_kernels`.
+        with _BlockContext() if self.gradient_checkpointing else nullcontext():
+            for i, block in enumerate(self.blocks):
+                attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
+                                   tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
+                                   context=context_attn, static_passes=static_passes)
+                if checkpointing:
+                    x = self._gradient_checkpointing_func(
+                        _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+                else:
+                    x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+                if i == features_at:
+                    return x
 
         # Output modulation, per frame: [B, F, 1, D] broadcast over the frame's tokens.
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb[:, cf:].unsqueeze(2)).chunk(2, dim=2)
@@ -362,24 +365,35 @@ def checkpoint_under_forward_kernels(function, *args):
     """diffusers' default checkpointing (non-reentrant `torch.utils.checkpoint`), whose recomputation in the
     backward runs under the SDPA kernels the forward ran under. A pass that picks a kernel (the GAN's R1 pass:
     SDPA's math kernel, the only one with a double backward) would otherwise recompute with another, which
-    saves other tensors (a `CheckpointError`) and has no double backward."""
+    saves other tensors (a `CheckpointError`) and has no double backward.
+
+    The block runs with autocast's cast cache off (forward and recomputation): the recomputation casts its
+    weights again anyway (the step's autocast, and its cache, ended with the forward), so caching the forward's
+    casts only held 2 bytes per block weight until the forward ended (2.6 GiB at Wan2.1-1.3B, at the
+    sf_dmd generator update's peak). A block called several times with gradients in one step (the rollout's
+    exit calls) now sums its weights' gradients over the calls in fp32, where one shared cached cast summed them
+    in bf16. The weights outside the blocks stay cached (one copy shared by the calls)."""
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
-                                             context_fn=lambda: (nullcontext(), _Kernels(_sdpa_kernels())))
+                                             context_fn=lambda: (_BlockContext(), _BlockContext(_sdpa_kernels())))
 
 
-class _Kernels:
-    """`sdpa_kernel(kernels)` that can be entered again (a recomputation runs once per backward pass through
-    it: R1's inner gradient, then the loss's)."""
+class _BlockContext:
+    """autocast caching no weight casts, and `sdpa_kernel(kernels)` if given; can be entered again (a
+    recomputation runs once per backward pass through it: R1's inner gradient, then the loss's)."""
 
-    def __init__(self, kernels: list[SDPBackend]):
+    def __init__(self, kernels: list[SDPBackend] | None = None):
         self.kernels, self.held = kernels, []
 
     def __enter__(self):
-        self.held.append(sdpa_kernel(self.kernels))
-        self.held[-1].__enter__()
+        kernels = sdpa_kernel(self.kernels) if self.kernels is not None else nullcontext()
+        self.held.append((kernels, torch.is_autocast_cache_enabled()))
+        torch.set_autocast_cache_enabled(False)
+        kernels.__enter__()
 
     def __exit__(self, *exc):
-        return self.held.pop().__exit__(*exc)
+        kernels, cache = self.held.pop()
+        torch.set_autocast_cache_enabled(cache)
+        return kernels.__exit__(*exc)
 
 
 def _key_positions(held: int, new: int, shift: int, sinks: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ Activations follow what the code saves for the backward pass, measured on `Causa
 | backward working set | 0.1 block (no recomputation: the peak is at the end of the forward), 1.05 blocks (recomputing one) |
 | a gradient-free forward (scores, samplers) | 0.45 block, or if more 0.3 block + one dense mask's bool and bias, or + K, rotated K and V over a KV cache and the call |
 | autocast's bf16 copies of the weights of a model that requires grad | 2·P per such model in a bf16 pass |
+| ... with gradient checkpointing: only the weights outside the blocks (the blocks cache none) | 2·P_out |
 | KV cache | 2 (K, V) × layers × cached tokens × D × a |
 
 FlexAttention (`model.attention_backend` auto on CUDA) saves no mask: the mask terms are dropped.
@@ -52,8 +53,9 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
   window's worth at most; with checkpointing instead the cache segments the recomputations will read:
   every chunk written, once, as `KVCache` snapshots share them); then
   the critic's and the teacher's gradient-free DMD forwards (2·B videos with guidance) run on top,
-  with autocast's bf16 copies of the generator's weights (not the critic's: it is called with its weights
-  not requiring grad, `no_parameter_grads`, so autocast caches no copy of them). df_dmd: one trained pass
+  with autocast's bf16 copies of the generator's weights (with checkpointing only those outside the blocks;
+  not the critic's: it is called with its weights not requiring grad, `no_parameter_grads`, so autocast caches
+  no copy of them). df_dmd: one trained pass
   of the generator over B·T tokens instead of the rollout.
 - `distill` critic update: a gradient-free rollout (its KV cache; no bf16 copy of the generator's weights
   cached), then the critic's trained pass over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
@@ -230,6 +232,12 @@ class Shape:
     def chunks(self) -> int:
         return self.frames // self.frames_per_chunk
 
+    @property
+    def outside_blocks(self) -> int:
+        """Parameters outside the blocks (embeddings, head), a block taken as its matmul weights: attention
+        and cross-attention 8·D², feed-forward 2·D·ffn."""
+        return max(0, self.params - self.layers * (8 * self.dim ** 2 + 2 * self.dim * self.ffn))
+
 
 def block_bytes(tokens: float, shape: Shape, act: int, frozen: bool = False) -> float:
     """Bytes one block saves for the backward pass over `tokens` tokens (no mask, no recomputation; `frozen`:
@@ -376,7 +384,15 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
     act = 2 if run.bf16 else 4
     p, b = shape.params, run.batch
     ema = 0 if run.ema_cpu else 1
-    weight_copies = 2 * p if run.bf16 else 0.0  # autocast's bf16 copies of one trained model's weights
+
+    def weight_copies(sh: Shape, trained: int | None) -> float:
+        """autocast's cached bf16 copies of a trained model's weights (`trained` of them require grad; None:
+        all): with checkpointing only those outside the blocks (a checkpointed block caches no casts,
+        `causal_wan.checkpoint_under_forward_kernels`)."""
+        trained = sh.params if trained is None else trained
+        if not run.bf16:
+            return 0.0
+        return 2.0 * (min(trained, sh.outside_blocks) if run.checkpointing else trained)
 
     def masked(attention):  # a whole-clip pass's mask: none when bidirectional or one chunk
         return run.masked if attention == "block_causal" and shape.chunks > 1 else None
@@ -387,7 +403,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
                               deepspeed=run.deepspeed)
         attention = run.attention if stage == "pretrain_teacher" else "block_causal"
         held, extra = trained_pass(shape, b, act, run.checkpointing, masked(attention))
-        phases.append(("training", states, held + extra + weight_copies, 0.0))
+        phases.append(("training", states, held + extra + weight_copies(shape, run.lora_params), 0.0))
         if stage == "init_student":  # ODE pairs first: the teacher samples in fp32, weights only
             rows = run.ode_videos * (2 if run.ode_guidance != 1.0 else 1)
             pair_states = dict(weights=4.0 * p, gradients=0.0, optimizer=0.0, ema=0.0, frozen=0.0)
@@ -439,11 +455,13 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             # the cache lives during the rollout
             gen_kv = kv if kv + rollout_work >= max(scores, extra, disc) else 0.0
             during = max(kv + rollout_work, scores, extra, disc) - gen_kv
-            phases.append(("generator update", gen_phase, held + during + weight_copies, gen_kv))
+            phases.append(("generator update", gen_phase, held + during + weight_copies(shape, run.lora_params),
+                           gen_kv))
             sample_kv, sample_work = no_grad_rollout(shape, b, act, run.window_frames)
         else:  # df_dmd: one trained block-causal pass of the generator
             held, extra = trained_pass(shape, b, act, run.checkpointing, masked("block_causal"))
-            phases.append(("generator update", gen_phase, held + max(extra, scores, disc) + weight_copies, 0.0))
+            phases.append(("generator update", gen_phase, held + max(extra, scores, disc)
+                           + weight_copies(shape, run.lora_params), 0.0))
             sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
                                                           masked("block_causal"))
         # the critic's denoising pass (none under sf_gan), then the discriminator on the generator's samples
@@ -459,7 +477,7 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
             held += (passes - 1) * (fake_held + disc_head) + real_held
             extra = max(extra, fake_extra, real_extra, disc_head)
         # the critic's own bf16 weight copies (its sampling by the generator caches none: `no_parameter_grads`)
-        copies = 2 * fake.params if run.bf16 else 0.0
+        copies = weight_copies(fake, run.critic_lora_params)
         if held + extra >= sample_kv + sample_work:
             phases.append(("critic update", critic_phase, held + extra + copies, 0.0))
         else:

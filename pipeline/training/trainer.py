@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from pipeline.config import to_yaml
@@ -109,6 +110,7 @@ class Trainer:
         if step:
             for n, t in method.trained.items():
                 restore_optimizer_state(accelerator, t.module, loaded[n])
+        del loaded  # (a resumed run's moments, as read: the optimizers hold their own now)
         place_ema(method.ema, section, accelerator.device)
         method.bind()
         accelerator.init_trackers("logs")
@@ -142,6 +144,12 @@ class Trainer:
                                          others={n: (models[n], states[n]) for n in others})
         replicas = check_replicas(accelerator, {n: t.module for n, t in method.trained.items()}, ema=method.ema)
 
+        # Nothing reads the optimizers' moments after the last checkpoint: freed (with the checkpoint's references to
+        # them) before the outputs and the final preview, which would otherwise run on top of them.
+        states = None
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:  # (an engine's partitions are its own)
+            for t in method.trained.values():
+                t.optimizer.state.clear()
         outputs = {}
         models = {n: whole.of(n, t.module) for n, t in method.trained.items()}  # ZeRO-3: in CPU memory
         if accelerator.is_main_process:
