@@ -325,8 +325,10 @@ class CausalWanTransformer(WanTransformer3DModel):
             timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=ppf)
         timestep_proj = timestep_proj.unflatten(2, (6, -1))
         # A model trained with checkpointing caches no bf16 casts of its blocks' weights, in its gradient-free
-        # calls too (the rollout's steps before its exit): see `checkpoint_under_forward_kernels`.
-        with _BlockContext() if self.gradient_checkpointing else nullcontext():
+        # calls too (the rollout's steps before its exit): see `checkpoint_under_forward_kernels`. (Not inside a
+        # compiled step: a streaming model, which trains no longer.)
+        uncached = self.gradient_checkpointing and not torch.compiler.is_compiling()
+        with _BlockContext() if uncached else nullcontext():
             for i, block in enumerate(self.blocks):
                 attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
                                    tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
