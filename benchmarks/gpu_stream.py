@@ -42,7 +42,8 @@ What is measured (medians over `--repeats` after warm-up rollouts; on a GPU ever
   (`SelfForcingDMD.generator_loss`: rollout, critic and guided teacher x0, backward; the teacher's matmul weights
   held in bf16, as the distill stage holds them), timed at every exit step
   (the mean = the expected step under uniform exits); peak memory of each (`torch.cuda.max_memory_allocated`;
-  on a CPU the process's max RSS so far, a proxy, and said so).
+  on a CPU the process's max RSS so far, a proxy, and said so), each beside what the `--dry-run` estimate's rules
+  give for that step (`step_estimates`).
 The goals of the issue are printed next to the measured values; met / not met only on a GPU at the Wan2.1-1.3B
 shape with 3-frame chunks and a 21-frame video.
 Progress goes to stderr, the figures to stdout (and all of them to `--json OUT`).
@@ -344,6 +345,31 @@ def timed_step(loss_fn, opt, device, autocast: bool) -> float:
     return time.perf_counter() - t
 
 
+def step_estimates(model, cfg, device, autocast: bool, shape: tuple, batch: int) -> dict:
+    """The `--dry-run` rules (`pipeline.training.memory`) applied to this script's steps, GiB: the DF+L2 step as
+    pretrain_teacher's training phase without an EMA copy; the sf_dmd generator step as distill's generator
+    update without an EMA copy and with the critic frozen here (no AdamW moments). Beside the measured peaks they
+    check the estimate at this shape (on a GPU; the CPU's peak figure is only a proxy)."""
+    from pipeline.models.attention import masked_method
+    from pipeline.training import memory
+
+    c = model.config
+    p_t, p_h, p_w = c.patch_size
+    params = sum(p.numel() for p in model.parameters())
+    sh = memory.Shape(params, c.num_attention_heads * c.attention_head_dim, c.ffn_dim, len(model.blocks),
+                      (shape[2] // p_h) * (shape[3] // p_w), shape[1] // p_t, cfg.data.frames_per_chunk // p_t,
+                      c.num_attention_heads)
+    masked = masked_method(cfg.model.attention_backend, device, requires_grad=True)
+    run = memory.Run(batch=batch, checkpointing=True, bf16=autocast, masked=masked, ema_cpu=True, method="sf_dmd",
+                     window_frames=cfg.student.max_context_frames, real_guidance=cfg.distill.real_guidance,
+                     fake_guidance=cfg.distill.fake_guidance)
+    out = {f"df_l2_{m}_estimate_gib": memory.stage_estimate("pretrain_teacher", sh, replace(run, attention=m)).total
+           / 2 ** 30 for m in ("block_causal", "bidirectional")}
+    gen = memory.stage_estimate("distill", sh, run, phase="generator update")
+    out["sf_dmd_estimate_gib"] = (gen.total - 8 * params) / 2 ** 30  # the critic's AdamW moments: none here
+    return out
+
+
 def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) -> dict:
     """DF+L2 steps (block-causal, bidirectional) and sf_dmd generator steps; seconds and peak GiB."""
     fpc, pred, b = cfg.data.frames_per_chunk, cfg.model.prediction, args.train_batch
@@ -355,7 +381,8 @@ def training(args, cfg, device, autocast: bool, shape: tuple, text_tokens: int) 
     ctx = torch.randn(b, text_tokens, cfg.model.text_dim, generator=g).to(device)
     x0 = torch.randn(b, *shape, generator=g).to(device)
     out: dict = {"train_batch": b, "train_shape": list(shape), "gradient_checkpointing": True,
-                 "autocast_bf16": autocast, "optimizer": "AdamW"}
+                 "autocast_bf16": autocast, "optimizer": "AdamW",
+                 **step_estimates(student, cfg, device, autocast, shape, b)}
 
     # DF+L2: one model trained, per-frame levels (Diffusion Forcing), block-causal vs bidirectional attention.
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
@@ -762,10 +789,13 @@ def print_report(r: dict) -> None:
               f"{', bf16 autocast' if t['autocast_bf16'] else ''}):")
         print(f"DF+L2 step           block-causal {fmt(t['df_l2_block_causal_s'], 3)} s, bidirectional "
               f"{fmt(t['df_l2_bidirectional_s'], 3)} s, ratio {fmt(t['df_l2_ratio'], 2)}; peak "
-              f"{fmt(t['df_l2_block_causal_peak_gib'], 2)} / {fmt(t['df_l2_bidirectional_peak_gib'], 2)} GiB")
+              f"{fmt(t['df_l2_block_causal_peak_gib'], 2)} / {fmt(t['df_l2_bidirectional_peak_gib'], 2)} GiB "
+              f"(--dry-run rules: {fmt(t['df_l2_block_causal_estimate_gib'], 2)} / "
+              f"{fmt(t['df_l2_bidirectional_estimate_gib'], 2)})")
         print(f"sf_dmd generator     {fmt(t['sf_dmd_generator_s'], 3)} s (mean over exit steps: "
               + ", ".join(f"{x:.3f}" for x in t["sf_dmd_by_exit_s"])
-              + f"; real guidance {t['real_guidance']}); peak {fmt(t['sf_dmd_peak_gib'], 2)} GiB")
+              + f"; real guidance {t['real_guidance']}); peak {fmt(t['sf_dmd_peak_gib'], 2)} GiB "
+              f"(--dry-run rules: {fmt(t['sf_dmd_estimate_gib'], 2)})")
         print(f"peak memory          {t['peak_memory_kind']}")
     print()
     print("goals (Wan2.1-1.3B, 480p, 3-frame chunks, 81 frames, on an H200)" + (

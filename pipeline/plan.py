@@ -113,8 +113,9 @@ def distill_roles(cfg: Config) -> dict[str, tuple[dict, str | None]]:
 
 def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_processes: int = 1,
                     backend: str | None = None, stage_zero: int = 0,
-                    deepspeed: memory.DeepSpeed = memory.DeepSpeed()) -> memory.MemoryEstimate:
-    """The per-device memory estimate of a training stage (`pipeline/training/memory.py`); `ms`: `model_summary(cfg)`.
+                    deepspeed: memory.DeepSpeed = memory.DeepSpeed(), phase: str | None = None) -> memory.MemoryEstimate:
+    """The per-device memory estimate of a training stage (`pipeline/training/memory.py`) at its peak phase or at
+    `phase`; `ms`: `model_summary(cfg)`.
     distill's three models each get their own shape (`distill_roles`). `deepspeed`: the DeepSpeed config's CPU
     offload and reduce bucket."""
     ms = ms or model_summary(cfg)
@@ -127,7 +128,7 @@ def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_proc
         kw = {"teacher_attention": roles["fake score"][1], "real_attention": roles["real score"][1]}
     return memory.estimate_config(cfg, stage, _shape(cfg, ms), backend or "DDP", stage_zero, num_processes,
                                   bf16=mixed_precision(cfg) == "bf16", masked=masked_attention(cfg), real=real,
-                                  fake=fake, deepspeed=deepspeed, **kw)
+                                  fake=fake, deepspeed=deepspeed, phase=phase, **kw)
 
 
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int,

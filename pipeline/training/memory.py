@@ -56,7 +56,10 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
   with autocast's bf16 copies of the generator's weights (with checkpointing only those outside the blocks;
   not the critic's: it is called with its weights not requiring grad, `no_parameter_grads`, so autocast caches
   no copy of them). df_dmd: one trained pass
-  of the generator over B·T tokens instead of the rollout.
+  of the generator over B·T tokens instead of the rollout. The update's peak is the larger of its forward (the
+  above; no gradients of the generator yet, unless kept between updates or left by an earlier micro-batch) and its
+  backward (what is held, the generator's gradients and one recomputed block; the cached casts only without
+  checkpointing, where the saved activations keep them).
 - `distill` critic update: a gradient-free rollout (its KV cache; no bf16 copy of the generator's weights
   cached), then the critic's trained pass over B·T tokens (the teacher's attention). Generator and critic updates alternate: only one holds
   activations at a time.
@@ -363,6 +366,7 @@ class Run:
     ode_videos: int = 1
     ode_guidance: float = 1.0
     ode_sampler: str = "autoregressive"
+    grad_accum: int = 1  # micro-batches per optimiser step (gradients exist in every forward after the first)
     real_attention: str | None = None  # distill's real score's, when it differs from the critic's (`attention`)
     deepspeed: DeepSpeed = DeepSpeed()  # the DeepSpeed config's offload and bucket for the trained models
     teacher_offload: bool = False  # distill: the real score waits on the CPU, one block at a time on the device
@@ -376,8 +380,10 @@ class Run:
 
 
 def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zero_stage: int = 2,
-                   processes: int = 1, real: Shape | None = None, fake: Shape | None = None) -> MemoryEstimate:
-    """Per-device memory of one training stage at its peak phase (see the module docstring).
+                   processes: int = 1, real: Shape | None = None, fake: Shape | None = None,
+                   phase: str | None = None) -> MemoryEstimate:
+    """Per-device memory of one training stage at its peak phase (see the module docstring), or at the
+    phase named `phase` ("training", "ODE pairs", "generator update", "critic update").
 
     `shape` is the trained model's (distill: the student's); distill's real and fake scores may have
     their own (`real`, `fake`; default: the student's)."""
@@ -449,21 +455,26 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
         disc_held, disc_extra = trained_pass(fake, b, act, run.checkpointing, critic_masked, run.disc_blocks,
                                              frozen=True)
         disc = disc_held + max(disc_extra, disc_head) if run.gan else 0.0
+        # The generator update's forward holds no gradients of the generator yet (unless kept between updates, or
+        # from an earlier micro-batch) but autocast's cached weight casts; its backward the gradients, and the casts
+        # only without checkpointing (the saved activations keep them).
+        copies = weight_copies(shape, run.lora_params)
+        fresh = not kept and run.grad_accum == 1
+        forward_states = {**gen_phase, "gradients": gen_phase["gradients"] - gen_states["gradients"] * fresh}
         if run.method in ("sf_dmd", "sf_gan"):
             held, kv, extra = rollout_held(shape, b, act, run.checkpointing, run.window_frames)
             _, rollout_work = no_grad_rollout(shape, b, act, run.window_frames)
-            # the cache lives during the rollout
-            gen_kv = kv if kv + rollout_work >= max(scores, extra, disc) else 0.0
-            during = max(kv + rollout_work, scores, extra, disc) - gen_kv
-            phases.append(("generator update", gen_phase, held + during + weight_copies(shape, run.lora_params),
-                           gen_kv))
+            # the rollout's cache lives during the rollout; the scores and the GAN term come after it
+            gen_kv = kv if kv + rollout_work >= max(scores, disc) else 0.0
+            forward = (forward_states, held + max(kv + rollout_work, scores, disc) - gen_kv + copies, gen_kv)
             sample_kv, sample_work = no_grad_rollout(shape, b, act, run.window_frames)
         else:  # df_dmd: one trained block-causal pass of the generator
             held, extra = trained_pass(shape, b, act, run.checkpointing, masked("block_causal"))
-            phases.append(("generator update", gen_phase, held + max(extra, scores, disc)
-                           + weight_copies(shape, run.lora_params), 0.0))
+            forward = (forward_states, held + max(scores, disc) + copies, 0.0)
             sample_kv, sample_work = 0.0, no_grad_forward(shape, b * shape.video, act, shape.video, shape.video,
                                                           masked("block_causal"))
+        backward = (gen_phase, held + max(extra, disc) + (0.0 if run.checkpointing else copies), 0.0)
+        phases.append(("generator update", *max(forward, backward, key=lambda ph: sum(ph[0].values()) + ph[1] + ph[2])))
         # the critic's denoising pass (none under sf_gan), then the discriminator on the generator's samples
         # and on real videos (R1: in SDPA's math kernel, with its input gradient), all held for one backward
         held, extra = (0.0, 0.0) if gan_only else trained_pass(fake, b, act, run.checkpointing, critic_masked)
@@ -486,6 +497,11 @@ def stage_estimate(stage: str, shape: Shape, run: Run, backend: str = "DDP", zer
                   **({"discriminator head": head_states} if run.gan else {})}
     else:
         raise ValueError(f"no memory estimate for stage '{stage}'")
+    if phase is not None:
+        named = [ph for ph in phases if ph[0] == phase]
+        if not named:
+            raise ValueError(f"stage '{stage}' has no phase '{phase}' here (its phases: {[ph[0] for ph in phases]})")
+        phases = named
     name, states, activations, kv = max(phases, key=lambda ph: sum(ph[1].values()) + ph[2] + ph[3])
     described = {}
     if stage == "distill":
@@ -519,8 +535,8 @@ def estimate(stage: str, params: int, dim: int, layers: int, tokens_per_frame: i
 def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_stage: int = 2, processes: int = 1,
                     bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None,
                     real: Shape | None = None, fake: Shape | None = None, real_attention: str | None = None,
-                    deepspeed: DeepSpeed = DeepSpeed()) -> MemoryEstimate:
-    """`stage_estimate` of a `Config`'s stage (`bf16`, `masked`: the run's resolved mixed precision and
+                    deepspeed: DeepSpeed = DeepSpeed(), phase: str | None = None) -> MemoryEstimate:
+    """`stage_estimate` of a `Config`'s stage (at `phase`, default its peak one) (`bf16`, `masked`: the run's resolved mixed precision and
     masked-attention method; `teacher_attention`: the loaded teacher's (distill: the fake score's),
     default the config's; distill's `real` / `fake` score shapes and the real score's attention)."""
     section = getattr(cfg, stage)
@@ -534,7 +550,8 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
               method=dc.method, window_frames=st.max_context_frames, real_guidance=dc.real_guidance,
               fake_guidance=dc.fake_guidance, ode_videos=min(ic.ode_batch_size or ic.ode_shard_size, ic.ode_shard_size,
                                                              ic.ode_pairs),
-              ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, real_attention=real_attention,
+              ode_guidance=tc.sampler.guidance, ode_sampler=ode_sampler, grad_accum=section.grad_accum,
+              real_attention=real_attention,
               teacher_offload=dc.teacher_offload, deepspeed=deepspeed)
     if stage == "distill" and (dc.method == "sf_gan" or dc.gan_weight > 0):  # the GAN's discriminator
         from pipeline.models.discriminator import FrameDiscriminatorHead
@@ -551,7 +568,7 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
         run.lora_params = lora_params(shape, lc.rank, lc.target_modules)
         if stage == "distill" and lc.critic:
             run.critic_lora_params = lora_params(fake or shape, lc.rank, lc.target_modules)
-    return stage_estimate(stage, shape, run, backend, zero_stage, processes, real=real, fake=fake)
+    return stage_estimate(stage, shape, run, backend, zero_stage, processes, real=real, fake=fake, phase=phase)
 
 
 # ---------------------------------------------------------------------------------------------------
