@@ -55,8 +55,8 @@ from pipeline.diffusion.videos import sample_videos
 from pipeline.evaluation.speed import ChunkClock
 from pipeline.io.guard import Lock, check_output
 from pipeline.io.media import save_samples
-from pipeline.models.loading import is_student, load_source
-from pipeline.training.distributed import run_device
+from pipeline.models.loading import for_inference, is_student, load_source
+from pipeline.training.distributed import mixed_precision, run_device
 
 
 def main(argv=None) -> int:
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lag", type=int, help="teacher only: frame j of a chunk starts lag*j Euler steps late (0: "
                                             "every frame of a chunk at one level, as teacher forcing trains)")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    ap.add_argument("--precision", choices=["auto", "no", "bf16"],
+                    help="the transformer's compute: bf16 (matmul weights in bf16, calls under autocast) or no (fp32); "
+                         "default: the source run's run.mixed_precision (auto: bf16 on a GPU that supports it)")
     ap.add_argument("--switch-at", type=int, nargs="+", metavar="K",
                     help="sprites: switch every video's class at these frames (prompt switching)")
     ap.add_argument("--switch-to", default="shift", help="sprites: 'shift' ((c + 1) mod 6) or a class id 0..5")
@@ -134,6 +137,7 @@ def sample_sprites(args, command: str = "") -> int:
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
             if args.rolling:
                 raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
+        model = for_inference(model, next(model.parameters()).device, inference_precision(cfg, args.precision))
         videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
                                size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
                                student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
@@ -160,6 +164,13 @@ def sample_sprites(args, command: str = "") -> int:
         speed += f", first chunk after {clock.times[0] * 1000:.0f} ms (batch of {min(len(videos), 64)})"
     print(speed)
     return 0
+
+
+def inference_precision(cfg: Config, choice: str | None) -> str:
+    """`--precision` (None: the source run's `run.mixed_precision`), `auto` resolved on this machine."""
+    if choice is not None:
+        cfg = replace(cfg, run=replace(cfg.run, mixed_precision=choice))
+    return mixed_precision(cfg)
 
 
 def switch_labels(args, labels: torch.Tensor, frames: int, fpc: int) -> torch.Tensor | None:
@@ -275,7 +286,8 @@ def _sample_text(args, command: str) -> int:
         steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
         clock = ChunkClock()
         sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
-        paths = write_text_samples(model.to(device), cfg, prompts, context, null, vae, out, args.per_prompt, shape,
+        model = for_inference(model, device, inference_precision(cfg, args.precision))
+        paths = write_text_samples(model, cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,
                                    force=args.force, schedules=[[(k, rows[j]) for k, j in sc] for sc in schedules],

@@ -223,6 +223,25 @@ def test_optimizer_moments_are_freed_after_the_last_checkpoint(tmp_path, monkeyp
         sum(p.numel() for p in method.trained["model"].module.parameters())
 
 
+def test_for_inference_in_bf16_computes_as_autocast_with_fp32_outputs():
+    """`for_inference` (the sample and evaluate commands): in bf16 the model computes exactly what the fp32 model does
+    under bf16 autocast, returns fp32, and holds its matmul weights in bf16; with precision no, the fp32 model."""
+    from pipeline.models.loading import for_inference
+
+    model = make_tiny_model()
+    b, t = batch(), torch.rand(B, F) * 1000
+    call = lambda m: m(b["x0"], t, b["context"], attention="block_causal", frames_per_chunk=FPC)  # noqa: E731
+    with torch.no_grad():
+        fp32 = call(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = call(model).float()
+        bf16 = for_inference(copy.deepcopy(model), torch.device("cpu"), "bf16")
+        assert torch.equal(call(bf16), autocast) and call(bf16).dtype == torch.float32
+        assert not torch.equal(autocast, fp32)
+        assert bf16.blocks[0].ffn.net[2].weight.dtype == torch.bfloat16
+        assert torch.equal(call(for_inference(copy.deepcopy(model), torch.device("cpu"), "no")), fp32)
+
+
 def test_frozen_model_in_bf16_gives_the_same_outputs():
     """`hold_frozen`: under bf16 autocast the bf16-held teacher computes exactly what the fp32 one does,
     in about half the memory; with mixed precision off nothing changes."""

@@ -103,6 +103,22 @@ def test_sample_from_stage(trained_stage, tmp_path):
         assert torch.allclose(load_file(str(path))["videos"], t["videos"], atol=1e-5, rtol=0) == same, value
 
 
+def test_sample_precision(trained_stage, tmp_path):
+    """`--precision bf16`: the transformer computes in bf16 (its matmul weights held in bf16, its calls under
+    autocast; the sampler's arithmetic in fp32): the videos of fp32 up to bf16's rounding, not its bits. The
+    default on a CPU (`run.mixed_precision: auto`) is fp32, as `--precision no`."""
+    _, stage_path = trained_stage
+    videos = {}
+    for p in (None, "no", "bf16"):
+        out = tmp_path / f"{p}.safetensors"
+        assert sample.main([str(stage_path), "--out", str(out), "--n", "6", "--frames", "6", "--steps", "2",
+                            *(["--precision", p] if p else [])]) == 0
+        videos[p] = load_file(str(out))["videos"]
+    assert torch.equal(videos[None], videos["no"])
+    diff = (videos["bf16"] - videos["no"]).abs()
+    assert diff.max() > 0 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
 def test_sample_missing_source_keeps_existing_output(tmp_path):
     out = tmp_path / "keep.safetensors"
     out.write_bytes(b"precious")

@@ -16,7 +16,8 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.diffusion.videos import sample_videos
 from pipeline.io.run_dir import StageDir
-from pipeline.models.loading import is_student, load_source
+from pipeline.models.loading import for_inference, is_student, load_source
+from pipeline.training.distributed import mixed_precision
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ModelSampler:
         if not (entry.source / "manifest.json").is_file():  # a bare diffusers folder: the run's samplers
             mcfg = replace(cfg, model=replace(cfg.model, prediction=mcfg.model.prediction),
                            student=mcfg.student if is_student(model) else cfg.student)
-        self.model = model.to(device)
+        self.model = for_inference(model, device, mixed_precision(cfg))  # bf16 where the run computes in it
         self.table, self.cfg, self.mcfg = table.to(device), cfg, mcfg
         self.student, self.sampler = None, None
         attention = mcfg.pretrain_teacher.attention

@@ -104,7 +104,8 @@ def evaluate_text_entry(entry: Entry, cfg: Config, *, folder: Path, prompts: lis
     when `<folder>/<model>.json` records the same weights and settings (unless `force`). Returns the folder."""
     from pipeline.data.sources import latent_shape
     from pipeline.evaluation.vbench import ChunkDecodeSink, write_text_samples
-    from pipeline.models.loading import load_source
+    from pipeline.models.loading import for_inference, load_source
+    from pipeline.training.distributed import mixed_precision
 
     e = cfg.evaluate
     fingerprint = {"sha256": weights_sha256, "prompts": prompts, "few_step": entry.few_step,
@@ -121,7 +122,8 @@ def evaluate_text_entry(entry: Entry, cfg: Config, *, folder: Path, prompts: lis
         mcfg = replace(mcfg, student=cfg.student)
     print(f"[evaluate] {entry.name}: {len(prompts)} prompts × {e.videos_per_prompt} videos from {entry.source}")
     sink = ChunkDecodeSink(vae)  # each chunk decoded as the sampler finishes it
-    write_text_samples(model.to(device), mcfg, prompts, context, null, vae, folder / entry.name,
+    model = for_inference(model, device, mixed_precision(cfg))  # bf16 where the run computes in it
+    write_text_samples(model, mcfg, prompts, context, null, vae, folder / entry.name,
                        e.videos_per_prompt, latent_shape(cfg), seed, e.batch_size,
                        few_step=True if few else None, sink=sink)
     print(f"[evaluate] {entry.name}: VAE decode per chunk: {sink.summary()}")
