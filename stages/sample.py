@@ -137,7 +137,8 @@ def sample_sprites(args, command: str = "") -> int:
             what = f"teacher ({sampler.kind}, {sampler.steps} steps)"
             if args.rolling:
                 raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
-        model = for_inference(model, next(model.parameters()).device, inference_precision(cfg, args.precision))
+        device = next(model.parameters()).device  # (sprites models sample where they were loaded)
+        model = for_inference(model, device, inference_precision(cfg, args.precision, device))
         videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
                                size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
                                student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
@@ -166,11 +167,11 @@ def sample_sprites(args, command: str = "") -> int:
     return 0
 
 
-def inference_precision(cfg: Config, choice: str | None) -> str:
-    """`--precision` (None: the source run's `run.mixed_precision`), `auto` resolved on this machine."""
-    if choice is not None:
-        cfg = replace(cfg, run=replace(cfg.run, mixed_precision=choice))
-    return mixed_precision(cfg)
+def inference_precision(cfg: Config, choice: str | None, device: torch.device) -> str:
+    """`--precision` (None: the source run's `run.mixed_precision`), `auto` resolved for the `device` the model
+    computes on (bf16 on a GPU that supports it)."""
+    run = replace(cfg.run, mixed_precision=choice or cfg.run.mixed_precision, device=device.type)
+    return mixed_precision(replace(cfg, run=run))
 
 
 def switch_labels(args, labels: torch.Tensor, frames: int, fpc: int) -> torch.Tensor | None:
@@ -286,7 +287,7 @@ def _sample_text(args, command: str) -> int:
         steps = uniform_denoising_steps(args.steps) if args.steps and is_student(model) else None
         clock = ChunkClock()
         sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
-        model = for_inference(model, device, inference_precision(cfg, args.precision))
+        model = for_inference(model, device, inference_precision(cfg, args.precision, device))
         paths = write_text_samples(model, cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,
