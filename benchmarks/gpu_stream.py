@@ -366,7 +366,8 @@ def step_estimates(model, cfg, device, autocast: bool, shape: tuple, batch: int)
     out = {f"df_l2_{m}_estimate_gib": memory.stage_estimate("pretrain_teacher", sh, replace(run, attention=m)).total
            / 2 ** 30 for m in ("block_causal", "bidirectional")}
     gen = memory.stage_estimate("distill", sh, run, phase="generator update")
-    out["sf_dmd_estimate_gib"] = (gen.total - 8 * params) / 2 ** 30  # the critic's AdamW moments: none here
+    critic_moments = memory.model_states(params, 1, 0, 0, "DDP", 0, 1)["optimizer"]  # none here: frozen
+    out["sf_dmd_estimate_gib"] = (gen.total - critic_moments) / 2 ** 30
     return out
 
 

@@ -369,14 +369,15 @@ def checkpoint_under_forward_kernels(function, *args):
     SDPA's math kernel, the only one with a double backward) would otherwise recompute with another, which
     saves other tensors (a `CheckpointError`) and has no double backward.
 
-    The block runs with autocast's cast cache off (forward and recomputation): the recomputation casts its
+    The block runs with autocast's cast cache off (the forward: the blocks loop's `_BlockContext`; the
+    recomputation: its context here): the recomputation casts its
     weights again anyway (the step's autocast, and its cache, ended with the forward), so caching the forward's
     casts only held 2 bytes per block weight until the forward ended (2.6 GiB at Wan2.1-1.3B, at the
     sf_dmd generator update's peak). A block called several times with gradients in one step (the rollout's
     exit calls) now sums its weights' gradients over the calls in fp32, where one shared cached cast summed them
     in bf16. The weights outside the blocks stay cached (one copy shared by the calls)."""
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
-                                             context_fn=lambda: (_BlockContext(), _BlockContext(_sdpa_kernels())))
+                                             context_fn=lambda: (nullcontext(), _BlockContext(_sdpa_kernels())))
 
 
 class _BlockContext:

@@ -100,16 +100,12 @@ def for_inference(model: CausalWanTransformer, device: torch.device, precision: 
     `mixed_precision(cfg)`, bf16 on a GPU that supports it): in bf16 its matmul weights are held in bf16
     (`hold_frozen`) and every call runs under bf16 autocast with fp32 outputs, as the training stages call their
     models, so a sampler's arithmetic between calls stays fp32. Returns the model."""
-    from types import MethodType
-
-    from accelerate.utils import convert_outputs_to_fp32
-
+    from pipeline.training.distributed import autocast_forward
     from pipeline.training.optim import hold_frozen
 
     model = hold_frozen(model.to(device), precision)
     if precision == "bf16":
-        amp = torch.autocast(device.type, dtype=torch.bfloat16)
-        model.forward = MethodType(convert_outputs_to_fp32(amp(type(model).forward)), model)
+        autocast_forward(model, torch.autocast(device.type, dtype=torch.bfloat16))
     return model
 
 

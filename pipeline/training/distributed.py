@@ -201,8 +201,14 @@ def _bf16_autocast(accelerator: Accelerator):
 def _amp_forward(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """What `accelerator.prepare` does to a model's forward in a bf16 run (autocast, outputs cast to fp32) but skips
     under DeepSpeed: done here so that DeepSpeed engines compute as DDP does."""
+    autocast_forward(model, _bf16_autocast(accelerator))
+
+
+def autocast_forward(model: torch.nn.Module, amp) -> None:
+    """Run every call of `model` under the autocast context `amp`, its outputs cast to fp32 (accelerate's wrapper
+    of a prepared model's forward)."""
     model._original_forward = model.forward  # `unwrap_model` takes the wrapper off again by this
-    model.forward = MethodType(convert_outputs_to_fp32(_bf16_autocast(accelerator)(model.forward.__func__)), model)
+    model.forward = MethodType(convert_outputs_to_fp32(amp(model.forward.__func__)), model)
 
 
 def prepare(accelerator: Accelerator, name: str, model, optimizer=None, *, find_unused: bool = False,

@@ -536,7 +536,7 @@ def estimate_config(cfg, stage: str, shape: Shape, backend: str = "DDP", zero_st
                     bf16: bool = False, masked: str | None = "dense", teacher_attention: str | None = None,
                     real: Shape | None = None, fake: Shape | None = None, real_attention: str | None = None,
                     deepspeed: DeepSpeed = DeepSpeed(), phase: str | None = None) -> MemoryEstimate:
-    """`stage_estimate` of a `Config`'s stage (at `phase`, default its peak one) (`bf16`, `masked`: the run's resolved mixed precision and
+    """`stage_estimate` of a `Config`'s stage, at its peak phase or at `phase` (`bf16`, `masked`: the run's resolved mixed precision and
     masked-attention method; `teacher_attention`: the loaded teacher's (distill: the fake score's),
     default the config's; distill's `real` / `fake` score shapes and the real score's attention)."""
     section = getattr(cfg, stage)
