@@ -5,7 +5,7 @@ compared by: GPU, dtype, block size, window, denoise-only vs end-to-end.
     python benchmarks/gpu_stream.py --checkpoint FOLDER           # a diffusers (pipeline) folder's transformer
     python benchmarks/gpu_stream.py --config configs/tiny.yaml    # any config's shape (tiny: runs on a CPU)
     options: --dtype bf16|fp32  --frames 21  --window 21  --sinks 3  --steps 4  --kv-cache auto|static|dynamic
-             --compile [--compile-mode M]  --attention-backend NAME  --skip-training  --skip-vae
+             --compile [--compile-mode M] [--compile-scope blocks|full]  --attention-backend NAME  --skip-training  --skip-vae
              --vae FOLDER  --vae-random auto|wan2.1|tiny  --vae-dtype D  --device auto|cuda|cpu
              --repeats 3  --warmup N  --train-repeats 2  --train-batch 1  --stream-frames N  --batch 1
              --peak-n N  --json OUT  [key=value ...]
@@ -497,6 +497,8 @@ def parse_args(argv):
     ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), help="default: student.kv_cache")
     ap.add_argument("--compile", action="store_true", help="model.compile_steady_state()")
     ap.add_argument("--compile-mode", help="mode passed to compile_steady_state (default: its own)")
+    ap.add_argument("--compile-scope", choices=("blocks", "full"), default="blocks",
+                    help="compile_steady_state's scope: one block serving all (regional), or the whole pass")
     ap.add_argument("--attention-backend", help="model.attention_backend (pipeline/models/attention.py BACKENDS)")
     ap.add_argument("--batch", type=int, default=1, help="videos per stream")
     ap.add_argument("--skip-training", action="store_true")
@@ -610,7 +612,8 @@ def run(cfg, args, *, stream_frames: int, device: torch.device, argv: list[str])
     flops = flops_per_block(s, stream_frames, model)
 
     if args.compile:
-        model.compile_steady_state(mode=args.compile_mode)
+        model.compile_steady_state(mode=args.compile_mode, scope=args.compile_scope)
+        settings["compile_scope"] = args.compile_scope
         settings["compile"] = True
         settings["compile_mode"] = args.compile_mode
 
@@ -627,10 +630,13 @@ def run(cfg, args, *, stream_frames: int, device: torch.device, argv: list[str])
     video_px = 1 + stride * (frames - 1)
 
     log(f"warm-up: {warmup} x (fused stream, unfused stream, video{' + VAE' if vae else ''}) ...")
+    t0 = time.perf_counter()
     for i in range(warmup):
         block_times(s, stream_frames, args.seed + i)
         unfused_breakdown(s, stream_frames, args.seed + i)
         video_end_to_end(s, frames, args.seed + i, vae)
+    settings["warmup_s"] = round(time.perf_counter() - t0, 1)
+    log(f"warm-up took {settings['warmup_s']} s{' (compilation included)' if args.compile else ''}")
     settings["kv_cache_used"] = sorted(set(denoiser.cache_kinds))
     if device.type == "cuda":
         reset_peak(device)

@@ -148,27 +148,32 @@ def test_cache_kinds():
         StaticKVCache(rope="alibi")
 
 
+@pytest.mark.parametrize("scope, layers", [("blocks", 3), ("full", 1)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA"))])
-def test_compiled_steady_state_step_equals_eager(device):
+def test_compiled_steady_state_step_equals_eager(device, scope, layers):
     """`compile_steady_state`: once the window is full (and rolled) the sampler's fused call (context
     write into the ring, sinks rotated, the chunk denoised) runs through `torch.compile` (inductor; on CUDA
-    `reduce-overhead`, captured in CUDA graphs), traced once; equal to the eager stream."""
+    `reduce-overhead`, captured in CUDA graphs), traced once; equal to the eager stream. Regional
+    compilation ("blocks") traces one block for all of them: one graph however many blocks (the full
+    scope: one layer here, for the compile time of a 2-core CPU)."""
     from torch._dynamo.utils import counters
 
-    model = model_of(layers=1).to(device)  # one block: compile time on a 2-core CPU
+    model = model_of(layers=layers).to(device)
     x, ctx = torch.randn(B, 4, 24, 4, 4).to(device), torch.randn(B, 3, 16).to(device)
     calls = []
     with torch.no_grad():
         ref = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
-        model.compile_steady_state()
+        model.compile_steady_state(scope=scope)
         compiled = model._steady_step
         model._steady_step = lambda *a: calls.append(1) or compiled(*a)
         counters.clear()
         out = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
     assert len(calls) == 4  # chunks 4..7: the window (6 frames) is full from chunk 3 on, rolled from chunk 4
-    assert counters["stats"]["unique_graphs"] == 1  # no recompilation between steady calls
+    assert counters["stats"]["unique_graphs"] == 1  # no recompilation between steady calls, nor between blocks
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="scope must be"):
+        model.compile_steady_state(scope="model")
 
 
 class HostTraffic(TorchDispatchMode):

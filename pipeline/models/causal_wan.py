@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from pipeline.models.attention import attend, block_causal, block_causal_mask, check_backend, dispatch_backend  # noqa: F401
 
-from pipeline.models.kv_cache import KVCache, StaticKVCache, StaticPass, rope_at  # noqa: F401 (KVCache: re-exported)
+from pipeline.models.kv_cache import KVCache, StaticKVCache, StaticLayer, StaticPass, rope_at  # noqa: F401 (KVCache: re-exported)
 from pipeline.models.kv_cache import apply_rotary as _apply_rotary
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
@@ -75,18 +75,21 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _attend_static(self, query, key, value, cache: StaticKVCache, block_index: int, passes):
-        """Attention through a `StaticKVCache`: the call's tokens are split into `passes` (a fused context
-        chunk, then the rest), each rotated once at its absolute positions, attending over the buffer."""
+    def _attend_static(self, query, key, value, cache: StaticKVCache | StaticLayer, block_index: int, passes):
+        """Attention through a `StaticKVCache` (or this block's `StaticLayer` of it): the call's tokens are split
+        into `passes` (a fused context chunk, then the rest), each rotated once at its absolute positions,
+        attending over the buffer."""
         outs, start = [], 0
         for p in passes:
             n = p.frames * cache.tokens_per_frame
             q = _apply_rotary(query[:, start:start + n], *p.rope)
             k = _apply_rotary(key[:, start:start + n], *p.rope)
             v = value[:, start:start + n]
-            keys, values = cache.attend_inputs(block_index, p, k, v)
+            layer = cache if isinstance(cache, StaticLayer) else \
+                cache.layer(block_index, k, p.held * cache.tokens_per_frame + n)
+            keys, values = layer.attend_inputs(p, k, v)
             outs.append(attend(q, keys, values, p.mask, backend=self._attention_backend))
-            cache.commit(block_index, p, k, v)
+            layer.commit(p, k, v)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -294,7 +297,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             kv_cache.num_frames = min(kv_cache.num_frames + written, kv_cache.max_frames or 1 << 62)
         return out
 
-    def compile_steady_state(self, mode: str | None = None) -> None:
+    def compile_steady_state(self, mode: str | None = None, scope: str = "blocks") -> None:
         """Compile the network pass that streaming calls make once a `StaticKVCache` window is full.
 
         From then on every call of a kind (the fused context + chunk call, a denoising call, a cache
@@ -302,17 +305,29 @@ class CausalWanTransformer(WanTransformer3DModel):
         slots) arrives as tensors prepared outside it, so `torch.compile` traces it once per kind.
         `mode`: torch.compile's; default "reduce-overhead" on CUDA (CUDA-graph capture; the cache
         buffers are marked static addresses), None elsewhere. Other calls run eagerly.
+        `scope`: "blocks" (regional compilation: one transformer block is compiled and serves all of
+        them, each getting its own weights and cache buffers as inputs: a kind compiles one block instead
+        of the whole network, ~1/num_layers of the compile time; the embeddings and head run eagerly; with
+        "reduce-overhead" each block call replays its own CUDA graph) or "full" (the whole pass, one graph).
         """
+        if scope not in ("blocks", "full"):
+            raise ValueError(f"scope must be 'blocks' or 'full', got {scope!r}")
         if mode is None and next(self.parameters()).device.type == "cuda":
             mode = "reduce-overhead"
-        self._steady_step = torch.compile(self._denoise, mode=mode, dynamic=False)
+        if scope == "full":
+            self._steady_step = torch.compile(self._denoise, mode=mode, dynamic=False)
+        else:
+            self._steady_step = functools.partial(
+                self._denoise, steady_block=torch.compile(_block_forward, mode=mode, dynamic=False))
 
     _steady_step = None
 
     def _denoise(self, hidden_states, timestep, encoder_hidden_states, rotary_emb, mask, context_attn, static_passes,
-                 cache, write_cache: bool, cf: int, features_at: int | None = None) -> torch.Tensor:
+                 cache, write_cache: bool, cf: int, features_at: int | None = None, *,
+                 steady_block=None) -> torch.Tensor:
         """The network pass of `forward` once positions, masks and cache slots are prepared: patch
-        embedding, per-frame modulation, the blocks, the output head. Shapes as `forward`."""
+        embedding, per-frame modulation, the blocks, the output head. Shapes as `forward`.
+        `steady_block`: the compiled `_block_forward` of `compile_steady_state(scope="blocks")`."""
         b, _, f, h, w = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         ppf, pph, ppw = f // p_t, h // p_h, w // p_w
@@ -330,14 +345,17 @@ class CausalWanTransformer(WanTransformer3DModel):
         uncached = self.gradient_checkpointing and not torch.compiler.is_compiling()
         with _BlockContext() if uncached else nullcontext():
             for i, block in enumerate(self.blocks):
-                attn_kwargs = dict(cache=cache, block_index=i, write_cache=write_cache,
+                # The compiled block gets the block's cache buffers, not its index (it would specialise on it).
+                block_cache, index = (cache, i) if steady_block is None else (cache.layer(i), 0)
+                attn_kwargs = dict(cache=block_cache, block_index=index, write_cache=write_cache,
                                    tokens_per_frame=tokens_per_frame, context_tokens=cf * tokens_per_frame,
                                    context=context_attn, static_passes=static_passes)
                 if checkpointing:
                     x = self._gradient_checkpointing_func(
                         _block_forward, block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
                 else:
-                    x = _block_forward(block, x, context, timestep_proj, rotary_emb, mask, attn_kwargs, ppf)
+                    x = (steady_block or _block_forward)(block, x, context, timestep_proj, rotary_emb, mask,
+                                                         attn_kwargs, ppf)
                 if i == features_at:
                     return x
 

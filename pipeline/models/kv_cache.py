@@ -326,7 +326,10 @@ class StaticKVCache:
                     raise ValueError(f"StaticKVCache: block {block_index} written before block {len(store)}")
                 store.append(new)
         if self.rope == "relative" and self.sink_frames and block_index == len(self.sink_keys):
-            self.sink_keys.append(like.new_zeros(b, self.sink_frames * self.tokens_per_frame, h, d))
+            sink_keys = like.new_zeros(b, self.sink_frames * self.tokens_per_frame, h, d)
+            if sink_keys.device.type == "cuda":  # read by every steady call
+                torch._dynamo.mark_static_address(sink_keys)
+            self.sink_keys.append(sink_keys)
         return self.keys[block_index], self.values[block_index]
 
     def plan(self, frames: int, commit: bool, *, mask_fn, pph: int, ppw: int, rope_module, device) -> StaticPass:
@@ -360,25 +363,51 @@ class StaticKVCache:
         return StaticPass(held=held, frames=frames, rope=rope_at(rope_module, positions, pph, ppw), sink_rope=sink_rope, commit=commit,
                           commit_index=index, sink_tokens=sink_tokens, sink_start=seen * t if sink_tokens else 0, mask=mask_fn(held, frames))
 
-    def attend_inputs(self, block_index: int, p: StaticPass, key: torch.Tensor, value: torch.Tensor):
+    def layer(self, block_index: int, like: torch.Tensor | None = None, need: int = 0) -> "StaticLayer":
+        """Block `block_index`'s buffers, with room for `need` tokens (allocated or grown after `like`
+        `[B, L, H, d]`, the pass's keys; without `like` they must exist: the steady state's)."""
+        if like is not None:
+            self._buffers(block_index, like, need)
+        sink_keys = self.sink_keys[block_index] if block_index < len(self.sink_keys) else None
+        return StaticLayer(self.keys[block_index], self.values[block_index], sink_keys, self.tokens_per_frame,
+                           self.sink_frames)
+
+
+@dataclass
+class StaticLayer:
+    """One block's part of a `StaticKVCache`: what a block's attention reads and writes. It holds the
+    block's buffers themselves, not a block index, so one compiled block serves every block (regional
+    compilation, `CausalWanTransformer.compile_steady_state`) without specialising on the index.
+
+    Attributes:
+        keys, values: `[B, slots, heads, head_dim]` (see the module docstring for the layout).
+        sink_keys: relative RoPE with sinks: the sinks' keys rotated at their own positions, else None.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    sink_keys: torch.Tensor | None
+    tokens_per_frame: int
+    sink_frames: int
+
+    def attend_inputs(self, p: StaticPass, key: torch.Tensor, value: torch.Tensor):
         """Write this pass's rotated `key`, `value` `[B, frames·T, H, d]` into the scratch slots and return
         the keys/values to attend over, `[B, (held + frames)·T, H, d]` (views of the buffers)."""
         t = self.tokens_per_frame
         s0, n = p.held * t, key.shape[1]
-        keys, values = self._buffers(block_index, key, s0 + n)
+        keys, values = self.keys, self.values
         if p.sink_rope is not None:  # relative positions: sinks sit `shift` frames further than stored
-            keys[:, :self.sink_frames * t] = apply_rotary(self.sink_keys[block_index], *p.sink_rope)
+            keys[:, :self.sink_frames * t] = apply_rotary(self.sink_keys, *p.sink_rope)
         keys[:, s0:s0 + n] = key
         values[:, s0:s0 + n] = value
         return keys[:, :s0 + n], values[:, :s0 + n]
 
-    def commit(self, block_index: int, p: StaticPass, key: torch.Tensor, value: torch.Tensor) -> None:
+    def commit(self, p: StaticPass, key: torch.Tensor, value: torch.Tensor) -> None:
         """After attending: keep the pass's keys/values (`attend_inputs`' arguments) in their cache slots."""
         if not p.commit:
             return
-        if p.sink_tokens and self.sink_keys:
-            self.sink_keys[block_index][:, p.sink_start:p.sink_start + p.sink_tokens] = key[:, :p.sink_tokens]
+        if p.sink_tokens and self.sink_keys is not None:
+            self.sink_keys[:, p.sink_start:p.sink_start + p.sink_tokens] = key[:, :p.sink_tokens]
         if p.commit_index is not None:
-            index = p.commit_index
-            self.keys[block_index].index_copy_(1, index, key)
-            self.values[block_index].index_copy_(1, index, value)
+            self.keys.index_copy_(1, p.commit_index, key)
+            self.values.index_copy_(1, p.commit_index, value)
