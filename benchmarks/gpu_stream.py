@@ -74,6 +74,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.methods.dmd import SelfForcingDMD  # noqa: E402
 from pipeline.diffusion.losses import flow_matching_loss  # noqa: E402
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, sample_few_step, uniform_denoising_steps  # noqa: E402
+from pipeline.models.kv_cache import BufferPool  # noqa: E402
 from pipeline.training.optim import hold_frozen  # noqa: E402
 
 # The built-in shape: Wan2.1-T2V-1.3B at 480 x 832, Self-Forcing's student (configs/wan2.1-t2v-1.3b/student.yaml).
@@ -578,8 +579,9 @@ def run(cfg, args, *, stream_frames: int, device: torch.device, argv: list[str])
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.randn(args.batch, text_tokens, mc.text_dim, generator=g).to(device)
     sigmas = few_step_sigmas(st.denoising_steps, st.shift)
+    # streams share their static caches' buffers, as `sample` does (a CUDA graph replays over the next stream's)
     denoiser = StreamDenoiser(model, "block_causal", fpc, cfg.model.prediction, st.clip_x0, rope=st.rope,
-                              kv_cache=st.kv_cache, dtype=None if dtype == torch.float32 else dtype)
+                              kv_cache=st.kv_cache, pool=BufferPool(), dtype=None if dtype == torch.float32 else dtype)
     s = Setup(denoiser, cond, sigmas, window, sinks, st.context_sigma, latent, args.batch, device)
     n_stream, n_video = stream_frames // fpc, frames // fpc
     # steady: the window was full already when the block's write (of the chunk before it) ran

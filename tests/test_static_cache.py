@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.models.causal_wan import CausalWanTransformer, KVCache
-from pipeline.models.kv_cache import StaticKVCache, new_kv_cache, rope_at
+from pipeline.models.kv_cache import BufferPool, StaticKVCache, new_kv_cache, rope_at
 from pipeline.diffusion.sampling import Denoiser, few_step_sigmas, sample_autoregressive, sample_few_step
 
 FPC, B = 3, 2
@@ -154,7 +154,8 @@ def test_cache_kinds():
 def test_compiled_steady_state_step_equals_eager(device, scope, layers):
     """`compile_steady_state`: once the window is full (and rolled) the sampler's fused call (context
     write into the ring, sinks rotated, the chunk denoised) runs through `torch.compile` (inductor; on CUDA
-    `reduce-overhead`, captured in CUDA graphs), traced once; equal to the eager stream. Regional
+    `reduce-overhead`, captured in CUDA graphs), traced once, as does the first chunk's call (an empty
+    cache); equal to the eager stream. Regional
     compilation ("blocks") traces one block for all of them: one graph however many blocks (the full
     scope: one layer here, for the compile time of a 2-core CPU)."""
     from torch._dynamo.utils import counters
@@ -169,11 +170,45 @@ def test_compiled_steady_state_step_equals_eager(device, scope, layers):
         model._steady_step = lambda *a: calls.append(1) or compiled(*a)
         counters.clear()
         out = stream(model, StaticKVCache(max_frames=6, sink_frames=3), x, ctx, True)
-    assert len(calls) == 4  # chunks 4..7: the window (6 frames) is full from chunk 3 on, rolled from chunk 4
-    assert counters["stats"]["unique_graphs"] == 1  # no recompilation between steady calls, nor between blocks
+    # chunks 4..7 (the window of 6 frames is full from chunk 3 on, rolled from chunk 4), and chunk 0's calls
+    # over an empty cache after the first (which allocates the buffers): here its one call, then in a second stream
+    assert len(calls) == 4
+    calls.clear()
+    with torch.no_grad():
+        cache = StaticKVCache(max_frames=6, sink_frames=3)
+        first = stream(model, cache, x[:, :, :FPC], ctx, True)
+        again = model(x[:, :, :FPC], torch.full((B, FPC), 500.0, device=device), ctx, frames_per_chunk=FPC,
+                      kv_cache=cache)
+    assert len(calls) == 1
+    torch.testing.assert_close(again, first, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 2  # the two kinds; no recompilation between calls, nor between blocks
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="scope must be"):
         model.compile_steady_state(scope="model")
+
+
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_buffer_pool_hands_a_freed_cache_buffers_to_the_next_stream(rope):
+    """`BufferPool`: a stream's cache takes the buffers a freed cache left (the same tensors: a CUDA graph
+    recorded over them replays), never those of a live one, and the last stream's values in them are never
+    read: the second stream (other inputs) equals one on fresh buffers, through a rolled window with sinks."""
+    model = model_of()
+    pool = BufferPool()
+    x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)
+    with torch.no_grad():
+        cache = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
+        stream(model, cache, x, ctx, True)
+        held = cache.keys + cache.values + cache.sink_keys  # (references: the tensors stay, the cache goes)
+        other = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
+        stream(model, other, x[:, :, :6], ctx, True)  # while `cache` lives: buffers of its own
+        held += other.keys + other.values + other.sink_keys
+        assert len({id(t) for t in held}) == len(held) and not pool.free
+        del cache, other
+        reused = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
+        out = stream(model, reused, -x, ctx, True)
+        assert {id(t) for t in reused.keys + reused.values + reused.sink_keys} <= {id(t) for t in held}
+        ref = stream(model, StaticKVCache(max_frames=6, sink_frames=3, rope=rope), -x, ctx, True)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
 class HostTraffic(TorchDispatchMode):

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.data import shard
 from pipeline.models.causal_wan import CausalWanTransformer, KVCache
-from pipeline.models.kv_cache import StaticKVCache, new_kv_cache
+from pipeline.models.kv_cache import BufferPool, StaticKVCache, new_kv_cache
 from pipeline.diffusion.flow import (NUM_TRAIN_TIMESTEPS, add_noise, flow_from_x0, sampling_sigmas, shift_sigma, timestep_from_sigma,
                    x0_from_flow)
 
@@ -48,19 +48,24 @@ class Denoiser:
     clip_x0: float = 0.0
     rope: str = "relative"
     kv_cache: str = "auto"
+    # Where this denoiser's static caches take their buffers and leave them when gone, for its next streams
+    # (`kv_cache.BufferPool`; samplers of several streams). None in training: a pool would hold a cache's
+    # memory between the steps.
+    pool: BufferPool | None = None
 
     @classmethod
     def of_sampler(cls, model, attention: str, frames_per_chunk: int, prediction: str, sampler) -> "Denoiser":
         """A denoiser as a sampler's settings configure it: `sampler` is a `StudentConfig`, a `SamplerConfig` or
-        the pipeline scheduler's config (their `clip_x0`, `rope`, `kv_cache`)."""
+        the pipeline scheduler's config (their `clip_x0`, `rope`, `kv_cache`); its static caches share a
+        `BufferPool` (consecutive streams on the same buffers)."""
         return cls(model, attention, frames_per_chunk, prediction, sampler.clip_x0, rope=sampler.rope,
-                   kv_cache=sampler.kv_cache)
+                   kv_cache=sampler.kv_cache, pool=BufferPool())
 
     def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache | StaticKVCache:
         """An empty KV cache for one stream of this denoiser (kind and RoPE semantics as configured)."""
         device = next(self.model.parameters()).device
         return new_kv_cache(self.kv_cache, max_frames=max_frames, sink_frames=sink_frames, rope=self.rope,
-                            device=device)
+                            device=device, pool=self.pool)
 
     def raw(self, x, sigma, context, kv_cache=None, write_cache=False, cache_first=None) -> torch.Tensor:
         """The network's own output (flow or x0, by `prediction`).

@@ -284,8 +284,9 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
-        if static and self._steady_step is not None and kv_cache.steady(static_passes):
-            denoise = self._steady_step  # the window is full: every call of this kind has the same shapes
+        if static and self._steady_step is not None and (kv_cache.steady(static_passes) or
+                                                         kv_cache.first_chunk(static_passes)):
+            denoise = self._steady_step  # the window is full (or empty): every call of this kind has the same shapes
         if features_at is not None and (static or cf or not 0 <= features_at < len(self.blocks)):
             raise ValueError(f"features_at={features_at}: a block index below {len(self.blocks)}, on a call "
                              "without a static cache or context frames")
@@ -302,7 +303,8 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         From then on every call of a kind (the fused context + chunk call, a denoising call, a cache
         write) has the same shapes, and everything that changes between calls (RoPE tables, cache
-        slots) arrives as tensors prepared outside it, so `torch.compile` traces it once per kind.
+        slots) arrives as tensors prepared outside it, so `torch.compile` traces it once per kind. The
+        first chunk's calls (over an empty cache) are compiled too: every stream repeats them.
         `mode`: torch.compile's; default "reduce-overhead" on CUDA (CUDA-graph capture; the cache
         buffers are marked static addresses), None elsewhere. Other calls run eagerly.
         `scope`: "blocks" (regional compilation: one transformer block is compiled and serves all of

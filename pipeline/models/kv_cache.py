@@ -32,6 +32,7 @@ never modifies a tensor that autograd saved.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -41,17 +42,50 @@ CACHE_KINDS = ("auto", "static", "dynamic")
 
 
 def new_kv_cache(kind: str = "auto", *, max_frames: int | None = None, sink_frames: int = 0, rope: str = "relative",
-                 device=None):
-    """A cache for one stream: `static` (`StaticKVCache`), `dynamic` (`KVCache`, the reference), or `auto`:
-    static on CUDA, dynamic elsewhere (CPU runs stay bit-identical to the reference). A rollout that
-    carries gradients (grad mode on when the cache is made) always gets the dynamic one."""
+                 device=None, pool: "BufferPool | None" = None):
+    """A cache for one stream: `static` (`StaticKVCache`, its buffers from `pool` if given), `dynamic`
+    (`KVCache`, the reference), or `auto`: static on CUDA, dynamic elsewhere (CPU runs stay bit-identical to
+    the reference). A rollout that carries gradients (grad mode on when the cache is made) always gets the
+    dynamic one."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"kv_cache must be one of {CACHE_KINDS}, got {kind!r}")
     if kind == "auto":
         kind = "static" if device is not None and torch.device(device).type == "cuda" else "dynamic"
     if kind == "static" and not torch.is_grad_enabled():
-        return StaticKVCache(max_frames=max_frames, sink_frames=sink_frames, rope=rope)
+        return StaticKVCache(max_frames=max_frames, sink_frames=sink_frames, rope=rope, pool=pool)
     return KVCache(max_frames=max_frames, sink_frames=sink_frames, rope=rope)
+
+
+class BufferPool:
+    """The buffers of `StaticKVCache`s that are gone, handed to the next cache that allocates the same shape:
+    consecutive streams then write and read the same addresses, so CUDA graphs recorded over one stream's
+    cache (`CausalWanTransformer.compile_steady_state`, whose cache buffers are static inputs) replay in the
+    next instead of being recorded again, and the allocator is not asked for a cache's gigabytes per stream.
+
+    A cache's buffers return to the pool only when the cache object is freed (`weakref.finalize`), so two live
+    caches never share one. A reused buffer holds the last stream's values: a cache reads only the slots its own
+    stream has written (see `StaticLayer.attend_inputs`), so they are never seen.
+    """
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A buffer of `shape` with `like`'s dtype and device: a freed one, or new (zeros)."""
+        free = self.free.get((tuple(shape), like.dtype, like.device))
+        return free.pop() if free else _new_buffer(shape, like)
+
+    def give(self, *stores: list[torch.Tensor]) -> None:
+        for store in stores:
+            for t in store:
+                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+
+def _new_buffer(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    new = like.new_zeros(shape)
+    if new.device.type == "cuda":  # a compiled step's CUDA graphs keep reading this address
+        torch._dynamo.mark_static_address(new)
+    return new
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -268,7 +302,8 @@ class StaticKVCache:
     more slots.
     """
 
-    def __init__(self, max_frames: int | None = None, sink_frames: int = 0, rope: str = "relative"):
+    def __init__(self, max_frames: int | None = None, sink_frames: int = 0, rope: str = "relative",
+                 pool: BufferPool | None = None):
         if max_frames is not None and not 0 <= sink_frames < max_frames:
             raise ValueError(f"sink_frames ({sink_frames}) must be < max_frames ({max_frames})")
         if rope not in ROPE_MODES:
@@ -280,6 +315,9 @@ class StaticKVCache:
         self.values: list[torch.Tensor] = []
         self.sink_keys: list[torch.Tensor] = []  # relative mode: sinks rotated at their own positions
         self.tokens_per_frame = 0
+        self.pool = pool
+        if pool is not None:  # the buffers held when this cache is freed go back to the pool
+            weakref.finalize(self, pool.give, self.keys, self.values, self.sink_keys)
 
     def __len__(self) -> int:
         return self.num_frames
@@ -295,6 +333,12 @@ class StaticKVCache:
         rotate = self.rope == "relative" and self.sink_frames > 0
         return self.max_frames is not None and all(
             p.held == self.max_frames and (p.sink_rope is not None) == rotate for p in passes)
+
+    def first_chunk(self, passes) -> bool:
+        """Whether a call's `passes` attend over an empty cache whose buffers exist (the first chunk's calls
+        after its first, which allocates them): every stream repeats them with the same shapes, so a
+        compiled step serves them too (the first-chunk latency)."""
+        return bool(self.keys) and all(p.held == 0 for p in passes)
 
     def _slot(self, a: int) -> int:
         """Frame slot of absolute frame `a` (sinks first, then a ring of the window)."""
@@ -315,9 +359,7 @@ class StaticKVCache:
         else:
             size = max(need, (self.max_frames + like.shape[1] // self.tokens_per_frame) * self.tokens_per_frame)
         for store in (self.keys, self.values):
-            new = like.new_zeros(b, size, h, d)
-            if new.device.type == "cuda":  # a compiled step's CUDA graphs may keep reading this address
-                torch._dynamo.mark_static_address(new)
+            new = self._new_buffer((b, size, h, d), like)
             if block_index < len(store):
                 new[:, :old] = store[block_index]
                 store[block_index] = new
@@ -326,11 +368,11 @@ class StaticKVCache:
                     raise ValueError(f"StaticKVCache: block {block_index} written before block {len(store)}")
                 store.append(new)
         if self.rope == "relative" and self.sink_frames and block_index == len(self.sink_keys):
-            sink_keys = like.new_zeros(b, self.sink_frames * self.tokens_per_frame, h, d)
-            if sink_keys.device.type == "cuda":  # read by every steady call
-                torch._dynamo.mark_static_address(sink_keys)
-            self.sink_keys.append(sink_keys)
+            self.sink_keys.append(self._new_buffer((b, self.sink_frames * self.tokens_per_frame, h, d), like))
         return self.keys[block_index], self.values[block_index]
+
+    def _new_buffer(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        return self.pool.take(shape, like) if self.pool is not None else _new_buffer(shape, like)
 
     def plan(self, frames: int, commit: bool, *, mask_fn, pph: int, ppw: int, rope_module, device) -> StaticPass:
         """The next pass of `frames` frames of `pph x ppw` tokens, and (when `commit`) the cache state after it.
