@@ -287,6 +287,10 @@ class CausalWanTransformer(WanTransformer3DModel):
         if static and self._steady_step is not None and (kv_cache.steady(static_passes) or
                                                          kv_cache.first_chunk(static_passes)):
             denoise = self._steady_step  # the window is full (or empty): every call of this kind has the same shapes
+            # One call, one CUDA-graph step: its block graphs chain (block i's output feeds block i + 1 inside one
+            # generation of torch's CUDA-graph trees; else each compiled block call would start a generation and
+            # free the previous block's output before reading it); the last call's outputs are released.
+            torch.compiler.cudagraph_mark_step_begin()
         if features_at is not None and (static or cf or not 0 <= features_at < len(self.blocks)):
             raise ValueError(f"features_at={features_at}: a block index below {len(self.blocks)}, on a call "
                              "without a static cache or context frames")
