@@ -18,6 +18,8 @@ becomes (c + 1) mod 6) or a class id 0..5. `--recache` rebuilds the KV window un
 (LongLive's re-cache); without it the cache is kept. FILE then also holds `schedule` int64 `[N, F]`, the class
 of every frame (`labels` stays the first class), and the switch metrics are printed
 (`pipeline/evaluation/switching.py`).
+`--kv-cache static|dynamic|auto` picks the streaming cache (default: the run's; auto = static on CUDA) and
+`--compile` compiles the calls a static cache repeats (`CausalWanTransformer.compile_steady_state`).
 `--n`, `--frames`, `--steps` must be positive, `--guidance` finite and >= 0, `--seed` in 0 .. 2**32-1;
 weights holding NaN or inf are refused; a source whose head count cannot be read off it needs `--model-config`.
 An existing FILE or GIF is replaced only with `--force`; FILE must not be SOURCE, lie inside it or contain
@@ -55,6 +57,7 @@ from pipeline.diffusion.videos import sample_videos
 from pipeline.evaluation.speed import ChunkClock
 from pipeline.io.guard import Lock, check_output
 from pipeline.io.media import save_samples
+from pipeline.models.kv_cache import CACHE_KINDS
 from pipeline.models.loading import for_inference, is_student, load_source
 from pipeline.training.distributed import mixed_precision, run_device
 
@@ -76,6 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=["auto", "no", "bf16"],
                     help="the transformer's compute: bf16 (matmul weights in bf16, calls under autocast) or no (fp32); "
                          "default: the source run's run.mixed_precision (auto: bf16 on a GPU that supports it)")
+    ap.add_argument("--kv-cache", choices=CACHE_KINDS,
+                    help="the streaming KV cache: static (preallocated, written in place), dynamic (the reference) or "
+                         "auto (static on CUDA); default: the source run's student.kv_cache / sampler.kv_cache")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the network calls a static cache repeats with the same shapes (the first chunk's, "
+                         "then every call once the window is full): regional torch.compile, CUDA graphs on CUDA")
     ap.add_argument("--switch-at", type=int, nargs="+", metavar="K",
                     help="sprites: switch every video's class at these frames (prompt switching)")
     ap.add_argument("--switch-to", default="shift", help="sprites: 'shift' ((c + 1) mod 6) or a class id 0..5")
@@ -139,6 +148,9 @@ def sample_sprites(args, command: str = "") -> int:
                 raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
         device = next(model.parameters()).device  # (sprites models sample where they were loaded)
         model = for_inference(model, device, inference_precision(cfg, args.precision, device))
+        streaming_options(args, cfg, model)
+        if sampler is not None and args.kv_cache:
+            sampler = replace(sampler, kv_cache=args.kv_cache)
         videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
                                size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
                                student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
@@ -165,6 +177,16 @@ def sample_sprites(args, command: str = "") -> int:
         speed += f", first chunk after {clock.times[0] * 1000:.0f} ms (batch of {min(len(videos), 64)})"
     print(speed)
     return 0
+
+
+def streaming_options(args, cfg: Config, model) -> None:
+    """`--kv-cache` (into `cfg`'s student and teacher-sampler sections) and `--compile`
+    (`CausalWanTransformer.compile_steady_state`: used by the calls of a static cache)."""
+    if args.kv_cache:
+        cfg.student = replace(cfg.student, kv_cache=args.kv_cache)
+        cfg.pretrain_teacher.sampler = replace(cfg.pretrain_teacher.sampler, kv_cache=args.kv_cache)
+    if args.compile:
+        model.compile_steady_state()
 
 
 def inference_precision(cfg: Config, choice: str | None, device: torch.device) -> str:
@@ -288,6 +310,7 @@ def _sample_text(args, command: str) -> int:
         clock = ChunkClock()
         sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
         model = for_inference(model, device, inference_precision(cfg, args.precision, device))
+        streaming_options(args, cfg, model)
         paths = write_text_samples(model, cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,

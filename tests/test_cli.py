@@ -119,6 +119,26 @@ def test_sample_precision(trained_stage, tmp_path):
     assert diff.max() > 0 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
+def test_sample_static_cache_and_compile(trained_stage, tmp_path):
+    """`--kv-cache static --compile`: the static cache, its repeated calls (the first chunk's after its first)
+    through the compiled network (regional torch.compile; CUDA graphs only on CUDA), gives the reference cache's
+    videos; `--kv-cache dynamic` is the CPU default's bits."""
+    from torch._dynamo.utils import counters
+
+    _, stage_path = trained_stage
+    videos = {}
+    for name, extra in (("default", []), ("dynamic", ["--kv-cache", "dynamic"]),
+                        ("compiled", ["--kv-cache", "static", "--compile"])):
+        out = tmp_path / f"{name}.safetensors"
+        counters.clear()
+        assert sample.main([str(stage_path), "--out", str(out), "--n", "6", "--frames", "6", "--steps", "2",
+                            *extra]) == 0
+        videos[name] = load_file(str(out))["videos"]
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled step ran
+    assert torch.equal(videos["default"], videos["dynamic"])
+    torch.testing.assert_close(videos["compiled"], videos["dynamic"], atol=1e-4, rtol=0)
+
+
 def test_sample_missing_source_keeps_existing_output(tmp_path):
     out = tmp_path / "keep.safetensors"
     out.write_bytes(b"precious")
