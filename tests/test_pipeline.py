@@ -114,6 +114,11 @@ def test_text_call_equals_sample_and_stream_equals_call(text_pipe, text_student,
     assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb2"),
                         "--per-prompt", "2", "--seed", "5"]) == 0
     assert torch.equal(written[0], ref)
+    # the static cache with its repeated calls compiled (`--kv-cache static --compile`): the same videos
+    written.clear()
+    assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb3"),
+                        "--per-prompt", "2", "--seed", "5", "--kv-cache", "static", "--compile"]) == 0
+    torch.testing.assert_close(written[0], ref, atol=1e-4, rtol=0)
     # other output types are the same frames
     np_frames = pipe(prompts, num_videos_per_prompt=2, generator=torch.Generator().manual_seed(5)).frames
     assert np_frames.shape == (4, 21, 32, 32, 3) and torch.equal(torch.from_numpy(np_frames), out.permute(0, 1, 3, 4, 2))
