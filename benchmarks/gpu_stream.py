@@ -709,6 +709,14 @@ def run(cfg, args, *, stream_frames: int, device: torch.device, argv: list[str])
         tmp.cleanup()
     reset_peak(device, free=True)
     if not args.skip_training:
+        # The streaming figures first, in case the training part does not finish (a time limit): printed, and
+        # written to --json, which the full result replaces at the end.
+        partial = {**result, "training": None, "training_pending": True}
+        partial["goals"] = goals(partial)
+        print_report(partial)
+        if args.json:
+            Path(args.json).write_text(json.dumps(partial, indent=1))
+            log(f"wrote the streaming figures to {args.json} (training follows)")
         autocast = dtype == torch.bfloat16
         shape = (latent[0], frames, h, w)
         result["training"] = training(args, cfg, device, autocast, shape, text_tokens)
