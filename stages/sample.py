@@ -187,6 +187,11 @@ def streaming_options(args, cfg: Config, model) -> None:
         cfg.pretrain_teacher.sampler = replace(cfg.pretrain_teacher.sampler, kv_cache=args.kv_cache)
     if args.compile:
         model.compile_steady_state()
+        section = cfg.student if is_student(model) else cfg.pretrain_teacher.sampler
+        device = next(model.parameters()).device
+        if section.kv_cache == "dynamic" or (section.kv_cache == "auto" and device.type != "cuda"):
+            print(f"sample: --compile does nothing here: the KV cache is the reference one ({section.kv_cache} on "
+                  f"{device.type}); --kv-cache static uses the compiled calls", file=sys.stderr)
 
 
 def inference_precision(cfg: Config, choice: str | None, device: torch.device) -> str:

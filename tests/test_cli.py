@@ -119,7 +119,7 @@ def test_sample_precision(trained_stage, tmp_path):
     assert diff.max() > 0 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
-def test_sample_static_cache_and_compile(trained_stage, tmp_path):
+def test_sample_static_cache_and_compile(trained_stage, tmp_path, capsys):
     """`--kv-cache static --compile`: the static cache, its repeated calls (the first chunk's after its first)
     through the compiled network (regional torch.compile; CUDA graphs only on CUDA), gives the reference cache's
     videos; `--kv-cache dynamic` is the CPU default's bits."""
@@ -137,6 +137,10 @@ def test_sample_static_cache_and_compile(trained_stage, tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled step ran
     assert torch.equal(videos["default"], videos["dynamic"])
     torch.testing.assert_close(videos["compiled"], videos["dynamic"], atol=1e-4, rtol=0)
+    # on a CPU the default cache is the reference one: --compile alone says it does nothing
+    assert sample.main([str(stage_path), "--out", str(tmp_path / "c.safetensors"), "--n", "6", "--frames", "6",
+                        "--steps", "2", "--compile"]) == 0
+    assert "--compile does nothing here" in capsys.readouterr().err
 
 
 def test_sample_missing_source_keeps_existing_output(tmp_path):
