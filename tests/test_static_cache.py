@@ -148,7 +148,7 @@ def test_cache_kinds():
         StaticKVCache(rope="alibi")
 
 
-@pytest.mark.parametrize("scope, layers", [("blocks", 3), ("full", 1)])
+@pytest.mark.parametrize("scope, layers", [("blocks", 2), ("full", 1)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA"))])
 def test_compiled_steady_state_step_equals_eager(device, scope, layers):
@@ -189,26 +189,53 @@ def test_compiled_steady_state_step_equals_eager(device, scope, layers):
 
 @pytest.mark.parametrize("rope", ["relative", "absolute"])
 def test_buffer_pool_hands_a_freed_cache_buffers_to_the_next_stream(rope):
-    """`BufferPool`: a stream's cache takes the buffers a freed cache left (the same tensors: a CUDA graph
-    recorded over them replays), never those of a live one, and the last stream's values in them are never
-    read: the second stream (other inputs) equals one on fresh buffers, through a rolled window with sinks."""
+    """`BufferPool`: a stream's cache takes the buffers a freed cache left, each in its role (block i's keys
+    become block i's keys: a CUDA graph recorded over them replays), never those of a live one, and the last
+    stream's values in them are never read: the second stream (other inputs) equals one on fresh buffers, through
+    a rolled window with sinks. A request of another shape (batch) drops the pooled buffers of that role."""
     model = model_of()
     pool = BufferPool()
     x, ctx = torch.randn(B, 4, 24, 4, 4), torch.randn(B, 3, 16)
     with torch.no_grad():
         cache = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
         stream(model, cache, x, ctx, True)
-        held = cache.keys + cache.values + cache.sink_keys  # (references: the tensors stay, the cache goes)
+        held = {"keys": list(cache.keys), "values": list(cache.values), "sink_keys": list(cache.sink_keys)}
         other = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
         stream(model, other, x[:, :, :6], ctx, True)  # while `cache` lives: buffers of its own
-        held += other.keys + other.values + other.sink_keys
-        assert len({id(t) for t in held}) == len(held) and not pool.free
-        del cache, other
+        assert not pool.free and {id(t) for ts in held.values() for t in ts}.isdisjoint(
+            id(t) for t in other.keys + other.values + other.sink_keys)
+        del cache
         reused = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
         out = stream(model, reused, -x, ctx, True)
-        assert {id(t) for t in reused.keys + reused.values + reused.sink_keys} <= {id(t) for t in held}
+        # the freed cache's buffers, each in its own role and block (the addresses a CUDA graph recorded)
+        for role, ts in held.items():
+            assert len(getattr(reused, role)) == len(ts) and all(a is b for a, b in zip(getattr(reused, role), ts))
+        assert len(held["sink_keys"]) == (2 if rope == "relative" else 0)
         ref = stream(model, StaticKVCache(max_frames=6, sink_frames=3, rope=rope), -x, ctx, True)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    del reused
+    smaller = StaticKVCache(max_frames=6, sink_frames=3, rope=rope, pool=pool)
+    with torch.no_grad():
+        model(x[:1, :, :FPC], torch.zeros(1, FPC), ctx[:1], frames_per_chunk=FPC, kv_cache=smaller, write_cache=True)
+    assert not any(t.shape[0] == B for ts in pool.free.values() for t in ts)  # the batch-2 buffers are not kept
+
+
+@pytest.mark.parametrize("scope, window", [("blocks", None), ("full", None)])
+def test_compiled_calls_that_need_more_cache_slots_run_eagerly(scope, window):
+    """A compiled call cannot allocate or grow the cache buffers: the rolling sampler (a first call of one chunk,
+    then calls of several over an empty cache) and an unbounded cache (buffers sized by the first call) run those
+    calls eagerly and give the eager sampler's videos."""
+    from pipeline.diffusion.sampling import sample_rolling
+
+    model = model_of(layers=1)  # (compile time on a 2-core CPU)
+    x, ctx = torch.randn(B, 4, 18, 4, 4), torch.randn(B, 3, 16)
+    sigmas = few_step_sigmas([1000, 750, 500, 250], 5.0)
+    den = Denoiser(model, "block_causal", FPC, "flow", kv_cache="static", pool=BufferPool())
+    with torch.no_grad():
+        ref = sample_rolling(den, x, ctx, sigmas, max_context_frames=window, generator=torch.Generator().manual_seed(1))
+        model.compile_steady_state(scope=scope)
+        out = sample_rolling(den, x, ctx, sigmas, max_context_frames=window, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 class HostTraffic(TorchDispatchMode):

@@ -284,8 +284,8 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
-        if static and self._steady_step is not None and (kv_cache.steady(static_passes) or
-                                                         kv_cache.first_chunk(static_passes)):
+        if static and self._steady_step is not None and kv_cache.fits(static_passes) and (
+                kv_cache.steady(static_passes) or kv_cache.first_chunk(static_passes)):
             denoise = self._steady_step  # the window is full (or empty): every call of this kind has the same shapes
             # One call, one CUDA-graph step: its block graphs chain (block i's output feeds block i + 1 inside one
             # generation of torch's CUDA-graph trees; else each compiled block call would start a generation and
@@ -320,8 +320,14 @@ class CausalWanTransformer(WanTransformer3DModel):
             raise ValueError(f"scope must be 'blocks' or 'full', got {scope!r}")
         if mode is None and next(self.parameters()).device.type == "cuda":
             mode = "reduce-overhead"
+        # Kinds x batch sizes x models share the compiled function's cache: room past Dynamo's default of 8,
+        # beyond which calls would silently run eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if scope == "full":
-            self._steady_step = torch.compile(self._denoise, mode=mode, dynamic=False)
+            compiled = torch.compile(self._denoise, mode=mode, dynamic=False)
+            # its output is the CUDA graph's own buffer, which the next call's replay overwrites: a sampler may
+            # keep it (an x0 prediction, unclipped) across calls
+            self._steady_step = lambda *args: compiled(*args).clone()
         else:
             self._steady_step = functools.partial(
                 self._denoise, steady_block=torch.compile(_block_forward, mode=mode, dynamic=False))

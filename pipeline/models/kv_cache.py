@@ -57,28 +57,36 @@ def new_kv_cache(kind: str = "auto", *, max_frames: int | None = None, sink_fram
 
 
 class BufferPool:
-    """The buffers of `StaticKVCache`s that are gone, handed to the next cache that allocates the same shape:
-    consecutive streams then write and read the same addresses, so CUDA graphs recorded over one stream's
-    cache (`CausalWanTransformer.compile_steady_state`, whose cache buffers are static inputs) replay in the
-    next instead of being recorded again, and the allocator is not asked for a cache's gigabytes per stream.
+    """The buffers of `StaticKVCache`s that are gone, handed to the next cache in the same roles: block i's key buffer
+    becomes the next cache's block i key buffer (and so for values and sink keys), so consecutive streams write
+    and read the same addresses in the same places. CUDA graphs recorded over one stream's cache
+    (`CausalWanTransformer.compile_steady_state`, whose cache buffers are static inputs) then replay in the next
+    instead of being recorded again, and the allocator is not asked for a cache's gigabytes per stream.
 
     A cache's buffers return to the pool only when the cache object is freed (`weakref.finalize`), so two live
     caches never share one. A reused buffer holds the last stream's values: a cache reads only the slots its own
-    stream has written (see `StaticLayer.attend_inputs`), so they are never seen.
+    stream has written (see `StaticLayer.attend_inputs`), so they are never seen. A request of another shape
+    (another batch size) drops the pooled buffers of that role, so the pool never holds more than the caches did.
     """
 
     def __init__(self):
-        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.free: dict[tuple[str, int], list[torch.Tensor]] = {}  # (role, block) -> freed buffers
 
-    def take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """A buffer of `shape` with `like`'s dtype and device: a freed one, or new (zeros)."""
-        free = self.free.get((tuple(shape), like.dtype, like.device))
-        return free.pop() if free else _new_buffer(shape, like)
+    def take(self, role: str, block_index: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """Block `block_index`'s `role` buffer ("keys", "values", "sink_keys") of `shape`, `like`'s dtype and
+        device: a freed one of that role, or new (zeros)."""
+        free = self.free.get((role, block_index), [])
+        for i, t in enumerate(free):
+            if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                return free.pop(i)
+        free.clear()  # another shape: not kept beside the new one
+        return _new_buffer(shape, like)
 
-    def give(self, *stores: list[torch.Tensor]) -> None:
-        for store in stores:
-            for t in store:
-                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+    def give(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor]) -> None:
+        """A freed cache's buffers, by role and block."""
+        for role, store in (("keys", keys), ("values", values), ("sink_keys", sink_keys)):
+            for i, t in enumerate(store):
+                self.free.setdefault((role, i), []).append(t)
 
 
 def _new_buffer(shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -335,10 +343,15 @@ class StaticKVCache:
             p.held == self.max_frames and (p.sink_rope is not None) == rotate for p in passes)
 
     def first_chunk(self, passes) -> bool:
-        """Whether a call's `passes` attend over an empty cache whose buffers exist (the first chunk's calls
-        after its first, which allocates them): every stream repeats them with the same shapes, so a
-        compiled step serves them too (the first-chunk latency)."""
-        return bool(self.keys) and all(p.held == 0 for p in passes)
+        """Whether a call's `passes` attend over an empty cache (the first chunk's calls): every stream repeats
+        them with the same shapes, so a compiled step serves them too (the first-chunk latency)."""
+        return all(p.held == 0 for p in passes)
+
+    def fits(self, passes) -> bool:
+        """Whether the buffers exist and hold every slot the `passes` use (a compiled call cannot allocate or grow
+        them: the first call of a stream, or a call longer than the ones before, runs eagerly)."""
+        need = max((p.held + p.frames) * self.tokens_per_frame for p in passes)
+        return bool(self.keys) and self.keys[0].shape[1] >= need
 
     def _slot(self, a: int) -> int:
         """Frame slot of absolute frame `a` (sinks first, then a ring of the window)."""
@@ -358,8 +371,8 @@ class StaticKVCache:
             size = max(need, 2 * old)
         else:
             size = max(need, (self.max_frames + like.shape[1] // self.tokens_per_frame) * self.tokens_per_frame)
-        for store in (self.keys, self.values):
-            new = self._new_buffer((b, size, h, d), like)
+        for role, store in (("keys", self.keys), ("values", self.values)):
+            new = self._new_buffer(role, block_index, (b, size, h, d), like)
             if block_index < len(store):
                 new[:, :old] = store[block_index]
                 store[block_index] = new
@@ -368,11 +381,13 @@ class StaticKVCache:
                     raise ValueError(f"StaticKVCache: block {block_index} written before block {len(store)}")
                 store.append(new)
         if self.rope == "relative" and self.sink_frames and block_index == len(self.sink_keys):
-            self.sink_keys.append(self._new_buffer((b, self.sink_frames * self.tokens_per_frame, h, d), like))
+            self.sink_keys.append(self._new_buffer("sink_keys", block_index,
+                                                   (b, self.sink_frames * self.tokens_per_frame, h, d), like))
         return self.keys[block_index], self.values[block_index]
 
-    def _new_buffer(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        return self.pool.take(shape, like) if self.pool is not None else _new_buffer(shape, like)
+    def _new_buffer(self, role: str, block_index: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        shape = torch.Size(shape)
+        return self.pool.take(role, block_index, shape, like) if self.pool is not None else _new_buffer(shape, like)
 
     def plan(self, frames: int, commit: bool, *, mask_fn, pph: int, ppw: int, rope_module, device) -> StaticPass:
         """The next pass of `frames` frames of `pph x ppw` tokens, and (when `commit`) the cache state after it.
