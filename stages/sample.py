@@ -120,6 +120,7 @@ def sample_sprites(args, command: str = "") -> int:
             raise ValueError(f"--out must end in .safetensors, got {out}")
         model, table, cfg = load_source(args.source, args.raw, model_config=args.model_config)
         cfg: Config
+        kv_cache_option(args, cfg)
         if table is None:
             raise ValueError(f"{args.source}: sampling needs class prompts (a sprites model); latent models are "
                              "evaluated by the evaluate stage")
@@ -148,9 +149,7 @@ def sample_sprites(args, command: str = "") -> int:
                 raise ValueError("--rolling is a student's sampler (few-step levels); this SOURCE is a teacher")
         device = next(model.parameters()).device  # (sprites models sample where they were loaded)
         model = for_inference(model, device, inference_precision(cfg, args.precision, device))
-        streaming_options(args, cfg, model)
-        if sampler is not None and args.kv_cache:
-            sampler = replace(sampler, kv_cache=args.kv_cache)
+        compile_option(args, cfg, model)
         videos = sample_videos(model, table, labels if schedule is None else schedule, frames=frames,
                                size=cfg.data.size, frames_per_chunk=fpc, prediction=cfg.model.prediction,
                                student=cfg.student, sampler=sampler, attention=cfg.pretrain_teacher.attention,
@@ -179,12 +178,16 @@ def sample_sprites(args, command: str = "") -> int:
     return 0
 
 
-def streaming_options(args, cfg: Config, model) -> None:
-    """`--kv-cache` (into `cfg`'s student and teacher-sampler sections) and `--compile`
-    (`CausalWanTransformer.compile_steady_state`: used by the calls of a static cache)."""
+def kv_cache_option(args, cfg: Config) -> None:
+    """`--kv-cache` into `cfg`'s student and teacher-sampler sections (what the samplers read)."""
     if args.kv_cache:
         cfg.student = replace(cfg.student, kv_cache=args.kv_cache)
         cfg.pretrain_teacher.sampler = replace(cfg.pretrain_teacher.sampler, kv_cache=args.kv_cache)
+
+
+def compile_option(args, cfg: Config, model) -> None:
+    """`--compile`: `CausalWanTransformer.compile_steady_state` (on the device the model computes on), used by the
+    calls of a static cache; said when the cache here is the reference one."""
     if args.compile:
         model.compile_steady_state()
         section = cfg.student if is_student(model) else cfg.pretrain_teacher.sampler
@@ -279,6 +282,7 @@ def _sample_text(args, command: str) -> int:
         prompts = read_prompts(args.prompts)
         model, _, cfg = load_source(args.source, args.raw,  # a bare folder: default config + --vae etc.
                                     model_config=args.model_config)
+        kv_cache_option(args, cfg)
         c = cfg.components
         for key, val in (("text_encoder", args.text_encoder), ("tokenizer", args.tokenizer), ("vae", args.vae)):
             if val is not None:
@@ -315,7 +319,7 @@ def _sample_text(args, command: str) -> int:
         clock = ChunkClock()
         sink = ChunkDecodeSink(vae)  # decodes each chunk as the sampler finishes it; times each decode
         model = for_inference(model, device, inference_precision(cfg, args.precision, device))
-        streaming_options(args, cfg, model)
+        compile_option(args, cfg, model)
         paths = write_text_samples(model, cfg, prompts, context, null, vae, out, args.per_prompt, shape,
                                    args.seed, denoising_steps=steps,
                                    steps=args.steps if not is_student(model) else None, on_chunk=clock, sink=sink,

@@ -284,8 +284,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
-        if static and self._steady_step is not None and kv_cache.fits(static_passes) and (
-                kv_cache.steady(static_passes) or kv_cache.first_chunk(static_passes)):
+        if static and self._steady_step is not None and kv_cache.compiled_call(static_passes):
             denoise = self._steady_step  # the window is full (or empty): every call of this kind has the same shapes
             # One call, one CUDA-graph step: its block graphs chain (block i's output feeds block i + 1 inside one
             # generation of torch's CUDA-graph trees; else each compiled block call would start a generation and

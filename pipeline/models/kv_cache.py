@@ -342,16 +342,14 @@ class StaticKVCache:
         return self.max_frames is not None and all(
             p.held == self.max_frames and (p.sink_rope is not None) == rotate for p in passes)
 
-    def first_chunk(self, passes) -> bool:
-        """Whether a call's `passes` attend over an empty cache (the first chunk's calls): every stream repeats
-        them with the same shapes, so a compiled step serves them too (the first-chunk latency)."""
-        return all(p.held == 0 for p in passes)
-
-    def fits(self, passes) -> bool:
-        """Whether the buffers exist and hold every slot the `passes` use (a compiled call cannot allocate or grow
-        them: the first call of a stream, or a call longer than the ones before, runs eagerly)."""
+    def compiled_call(self, passes) -> bool:
+        """Whether a compiled step serves a call of these `passes` (`CausalWanTransformer.compile_steady_state`):
+        one every stream repeats with the same shapes (the steady state's, or the first chunk's over an empty
+        cache: the first-chunk latency) whose slots the buffers already hold (a compiled call cannot allocate or
+        grow them: a stream's first call, or one longer than those before, runs eagerly)."""
         need = max((p.held + p.frames) * self.tokens_per_frame for p in passes)
-        return bool(self.keys) and self.keys[0].shape[1] >= need
+        return bool(self.keys) and self.keys[0].shape[1] >= need and (
+            self.steady(passes) or all(p.held == 0 for p in passes))
 
     def _slot(self, a: int) -> int:
         """Frame slot of absolute frame `a` (sinks first, then a ring of the window)."""
@@ -372,7 +370,7 @@ class StaticKVCache:
         else:
             size = max(need, (self.max_frames + like.shape[1] // self.tokens_per_frame) * self.tokens_per_frame)
         for role, store in (("keys", self.keys), ("values", self.values)):
-            new = self._new_buffer(role, block_index, (b, size, h, d), like)
+            new = self._allocate(role, block_index, (b, size, h, d), like)
             if block_index < len(store):
                 new[:, :old] = store[block_index]
                 store[block_index] = new
@@ -381,11 +379,11 @@ class StaticKVCache:
                     raise ValueError(f"StaticKVCache: block {block_index} written before block {len(store)}")
                 store.append(new)
         if self.rope == "relative" and self.sink_frames and block_index == len(self.sink_keys):
-            self.sink_keys.append(self._new_buffer("sink_keys", block_index,
+            self.sink_keys.append(self._allocate("sink_keys", block_index,
                                                    (b, self.sink_frames * self.tokens_per_frame, h, d), like))
         return self.keys[block_index], self.values[block_index]
 
-    def _new_buffer(self, role: str, block_index: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    def _allocate(self, role: str, block_index: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         shape = torch.Size(shape)
         return self.pool.take(role, block_index, shape, like) if self.pool is not None else _new_buffer(shape, like)
 
