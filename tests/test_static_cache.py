@@ -238,6 +238,40 @@ def test_compiled_calls_that_need_more_cache_slots_run_eagerly(scope, window):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+def test_a_pooled_stream_runs_its_first_call_compiled():
+    """With a `BufferPool`, a stream after the first takes the freed stream's whole set of buffers before its first
+    call (`StaticKVCache.adopt_pooled`), so that call, the first of the first chunk, runs compiled too (the first
+    stream's ran eagerly: it allocated them); the videos equal the eager sampler's. Buffers of another precision
+    are refused with a clear error."""
+    model = model_of(layers=1)  # (compile time on a 2-core CPU)
+    x, ctx = torch.randn(B, 4, 12, 4, 4), torch.randn(B, 3, 16)
+    sigmas = few_step_sigmas([1000, 750, 500, 250], 5.0)
+    den = Denoiser(model, "block_causal", FPC, "flow", kv_cache="static", pool=BufferPool())
+    kw = dict(max_context_frames=6, sink_frames=3)
+    with torch.no_grad():
+        ref = sample_few_step(den, x, ctx, sigmas, generator=torch.Generator().manual_seed(1), **kw)
+        model.compile_steady_state(scope="blocks")
+        den.pool = BufferPool()  # (the eager stream's buffers would serve the first compiled one)
+        compiled, calls = model._steady_step, []
+        model._steady_step = lambda *a: calls.append(1) or compiled(*a)
+        outs, counts = [], []
+        for _ in range(2):
+            outs.append(sample_few_step(den, x, ctx, sigmas, generator=torch.Generator().manual_seed(1), **kw))
+            counts.append(len(calls))
+            calls.clear()
+    assert counts[1] == counts[0] + 1  # the second stream's first call too
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    # a pooled set of fp32 buffers, keys computed in float64: refused, not silently cast
+    with torch.no_grad():
+        cache = den.new_cache(max_frames=6, sink_frames=3)
+        passes = model._static_passes(cache, FPC, 0, False, "block_causal", FPC, 2, 2, "cpu")
+        cache.adopt_pooled(passes, blocks=1, batch=B, heads=2, head_dim=12, device="cpu")
+        assert cache.keys and cache.keys[0].dtype == torch.float32
+        with pytest.raises(ValueError, match="float32 keys, this call computes torch.float64"):
+            cache.layer(0).attend_inputs(passes[0], *torch.zeros(2, B, FPC * 4, 2, 12, dtype=torch.float64))
+
+
 class HostTraffic(TorchDispatchMode):
     """The ops that stop a GPU stream's host from running ahead: a copy from a host tensor into a device one (from
     pageable memory CUDA first waits for every queued kernel) and a read of a device scalar (`.item()`, `int()`)."""

@@ -284,6 +284,9 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
+        if static and self._steady_step is not None:  # a new stream's first call: a freed stream's buffers
+            kv_cache.adopt_pooled(static_passes, blocks=len(self.blocks), batch=b, device=device,
+                                  heads=self.config.num_attention_heads, head_dim=self.config.attention_head_dim)
         if static and self._steady_step is not None and kv_cache.compiled_call(static_passes):
             denoise = self._steady_step  # the window is full (or empty): every call of this kind has the same shapes
             # One call, one CUDA-graph step: its block graphs chain (block i's output feeds block i + 1 inside one
@@ -307,7 +310,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         From then on every call of a kind (the fused context + chunk call, a denoising call, a cache
         write) has the same shapes, and everything that changes between calls (RoPE tables, cache
         slots) arrives as tensors prepared outside it, so `torch.compile` traces it once per kind. The
-        first chunk's calls (over an empty cache) are compiled too: every stream repeats them.
+        first chunk's calls (over an empty cache) are compiled too: every stream repeats them (its very first
+        call too where the cache's `BufferPool` holds a freed stream's buffers: `StaticKVCache.adopt_pooled`).
         `mode`: torch.compile's; default "reduce-overhead" on CUDA (CUDA-graph capture; the cache
         buffers are marked static addresses), None elsewhere. Other calls run eagerly.
         `scope`: "blocks" (regional compilation: one transformer block is compiled and serves all of

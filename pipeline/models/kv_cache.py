@@ -82,6 +82,23 @@ class BufferPool:
         free.clear()  # another shape: not kept beside the new one
         return _new_buffer(shape, like)
 
+    def take_set(self, blocks: int, roles: tuple[str, ...], fits) -> dict[str, list[torch.Tensor]] | None:
+        """A freed cache's whole set, for a new stream before its first call: for each role and each of `blocks`
+        blocks a pooled buffer that `fits(role, buffer)`, the keys all of one dtype, taken together; or None
+        (nothing taken) where one is missing."""
+        chosen = {}
+        for role in roles:
+            for i in range(blocks):
+                t = next((t for t in self.free.get((role, i), []) if fits(role, t)), None)
+                if t is None:
+                    return None
+                chosen[role, i] = t
+        if len({chosen["keys", i].dtype for i in range(blocks)}) > 1:
+            return None
+        for (role, i), t in chosen.items():
+            self.free[role, i] = [u for u in self.free[role, i] if u is not t]
+        return {role: [chosen[role, i] for i in range(blocks)] for role in roles}
+
     def give(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor]) -> None:
         """A freed cache's buffers, by role and block."""
         for role, store in (("keys", keys), ("values", values), ("sink_keys", sink_keys)):
@@ -306,7 +323,7 @@ class StaticKVCache:
     and `num_frames` / `seen_frames` / `max_frames` / `sink_frames` meaning as `causal_wan.KVCache`.
 
     Buffers `keys[i], values[i]` `[B, slots, heads, head_dim]` are allocated at the first call (batch,
-    dtype and device of the model) and grow (rarely; never in a full rolling window) when a call needs
+    dtype and device of the model; or, with a compiled step, taken from the pool before it: `adopt_pooled`) and grow (rarely; never in a full rolling window) when a call needs
     more slots.
     """
 
@@ -346,10 +363,33 @@ class StaticKVCache:
         """Whether a compiled step serves a call of these `passes` (`CausalWanTransformer.compile_steady_state`):
         one every stream repeats with the same shapes (the steady state's, or the first chunk's over an empty
         cache: the first-chunk latency) whose slots the buffers already hold (a compiled call cannot allocate or
-        grow them: a stream's first call, or one longer than those before, runs eagerly)."""
+        grow them: a stream's first call, unless `adopt_pooled` found it a freed stream's buffers, or one longer than
+        those before, runs eagerly)."""
         need = max((p.held + p.frames) * self.tokens_per_frame for p in passes)
         return bool(self.keys) and self.keys[0].shape[1] >= need and (
             self.steady(passes) or all(p.held == 0 for p in passes))
+
+    def adopt_pooled(self, passes, *, blocks: int, batch: int, heads: int, head_dim: int, device) -> None:
+        """Before a stream's first call: a freed cache's whole set of buffers from the pool, where the pool holds
+        one that fits (batch, heads, head_dim, device, room for this call's `passes`), so that the first call too
+        runs compiled (it counts in the first-chunk latency; without buffers it would allocate them eagerly).
+        Their dtype is the freed stream's keys' (`StaticLayer.attend_inputs` refuses keys of another). Nothing
+        happens without a pool, once buffers are held, or where no set fits."""
+        if self.pool is None or self.keys:
+            return
+        t = self.tokens_per_frame
+        need = max((p.held + p.frames) * t for p in passes)
+        roles = ("keys", "values") + (("sink_keys",) if self.rope == "relative" and self.sink_frames else ())
+
+        def fits(role: str, buf: torch.Tensor) -> bool:
+            slots_ok = buf.shape[1] == self.sink_frames * t if role == "sink_keys" else buf.shape[1] >= need
+            return slots_ok and (buf.shape[0], *buf.shape[2:]) == (batch, heads, head_dim) and \
+                buf.device == torch.device(device)
+
+        taken = self.pool.take_set(blocks, roles, fits)
+        if taken is not None:  # in place: `weakref.finalize` gives these very lists back
+            for role, store in (("keys", self.keys), ("values", self.values), ("sink_keys", self.sink_keys)):
+                store.extend(taken.get(role, []))
 
     def _slot(self, a: int) -> int:
         """Frame slot of absolute frame `a` (sinks first, then a ring of the window)."""
@@ -451,6 +491,8 @@ class StaticLayer:
         t = self.tokens_per_frame
         s0, n = p.held * t, key.shape[1]
         keys, values = self.keys, self.values
+        if key.dtype != keys.dtype:  # (a static check under torch.compile) buffers from a stream of other precision
+            raise ValueError(f"StaticKVCache buffers hold {keys.dtype} keys, this call computes {key.dtype}")
         if p.sink_rope is not None:  # relative positions: sinks sit `shift` frames further than stored
             keys[:, :self.sink_frames * t] = apply_rotary(self.sink_keys, *p.sink_rope)
         keys[:, s0:s0 + n] = key
