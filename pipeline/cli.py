@@ -10,11 +10,13 @@ from typing import Callable
 
 from pipeline.config import ConfigError, load_config
 from pipeline.training.checkpoint import CheckpointError
+from pipeline.training.memory import OutOfMemory, is_out_of_memory
 from pipeline.training.optim import NonFiniteLoss
 from pipeline.training.stage_io import lock_run_dir
 
 # Errors that are the user's to fix: reported as one line and a non-zero exit, never a traceback.
-USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, NonFiniteLoss)  # OSError: unwritable/full disk
+# OSError: an unwritable or full disk; OutOfMemory: a training setting too large for the device
+USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, NonFiniteLoss, OutOfMemory)
 
 
 def parse_with_overrides(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -29,11 +31,18 @@ def parse_with_overrides(ap: argparse.ArgumentParser, argv=None) -> argparse.Nam
 
 def run_command(body: Callable[[], int | None]) -> int:
     """The one user-error handler of every command: run `body()` (which releases its own locks) and return its
-    exit status (None: 0); a user error (`USER_ERRORS`) becomes one line `error: ...` on stderr and status 2."""
+    exit status (None: 0); a user error (`USER_ERRORS`) becomes one line `error: ...` on stderr and status 2, as
+    does running out of memory outside a training stage (`sample --n` too large for the device: the allocator's
+    first line)."""
     try:
         status = body()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0 if status is None else status
 

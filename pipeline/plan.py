@@ -131,11 +131,53 @@ def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_proc
                                   fake=fake, deepspeed=deepspeed, phase=phase, **kw)
 
 
+def memory_remedies(cfg: Config, stage: str, *, num_processes: int = 1, backend: str | None = None,
+                    stage_zero: int = 0, deepspeed: memory.DeepSpeed = memory.DeepSpeed()
+                    ) -> list[tuple[str, memory.MemoryEstimate]]:
+    """The settings of this config that would lower a training stage's per-device memory, one change at a time, each
+    as `key=value` overrides with the estimate it would have (lowest first): gradient checkpointing, the EMA copy on
+    the CPU, the real score offloaded to the CPU (distill), the teacher's ODE pairs sampled one video at a time
+    (init_student), half the batch with twice the accumulation (the same global batch). Sharding over GPUs (ZeRO) is
+    the other way, not listed (the process count is the user's)."""
+    section = getattr(cfg, stage)
+    options = []
+    if not section.gradient_checkpointing:
+        options.append({"gradient_checkpointing": True})
+    if str(section.ema_device) != "cpu":
+        options.append({"ema_device": "cpu"})
+    if stage == "distill" and not section.teacher_offload and section.method != "sf_gan":  # (sf_gan: no real score)
+        options.append({"teacher_offload": True})
+    if stage == "init_student" and (section.ode_batch_size or section.ode_shard_size) > 1 and \
+            min(section.ode_shard_size, section.ode_pairs) > 1:
+        options.append({"ode_batch_size": 1})
+    if section.batch_size % 2 == 0:
+        options.append({"batch_size": section.batch_size // 2, "grad_accum": section.grad_accum * 2})
+    kw = dict(num_processes=num_processes, backend=backend, stage_zero=stage_zero, deepspeed=deepspeed)
+    now = memory_estimate(cfg, stage, **kw).total
+    out = []
+    for change in options:
+        est = memory_estimate(replace(cfg, **{stage: replace(section, **change)}), stage, **kw)
+        if est.total < now:
+            text = " ".join(f"{stage}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
+            out.append((text, est))
+    return sorted(out, key=lambda r: r[1].total)
+
+
+def remedies_text(remedies: list[tuple[str, memory.MemoryEstimate]]) -> str:
+    """`memory_remedies` in words: `distill.ema_device=cpu (~53.6 GiB), ...`."""
+    return ", ".join(f"{text} (~{memory.size_text(est.total)})" for text, est in remedies)
+
+
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int,
                 deepspeed: memory.DeepSpeed = memory.DeepSpeed()) -> str:
     est = memory_estimate(cfg, stage, ms=ms, num_processes=num_processes, backend=backend, stage_zero=stage_zero,
                           deepspeed=deepspeed)
-    return "\n".join([f"  memory: {est.line()}", *(f"    {line}" for line in est.model_lines())])
+    lines = [f"  memory: {est.line()}", *(f"    {line}" for line in est.model_lines())]
+    remedies = memory_remedies(cfg, stage, num_processes=num_processes, backend=backend, stage_zero=stage_zero,
+                               deepspeed=deepspeed)
+    if remedies:
+        lines.append(f"    lower with: {remedies_text(remedies)}")
+    return "\n".join(lines)
 
 
 def missing_paths(cfg: Config) -> dict[str, str]:
@@ -206,7 +248,7 @@ def plan(cfg: Config, stages: list[str], num_processes: int = 1, backend: str | 
             lines += role_lines(cfg)
         if s in ("pretrain_teacher", "init_student", "distill"):
             lines.append(memory_line(cfg, s, ms, num_processes, backend, zero, deepspeed))
-        if s == "distill" and cfg.distill.method != "sf_gan":  # the other place for the real score (sf_gan loads none)
+        if s == "distill" and cfg.distill.teacher_offload and cfg.distill.method != "sf_gan":  # what offloading saves
             other = replace(cfg, distill=replace(cfg.distill, teacher_offload=not cfg.distill.teacher_offload))
             est = memory_estimate(other, s, num_processes=num_processes, backend=backend, stage_zero=zero,
                                   deepspeed=deepspeed)

@@ -61,11 +61,35 @@ def test_stand_ins_are_what_prepare_data_and_diffusers_write(stand_ins):
     assert keys["distill.teacher"] == keys["distill.student"] == str(stand_ins / "Wan-random" / "transformer")
 
 
+class PeakCounters:
+    """What a GPU's allocator counters (`torch.cuda.max_memory_allocated` / `reset_peak_memory_stats`) would say
+    if the run held `levels[phase]` bytes in each phase of `PhasePeaks` (None: outside them)."""
+
+    def __init__(self, levels: dict):
+        self.levels, self.peak, self.peaks = levels, 0, None
+
+    def max_memory_allocated(self, device):
+        self.peak = max(self.peak, self.levels[self.peaks.current])
+        return self.peak
+
+    def reset_peak_memory_stats(self, device):
+        self.peak = 0
+
+    def phase_peaks(self, device):
+        from pipeline.training.memory import PhasePeaks
+
+        self.peaks = PhasePeaks(device, allocator=self)
+        return self.peaks
+
+
 def test_recipe_distills_from_stock_wan_folders(stand_ins, capsys, monkeypatch):
     """The SF recipe's distill stage on 16-channel stock folders (no sampling record) as student, real and fake
-    score: it trains, and with a device peak (a GPU's) it reports it beside the `--dry-run` estimate."""
-    peak = 3 * 2 ** 20  # what max_memory_allocated would say on a GPU
-    monkeypatch.setattr("pipeline.training.trainer.device_peak", lambda device: peak)
+    score: it trains, and with a device's peak counters (a GPU's) it reports its peak beside the `--dry-run`
+    estimate, and each phase's beside that phase's estimate."""
+    mib = 2 ** 20  # what the counters would say on a GPU: the critic update holds the most
+    counters = PeakCounters({None: 1 * mib, "generator update": 2 * mib, "critic update": 3 * mib})
+    monkeypatch.setattr("pipeline.training.trainer.PhasePeaks", counters.phase_peaks)
+    peak = 3 * mib
     argv = [RECIPE, "--stages", "distill", *overrides(stand_ins), *RUN_KEYS]
     capsys.readouterr()
     rc = launch([str(a) for a in argv])
@@ -80,9 +104,37 @@ def test_recipe_distills_from_stock_wan_folders(stand_ins, capsys, monkeypatch):
     assert manifest["metrics"]["memory_estimate_gib"] == pytest.approx(est / 2 ** 30)
     line = next(ln for ln in out.splitlines() if ln.startswith("[distill] peak device memory"))
     assert f"estimate / measured {est / peak:.2f}" in line
+    by_phase = manifest["metrics"]["memory_by_phase_gib"]
+    assert set(by_phase) == {"generator update", "critic update"}
+    for name, held in (("generator update", 2 * mib), ("critic update", 3 * mib)):
+        at = memory_estimate(cfg, "distill", phase=name).total
+        assert by_phase[name] == pytest.approx({"peak": held / 2 ** 30, "estimate": at / 2 ** 30})
+        assert f"; {name} {held / 2 ** 30:.2f} GiB, estimate {at / 2 ** 30:.2f} ({at / held:.2f})" in line
     student = load_file(stage / "transformer" / "diffusion_pytorch_model.safetensors")
     start = load_file(stand_ins / "Wan-random" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(student[k], start[k]) for k in start)  # the generator trained
+
+
+def test_init_student_measures_its_ode_pairs_and_training_apart(stand_ins, tmp_path, capsys, monkeypatch):
+    """init_student's two phases (the teacher's ODE pairs, then the regression) each get their own measured peak,
+    beside that phase's `--dry-run` estimate (the phases the trainer measures are the estimate's)."""
+    mib = 2 ** 20
+    counters = PeakCounters({None: 1 * mib, "ODE pairs": 4 * mib, "training": 2 * mib})
+    monkeypatch.setattr("pipeline.training.trainer.PhasePeaks", counters.phase_peaks)
+    keys = [*overrides(stand_ins), *RUN_KEYS, f"run.dir={tmp_path / 'run'}", "init_student.ode_pairs=2",
+            "init_student.ode_shard_size=2", "init_student.steps=1", "init_student.grad_accum=1",
+            "pretrain_teacher.sampler.steps=2"]
+    capsys.readouterr()
+    assert launch([str(a) for a in [RECIPE, "--stages", "init_student", *keys]]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    metrics = read_json(tmp_path / "run" / "init_student" / "manifest.json")["metrics"]
+    cfg = load_config(RECIPE, keys)
+    assert metrics["peak_memory_gib"] == pytest.approx(4 * mib / 2 ** 30)
+    assert set(metrics["memory_by_phase_gib"]) == {"ODE pairs", "training"}
+    for name, held in (("ODE pairs", 4 * mib), ("training", 2 * mib)):
+        at = memory_estimate(cfg, "init_student", phase=name).total
+        assert metrics["memory_by_phase_gib"][name] == pytest.approx({"peak": held / 2 ** 30, "estimate": at / 2 ** 30})
+        assert f"; {name} {held / 2 ** 30:.2f} GiB, estimate {at / 2 ** 30:.2f}" in out
 
 
 def test_no_peak_line_without_a_device_peak(tmp_path, stand_ins, capsys):
@@ -94,6 +146,40 @@ def test_no_peak_line_without_a_device_peak(tmp_path, stand_ins, capsys):
     assert rc == 0, err
     assert "peak device memory" not in out + err
     assert "peak_memory_gib" not in read_json(tmp_path / "run" / "distill" / "manifest.json")["metrics"]
+
+
+def test_out_of_memory_says_what_would_fit_and_the_rerun_resumes(tmp_path, stand_ins, capsys, monkeypatch):
+    """A stage that runs out of device memory (torch's `OutOfMemoryError`, raised here at step 2 by the fault point
+    `CVD_FAULT=oom:2`) stops with exit status 2 and one line: the stage, step and phase, the `--dry-run` estimate
+    of the setting, the settings that would lower it each with its estimate, where a rerun resumes; the checkpoint
+    of step 1 is kept and the rerun finishes the stage from it. The CPU allocator's own error counts as one too."""
+    from pipeline.cli import run_command
+    from pipeline.plan import memory_remedies
+    from pipeline.training.memory import is_out_of_memory, size_text
+
+    keys = [*overrides(stand_ins), *RUN_KEYS, f"run.dir={tmp_path / 'run'}", "distill.checkpoint_every=1"]
+    monkeypatch.setenv("CVD_FAULT", "oom:2")
+    line = one_error(*call(capsys, launch, RECIPE, "--stages", "distill", *keys),
+                     "out of cpu memory in the distill stage at step 2 (critic update)",
+                     "a rerun resumes from its checkpoint of step 1")
+    cfg = load_config(RECIPE, keys)
+    assert f"--dry-run estimates ~{size_text(memory_estimate(cfg, 'distill').total)} per device" in line
+    remedies = memory_remedies(cfg, "distill")
+    assert [r for r, _ in remedies] == ["distill.ema_device=cpu", "distill.teacher_offload=true"]  # lowest first
+    for text, est in remedies:
+        assert f"{text} (~{size_text(est.total)})" in line
+    assert read_json(tmp_path / "run" / "distill" / "manifest.json")["status"] == "running"
+    monkeypatch.delenv("CVD_FAULT")
+    capsys.readouterr()
+    assert launch([str(a) for a in [RECIPE, "--stages", "distill", *keys]]) == 0, capsys.readouterr().err
+    assert read_json(tmp_path / "run" / "distill" / "manifest.json")["metrics"]["steps"] == 2
+    # more than any machine's address space: the CPU allocator refuses at once; outside a training stage (sample,
+    # evaluate) every command says so in one line
+    with pytest.raises(RuntimeError) as error:
+        torch.empty(2 ** 50, dtype=torch.uint8)
+    assert is_out_of_memory(error.value) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    one_error(*call(capsys, lambda argv: run_command(lambda: torch.empty(2 ** 50, dtype=torch.uint8))),
+              "error: out of memory: ", "can't allocate memory")
 
 
 def test_output_rule(tmp_path, stand_ins, capsys):

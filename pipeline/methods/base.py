@@ -21,6 +21,8 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, TrainingConfig
 from pipeline.training.distributed import autocast, global_norm
+from pipeline.training.faults import maybe_out_of_memory
+from pipeline.training.memory import PhasePeaks
 from pipeline.training.optim import averaged, ema_step, optimizer_step
 from pipeline.training.settings import flatten, settings_of
 
@@ -104,6 +106,7 @@ class Method:
         self.ema = None
         self.gen = None
         self.samples_seen = 0  # micro-batch rows over all processes, for samples/s
+        self.peaks = PhasePeaks("cpu")  # the trainer's: device peaks by phase (`phase_of`), the phase an OOM is in
 
     # ---- what the stage reads -------------------------------------------------------------------------
     def inputs(self) -> dict:
@@ -169,6 +172,10 @@ class Method:
     def train_step(self, step: int) -> None:
         raise NotImplementedError
 
+    def phase_of(self, name: str) -> str:
+        """The `--dry-run` estimate's phase (`pipeline/training/memory.py`) of an update of `trained[name]`."""
+        return "training"
+
     def optimize(self, name: str, *, step: int, batch: Callable[[int], Any],
                  loss: Callable[[Any], tuple[torch.Tensor, dict]], also: tuple[str, ...] = ()) -> Update:
         """One optimiser step of `trained[name]` over `section.grad_accum` micro-batches: micro-batch i is
@@ -178,15 +185,17 @@ class Method:
         acc, t = self.accelerator, self.trained[name]
         more = tuple((o.module, o.optimizer, o.scheduler, o.grad_clip) for o in (self.trained[n] for n in also))
         seen, norm = [], None
-        for i in range(self.section.grad_accum):
-            b = batch(i)
-            with acc.accumulate(t.module, *(m[0] for m in more)):
-                with autocast(acc, self.precision):
-                    value, stats = loss(b)
-                norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step,
-                                      also=more)
-            seen.append((b, stats))
-            self.samples_seen += self.section.batch_size * acc.num_processes
+        with self.peaks.phase(self.phase_of(name)):
+            maybe_out_of_memory(step + 1)
+            for i in range(self.section.grad_accum):
+                b = batch(i)
+                with acc.accumulate(t.module, *(m[0] for m in more)):
+                    with autocast(acc, self.precision):
+                        value, stats = loss(b)
+                    norm = optimizer_step(acc, t.module, t.optimizer, t.scheduler, value, t.lr_key, t.grad_clip, step,
+                                          also=more)
+                seen.append((b, stats))
+                self.samples_seen += self.section.batch_size * acc.num_processes
         return Update(value, stats, norm, seen)
 
     def update_ema(self) -> None:

@@ -215,6 +215,9 @@ class DMDMethod(Method):
         """The DMD loss object over the bound denoisers (`pipeline/methods/dmd.py`)."""
         raise NotImplementedError
 
+    def phase_of(self, name: str) -> str:
+        return f"{name} update"  # generator, critic
+
     def train_step(self, step: int) -> None:
         acc, dc, reuse = self.accelerator, self.section, None
         if step % self.ratio == 0 and step >= dc.critic_warmup:  # generator update, Self-Forcing's order: before the critic's

@@ -133,11 +133,12 @@ class OdeRegression(OneModelMethod):
         denoiser = Denoiser.of_sampler(teacher.to(acc.device).eval(), self.attention, cfg.data.frames_per_chunk,
                                        self.prediction, tc.sampler)
         conditions, uncond = pair_conditions(cfg, self.table)
-        paths = write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None,
-                                ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas, ode_sampler(tc.sampler,
-                                                                                                        self.attention),
-                                seed=cfg.run.seed, device=acc.device, rank=acc.process_index, world=acc.num_processes,
-                                batch_size=ic.ode_batch_size, provenance=provenance)
+        with self.peaks.phase("ODE pairs"):
+            paths = write_ode_pairs(folder, denoiser, conditions, uncond if tc.sampler.guidance != 1.0 else None,
+                                    ic.ode_pairs, ic.ode_shard_size, latent_shape(cfg), sigmas,
+                                    ode_sampler(tc.sampler, self.attention), seed=cfg.run.seed, device=acc.device,
+                                    rank=acc.process_index, world=acc.num_processes, batch_size=ic.ode_batch_size,
+                                    provenance=provenance)
         acc.wait_for_everyone()  # every process trains on all shards
         self.pairs_folder = folder
         self.pairs = OdePairs(folder, paths)

@@ -76,6 +76,7 @@ What each stage holds at its peak (the larger of its phases; B videos of T token
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -150,6 +151,11 @@ class MemoryEstimate:
         """One line per model (distill): its weights, gradients, optimizer and EMA on each device."""
         unit, size = ("GiB", GIB) if self.total >= GIB else ("MiB", 2 ** 20)
         return [f"{role}: {desc}, {b / size:.2f} {unit} of states per device" for role, (desc, b) in self.models.items()]
+
+
+def size_text(n: float) -> str:
+    """Bytes in words, as the estimate's lines give them: `58.9 GiB`, `3.1 MiB`."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def params_text(n: int) -> str:
@@ -656,18 +662,96 @@ def tensor_bytes(*groups) -> int:
     return sum(seen.values())
 
 
-def device_peak(device: torch.device) -> int | None:
-    """Bytes the caching allocator has held at most for tensors on `device` since the process began
-    (`torch.cuda.max_memory_allocated`): what the `--dry-run` estimate predicts. None off CUDA, where no
-    allocator keeps a peak (`TensorPeak` measures one, at a cost no training run should pay)."""
-    if torch.device(device).type != "cuda":
-        return None
-    return int(torch.cuda.max_memory_allocated(device))
+class PhasePeaks:
+    """The device peak of each phase of a training stage ("training", "ODE pairs", "generator update", "critic
+    update": the `--dry-run` estimate's phases), so a run can say which phase its peak was in and check each phase's
+    estimate. On CUDA, `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` at the phase's start (host-side
+    allocator counters: no synchronisation); the peak outside and before the phases is kept here, so `overall` is the
+    process's peak as if nothing had been reset. Off CUDA nothing is measured (`overall` None), only `current` kept:
+    the phase an out-of-memory error is reported in. `allocator`: what has those two counters (default `torch.cuda`
+    on CUDA, else none).
+    """
+
+    def __init__(self, device, allocator=None):
+        self.device = torch.device(device)
+        self.allocator = allocator if allocator is not None else torch.cuda if self.device.type == "cuda" else None
+        self.peaks: dict[str, int] = {}
+        self.current: str | None = None  # the phase running now
+        self.failed_in: str | None = None  # the phase an error left
+        self._outside = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.current is not None:  # (a phase inside another: counted in the outer one)
+            yield
+            return
+        a = self.allocator
+        if a is not None:
+            self._outside = max(self._outside, a.max_memory_allocated(self.device))
+            a.reset_peak_memory_stats(self.device)
+        self.current = name
+        try:
+            yield
+        except BaseException:
+            self.failed_in = name
+            raise
+        finally:
+            if a is not None:
+                peak = a.max_memory_allocated(self.device)
+                self.peaks[name] = max(self.peaks.get(name, 0), peak)
+                self._outside = max(self._outside, peak)
+                a.reset_peak_memory_stats(self.device)
+            self.current = None
+
+    def overall(self) -> int | None:
+        """The process's peak on the device since it began (None without an allocator's counters: off CUDA)."""
+        if self.allocator is None:
+            return None
+        return max(self._outside, self.allocator.max_memory_allocated(self.device), *self.peaks.values())
 
 
-def peak_report(stage: str, peak: int, estimate: "MemoryEstimate") -> str:
-    """One line: the measured device peak beside the `--dry-run` estimate of the same setting."""
+def peak_report(stage: str, peak: int, estimate: "MemoryEstimate", phases: dict[str, tuple[int, "MemoryEstimate"]]
+                | None = None) -> str:
+    """One line: the measured device peak beside the `--dry-run` estimate of the same setting, and each phase's
+    (`phases`: name -> (measured peak, that phase's estimate))."""
     gib = 2 ** 30
     at = f"peak: {estimate.phase}; " if estimate.phase else ""
+    each = "".join(f"; {name} {p / gib:.2f} GiB, estimate {e.total / gib:.2f} ({e.total / p:.2f})"
+                   for name, (p, e) in (phases or {}).items() if p)
     return (f"[{stage}] peak device memory {peak / gib:.2f} GiB (max_memory_allocated, this process); "
-            f"--dry-run estimate {estimate.total / gib:.2f} GiB ({at}estimate / measured {estimate.total / peak:.2f})")
+            f"--dry-run estimate {estimate.total / gib:.2f} GiB ({at}estimate / measured {estimate.total / peak:.2f})"
+            f"{each}")
+
+
+class OutOfMemory(Exception):
+    """A training stage ran out of device memory: the setting does not fit (`out_of_memory_message` says what
+    would)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device allocator's out-of-memory error: torch's `OutOfMemoryError` (CUDA and other accelerators) or the
+    CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def out_of_memory_message(*, stage: str, step: int, device, phase: str | None, estimate: "MemoryEstimate",
+                          phase_estimate: "MemoryEstimate | None", remedies: str, resume_step: int) -> str:
+    """One line for a stage that ran out of memory at `step` (1-based) in `phase`: what the device held (CUDA), the
+    `--dry-run` estimate of this setting, the settings that would lower it (`plan.remedies_text`), where a rerun
+    resumes."""
+    device = torch.device(device)
+    where = f" ({phase})" if phase else ""
+    held = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        held = (f": {torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated, at most "
+                f"{torch.cuda.max_memory_allocated(device) / GIB:.1f}{' in this phase' if phase else ''}, of "
+                f"{total / GIB:.1f} GiB")
+    est = f"--dry-run estimates ~{size_text(estimate.total)} per device for this setting (peak: {estimate.phase}"
+    if phase_estimate is not None and phase_estimate.phase != estimate.phase:
+        est += f"; {phase}: ~{size_text(phase_estimate.total)}"
+    lower = f"; lower with {remedies}" if remedies else ""
+    resume = f"from its checkpoint of step {resume_step}" if resume_step else "from the start (no checkpoint yet)"
+    return f"out of {device.type} memory in the {stage} stage at step {step}{where}{held}; {est}){lower}; a rerun " \
+           f"resumes {resume}"

@@ -4,11 +4,13 @@ The method (`pipeline/methods/`) declares its models and implements one `train_s
 everything around it, once, in the order below: the stage folder (guard, skip when done, manifest),
 the accelerator (DDP, or one DeepSpeed engine per model), the EMA, the checkpoint manager (save,
 keep-last-k, bit-exact resume of weights, EMA, every optimizer, data position, generator, step),
-logging (tqdm, TensorBoard), fault points, the replica check, saving and the preview.
+logging (tqdm, TensorBoard), device peaks by phase and out-of-memory errors said in one line (beside the
+`--dry-run` estimate), fault points, the replica check, saving and the preview.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -19,12 +21,12 @@ from pipeline.config import to_yaml
 from pipeline.io.run_dir import StageDir
 from pipeline.methods.base import Method
 from pipeline.models.loading import save_model, save_weights
-from pipeline.training.checkpoint import CheckpointManager
+from pipeline.training.checkpoint import CheckpointManager, latest_checkpoint
 from pipeline.training.distributed import (FullWeights, check_replicas, full_optimizer_state, launched_backend,
                                            launched_deepspeed, make_accelerator, mixed_precision, prepare,
                                            restore_optimizer_state)
 from pipeline.training.faults import maybe_kill
-from pipeline.training.memory import device_peak, peak_report
+from pipeline.training.memory import OutOfMemory, PhasePeaks, is_out_of_memory, out_of_memory_message, peak_report
 from pipeline.training.optim import averaged, place_ema, replay_schedule
 from pipeline.training.stage_io import finished_already
 from pipeline.training.settings import changes, refuse_changes
@@ -40,6 +42,48 @@ def force_move_aside(accelerator, stage) -> None:
         if accelerator.is_main_process:
             print(f"[{stage.stage}] --force: moved the earlier stage folder aside to {stage.move_aside()}")
         accelerator.wait_for_everyone()
+
+
+def memory_remedies_text(cfg, stage: str, device, processes: int, backend: str | None, zero: int) -> str:
+    """The settings that would lower the stage's memory (`plan.memory_remedies`), and on GPUs the sharding to try."""
+    from pipeline.plan import memory_remedies, remedies_text
+
+    text = remedies_text(memory_remedies(cfg, stage, num_processes=processes, backend=backend, stage_zero=zero,
+                                         deepspeed=launched_deepspeed()))
+    shard = None
+    if torch.device(device).type == "cuda":
+        if backend != "DEEPSPEED":
+            shard = "sharding over GPUs (--num-processes N --accelerate-config configs/accelerate/deepspeed_zero2.yaml)"
+        elif zero < 3:
+            shard = "ZeRO-3 (--accelerate-config configs/accelerate/deepspeed_zero3.yaml)"
+    return ", or ".join(t for t in (text, shard) if t)
+
+
+def phase_estimate(estimate, phase: str):
+    """`estimate(phase)`, or None for a phase the estimate does not model (a report never fails a finished run)."""
+    try:
+        return estimate(phase)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def said_out_of_memory(stage: StageDir, step, peaks: PhasePeaks, estimate, remedies):
+    """An out-of-memory error inside becomes `OutOfMemory` (a user error: one line, exit status 2) that names the
+    stage, the step (`step()`: the steps done), the phase, what the device held, the `--dry-run` estimate
+    (`estimate(phase)`) and the settings that would lower it (`remedies()`), and where a rerun resumes."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        phase = peaks.failed_in
+        at_phase = phase_estimate(estimate, phase) if phase else None
+        last = latest_checkpoint(stage.path / "checkpoints")
+        message = out_of_memory_message(stage=stage.stage, step=step() + 1, device=peaks.device, phase=phase,
+                                        estimate=estimate(), phase_estimate=at_phase, remedies=remedies(),
+                                        resume_step=int(last.name.split("_")[-1]) if last else 0)
+        raise OutOfMemory(message) from None
 
 
 class Trainer:
@@ -97,51 +141,62 @@ class Trainer:
         for t in method.trained.values():
             replay_schedule(t.scheduler, t.schedule_steps(step))
         method.restore(step=step, extra=extra, rng=rng)
-        method.prepare_data(stage_path=stage.path)
 
-        # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
-        whole = FullWeights(accelerator, {n: t.module for n, t in method.trained.items() if t.engine})  # before wrapping
-        loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
-        for n, t in method.trained.items():
-            t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial, precision=mp,
-                                            engine=t.engine)
-        for n, m in method.frozen.items():
-            method.frozen[n] = prepare(accelerator, n, m, precision=mp)
-        if step:
+        def estimate(phase: str | None = None):  # the --dry-run memory estimate of this very setting (or phase)
+            from pipeline.plan import memory_estimate
+
+            return memory_estimate(cfg, stage.stage, num_processes=accelerator.num_processes, backend=backend,
+                                   stage_zero=zero, deepspeed=launched_deepspeed(), phase=phase)
+
+        # Device peaks by phase (CUDA); a setting too large for the device stops with one line saying what would fit.
+        method.peaks = peaks = PhasePeaks(accelerator.device)
+        with said_out_of_memory(stage, lambda: step, peaks, estimate, remedies=lambda: memory_remedies_text(
+                cfg, stage.stage, accelerator.device, accelerator.num_processes, backend, zero)):
+            method.prepare_data(stage_path=stage.path)
+
+            # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
+            whole = FullWeights(accelerator, {n: t.module for n, t in method.trained.items() if t.engine})
+            loaded = {n: t.optimizer.state_dict() for n, t in method.trained.items()}
             for n, t in method.trained.items():
-                restore_optimizer_state(accelerator, t.module, loaded[n])
-        del loaded  # (a resumed run's moments, as read: the optimizers hold their own now)
-        place_ema(method.ema, section, accelerator.device)
-        method.bind()
-        accelerator.init_trackers("logs")
+                t.module, t.optimizer = prepare(accelerator, n, t.module, t.optimizer, find_unused=t.partial,
+                                                precision=mp, engine=t.engine)
+            for n, m in method.frozen.items():
+                method.frozen[n] = prepare(accelerator, n, m, precision=mp)
+            if step:
+                for n, t in method.trained.items():
+                    restore_optimizer_state(accelerator, t.module, loaded[n])
+            del loaded  # (a resumed run's moments, as read: the optimizers hold their own now)
+            place_ema(method.ema, section, accelerator.device)
+            method.bind()
+            accelerator.init_trackers("logs")
 
-        # The loop. The bar is closed on errors too, so that an error message starts its own line.
-        with tqdm(total=section.steps, initial=step, desc=getattr(method, "desc", method.stage),
-                  disable=not accelerator.is_main_process) as bar:
-            t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
-            while step < section.steps:
-                method.train_step(step)
-                step += 1
-                maybe_kill("step", step)
-                bar.update(1)
-                if step % section.log_every == 0 or step == section.steps:
-                    scalars, postfix = method.logs(step, elapsed=time.time() - t0)
-                    if (peak := device_peak(accelerator.device)) is not None:
-                        scalars["memory/peak_gib"] = peak / 2 ** 30
-                        postfix = {**postfix, "mem": f"{peak / 2 ** 30:.1f}G"}
-                    accelerator.log(scalars, step=step)
-                    bar.set_postfix(postfix)
-                if step % section.checkpoint_every == 0 or step == section.steps:
-                    # every process: gathering ZeRO partitions is a collective
-                    states = {n: full_optimizer_state(accelerator, t.module, t.optimizer)
-                              for n, t in method.trained.items()}
-                    models = {n: whole.of(n, t.module) for n, t in method.trained.items()}
-                    if accelerator.is_main_process:
-                        checkpoints.save(step, model=models[names[0]], ema=method.ema,
-                                         optimizer=states[names[0]], rng=method.rng_state(),
-                                         extra={**method.checkpoint_extra(), "settings": settings,
-                                                "elapsed_s": elapsed0 + time.time() - t0},
-                                         others={n: (models[n], states[n]) for n in others})
+            # The loop. The bar is closed on errors too, so that an error message starts its own line.
+            with tqdm(total=section.steps, initial=step, desc=getattr(method, "desc", method.stage),
+                      disable=not accelerator.is_main_process) as bar:
+                t0, elapsed0 = time.time(), extra.get("elapsed_s", 0.0)
+                while step < section.steps:
+                    method.train_step(step)
+                    step += 1
+                    maybe_kill("step", step)
+                    bar.update(1)
+                    if step % section.log_every == 0 or step == section.steps:
+                        scalars, postfix = method.logs(step, elapsed=time.time() - t0)
+                        if (peak := peaks.overall()) is not None:
+                            scalars["memory/peak_gib"] = peak / 2 ** 30
+                            postfix = {**postfix, "mem": f"{peak / 2 ** 30:.1f}G"}
+                        accelerator.log(scalars, step=step)
+                        bar.set_postfix(postfix)
+                    if step % section.checkpoint_every == 0 or step == section.steps:
+                        # every process: gathering ZeRO partitions is a collective
+                        states = {n: full_optimizer_state(accelerator, t.module, t.optimizer)
+                                  for n, t in method.trained.items()}
+                        models = {n: whole.of(n, t.module) for n, t in method.trained.items()}
+                        if accelerator.is_main_process:
+                            checkpoints.save(step, model=models[names[0]], ema=method.ema,
+                                             optimizer=states[names[0]], rng=method.rng_state(),
+                                             extra={**method.checkpoint_extra(), "settings": settings,
+                                                    "elapsed_s": elapsed0 + time.time() - t0},
+                                             others={n: (models[n], states[n]) for n in others})
         replicas = check_replicas(accelerator, {n: t.module for n, t in method.trained.items()}, ema=method.ema)
 
         # Nothing reads the optimizers' moments after the last checkpoint: freed (with the checkpoint's references to
@@ -170,13 +225,13 @@ class Trainer:
         if accelerator.is_main_process:
             metrics = {**method.metrics(step=step, extra=extra), "steps": step,
                        "processes": accelerator.num_processes, "replicas_identical": replicas}
-            if (peak := device_peak(accelerator.device)) is not None:  # the figure the --dry-run estimate predicts
-                from pipeline.plan import memory_estimate
-
-                est = memory_estimate(cfg, stage.stage, num_processes=accelerator.num_processes, backend=backend,
-                                      stage_zero=zero, deepspeed=launched_deepspeed())
-                metrics.update(peak_memory_gib=peak / 2 ** 30, memory_estimate_gib=est.total / 2 ** 30)
-                print(peak_report(stage.stage, peak, est))
+            if (peak := peaks.overall()) is not None:  # the figure the --dry-run estimate predicts, and by phase
+                est = estimate()
+                phases = {name: (p, at) for name, p in peaks.peaks.items() if (at := phase_estimate(estimate, name))}
+                metrics.update(peak_memory_gib=peak / 2 ** 30, memory_estimate_gib=est.total / 2 ** 30,
+                               memory_by_phase_gib={name: {"peak": p / 2 ** 30, "estimate": e.total / 2 ** 30}
+                                                    for name, (p, e) in phases.items()})
+                print(peak_report(stage.stage, peak, est, phases))
             stage.finish(outputs, metrics, settings=settings)
         return stage
 
