@@ -218,6 +218,18 @@ def test_buffer_pool_hands_a_freed_cache_buffers_to_the_next_stream(rope):
     with torch.no_grad():
         model(x[:1, :, :FPC], torch.zeros(1, FPC), ctx[:1], frames_per_chunk=FPC, kv_cache=smaller, write_cache=True)
     assert not any(t.shape[0] == B for ts in pool.free.values() for t in ts)  # the batch-2 buffers are not kept
+    # an unbounded cache's next stream starts on the buffers its predecessor grew (`adopt_pooled`): none regrown
+    pool = BufferPool()
+    with torch.no_grad():
+        grown = StaticKVCache(rope=rope, pool=pool)
+        stream(model, grown, x, ctx, True)
+        held = list(grown.keys)
+        del grown
+        again = StaticKVCache(rope=rope, pool=pool)
+        out = stream(model, again, -x, ctx, True)
+        assert len(again.keys) == len(held) and all(a is b for a, b in zip(again.keys, held))
+        ref = stream(model, StaticKVCache(rope=rope), -x, ctx, True)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("scope, window", [("blocks", None), ("full", None)])

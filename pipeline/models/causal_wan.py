@@ -284,7 +284,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
-        if static and self._steady_step is not None:  # a new stream's first call: a freed stream's buffers
+        if static:  # a new stream's first call: a freed stream's buffers (then it too can run compiled)
             kv_cache.adopt_pooled(static_passes, blocks=len(self.blocks), batch=b, device=device,
                                   heads=self.config.num_attention_heads, head_dim=self.config.attention_head_dim)
         if static and self._steady_step is not None and kv_cache.compiled_call(static_passes):

@@ -372,7 +372,8 @@ class StaticKVCache:
     def adopt_pooled(self, passes, *, blocks: int, batch: int, heads: int, head_dim: int, device) -> None:
         """Before a stream's first call: a freed cache's whole set of buffers from the pool, where the pool holds
         one that fits (batch, heads, head_dim, device, room for this call's `passes`), so that the first call too
-        runs compiled (it counts in the first-chunk latency; without buffers it would allocate them eagerly).
+        runs compiled (it counts in the first-chunk latency; without buffers it would allocate them eagerly), and
+        an unbounded cache starts with the room its predecessor grew to (no regrowth copies).
         Their dtype is the freed stream's keys' (`StaticLayer.attend_inputs` refuses keys of another). Nothing
         happens without a pool, once buffers are held, or where no set fits."""
         if self.pool is None or self.keys:
