@@ -16,8 +16,8 @@
 #   distill  the real `distill` stage of configs/wan2.1-t2v-1.3b/student.yaml (batch 1, grad_accum 1, bf16,
 #            checkpointing) on random stand-ins (benchmarks/random_recipe.py): its --dry-run estimate, then
 #            DISTILL_STEPS steps with the peak in the progress bar and, at the end, beside the estimate
-#   tests    the CUDA-only tests: FlexAttention forward and backward vs the dense mask, the compiled steady
-#            step under CUDA graphs vs eager
+#   tests    the CUDA-only tests: FlexAttention forward and backward vs the dense mask, the overlapped VAE decode,
+#            the compiled steady step under CUDA graphs vs eager
 # OUT/summary.txt: each part's exit status and seconds. TINY=1 runs every part at a tiny shape (a CPU check of
 # this script; its figures mean nothing).
 set -uo pipefail
@@ -87,6 +87,7 @@ for p in $PARTS; do
     distill) part distill 300 bash "$SELF" "$OUT" __distill ;;  # a function cannot run under `timeout`
     __distill) distill ;;
     tests) part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_static_cache.py \
+             tests/test_vae_stream.py \
              -k "$TESTS_K" ;;
     *) echo "unknown part '$p' (env, stream, distill, tests)"; exit 2 ;;
   esac

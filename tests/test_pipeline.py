@@ -109,6 +109,36 @@ def test_text_call_equals_sample_and_stream_equals_call(text_pipe, text_student,
     assert events == ["net"] * 2 + ["vae"] * 12 + ["chunk"] + ["net"] * 2 + ["vae"] * 12 + ["chunk"]
     assert [p.shape[1] for p in parts] == [9, 12]  # 1 + 4·2 pixel frames, then 4·3
     assert torch.equal(torch.cat(parts, dim=1), out)
+
+    # overlap_decode: a chunk's decode is started as it is finished, and its frames are handed over once the next
+    # chunk's network calls are queued (on CUDA the two then run side by side; here the order of that work, with a
+    # decoder that starts each decode at once, as a CPU has no second stream)
+    from pipeline.models.vae import PendingFrames, StreamingDecoder
+
+    class Overlapping(StreamingDecoder):
+        def __init__(self, *a, overlap=False, **kw):
+            super().__init__(*a, **kw)
+            self.side = "side" if overlap else None
+
+        def submit(self, latents):
+            return PendingFrames(self._decode(latents).float().cpu().clamp(-1, 1))
+
+    monkeypatch.setattr("pipeline.models.vae.StreamingDecoder", Overlapping)
+    events.clear()
+    hooks = [pipe.transformer.register_forward_pre_hook(lambda *_: events.append("net")),
+             pipe.vae.decoder.register_forward_pre_hook(lambda *_: events.append("vae"))]
+    try:
+        parts = []
+        for part in pipe.stream(prompts, num_videos_per_prompt=2, generator=torch.Generator().manual_seed(5),
+                                output_type="pt", overlap_decode=True):
+            events.append("chunk")
+            parts.append(part)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert events == ["net"] * 2 + ["vae"] * 12 + ["net"] * 2 + ["vae"] * 12 + ["chunk"] * 2
+    assert torch.equal(torch.cat(parts, dim=1), out)
+    monkeypatch.setattr("pipeline.models.vae.StreamingDecoder", StreamingDecoder)
     # the pipeline folder is also a SOURCE for `sample`, whose VAE and text encoder then default to its own
     written.clear()
     assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb2"),

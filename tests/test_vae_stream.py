@@ -94,6 +94,40 @@ def test_reset_and_batch_slices(vae):
         dec.decode_chunk(z2[:1, :, :1])
 
 
+def test_submit_equals_decode_chunk(vae):
+    """`submit` (the overlapping decoder's entry point) off CUDA decodes at once: its frames are `decode_chunk`'s,
+    ready at once, timed as `decode_chunk` times them."""
+    z = latents()
+    ref = stream_decode(vae.stream(), z, [3, 4])
+    dec = vae.stream(overlap=True)  # (no CUDA: no stream of its own)
+    assert dec.side is None
+    pending = [dec.submit(z[:, :, :3]), dec.submit(z[:, :, 3:])]
+    assert all(p.ready() for p in pending)
+    assert all(torch.equal(p.result(), r) for p, r in zip(pending, ref)) and len(dec.times) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_overlapped_decode_on_cuda_equals_sequential(tmp_path):
+    """On CUDA, `overlap=True` decodes on a stream of its own while the current stream works on (and even overwrites
+    the latents it was given): the same frames as the sequential decoder, each chunk's decode timed on its stream."""
+    wan = WanVAE(tiny_vae(tmp_path), device="cuda")
+    z = latents(hw=8).cuda()
+    ref = torch.cat(stream_decode(wan.stream(), z, [3, 3, 1]), 2)
+    dec = wan.stream(overlap=True)
+    assert dec.side is not None
+    work = torch.randn(2048, 2048, device="cuda")
+    pending = []
+    for s, n in ((0, 3), (3, 3), (6, 1)):
+        chunk = z[:, :, s:s + n].clone()
+        pending.append(dec.submit(chunk))
+        chunk.zero_()  # the caller's tensor, reused at once: the decode must have taken its own copy
+        for _ in range(20):  # the next chunk's "denoising", queued on the current stream meanwhile
+            work = torch.tanh(work @ work) * 0.5
+    got = torch.cat([p.result() for p in pending], 2)
+    assert got.is_pinned() and (got - ref).abs().max() <= 1e-5
+    assert len(dec.times) == 3 and all(t > 0 for t in dec.times)
+
+
 def test_changed_diffusers_internals_fail_loudly(vae, monkeypatch):
     """Simulated diffusers changes: a decoder walking its cache differently, one giving another number of
     frames per latent frame, one without the cache arguments: clear errors, not wrong frames."""

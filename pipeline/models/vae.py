@@ -13,6 +13,8 @@ T pixel frames -> 1 + (T - 1) / 4 latent frames) and 8x in space.
 Streaming: `WanVAE.stream()` returns a `StreamingDecoder` that decodes a latent video chunk by chunk as
 the causal sampler finishes it (first latent frame -> 1 pixel frame, each later one -> 4), carrying the
 decoder's causal-convolution cache between chunks, so the frames equal those of `decode` on the whole video.
+`WanVAE.stream(overlap=True)` decodes on a CUDA stream of its own (`StreamingDecoder.submit`), so a chunk's
+decode runs beside the next chunk's denoising instead of after it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class WanVAE:
         self.scale_temporal, self.scale_spatial = c.scale_factor_temporal, c.scale_factor_spatial
         self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
         self.std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, c.z_dim, 1, 1, 1)
+        # on the device once: no host-to-device copy (which waits for the queued work) in every chunk's decode
+        self._mean_dev, self._std_dev = self.mean.to(self.device), self.std.to(self.device)
 
     @classmethod
     def from_config(cls, cfg) -> "WanVAE":
@@ -80,7 +84,7 @@ class WanVAE:
         """The VAE's raw latents `[B, z, F, h, w]` (its device and dtype) of normalised ones: `z·std + mean`
         in float32, then cast. Shared by `decode` and the streaming decoder so both see the same input."""
         z = latents.to(self.device, torch.float32)  # elementwise fp32 ops: the same bits on any device
-        return (z * self.std.to(self.device) + self.mean.to(self.device)).to(self.dtype)
+        return (z * self._std_dev + self._mean_dev).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -88,10 +92,10 @@ class WanVAE:
         out = self.vae.decode(self.denormalise(latents)).sample
         return out.float().cpu().clamp(-1, 1)
 
-    def stream(self, batch_size: int | None = None) -> "StreamingDecoder":
+    def stream(self, batch_size: int | None = None, overlap: bool = False) -> "StreamingDecoder":
         """A `StreamingDecoder` for one video batch at a time (see there); `batch_size` caps the videos per
-        decoder call (None: the whole batch at once)."""
-        return StreamingDecoder(self, batch_size)
+        decoder call (None: the whole batch at once); `overlap`: decode on a CUDA stream of its own."""
+        return StreamingDecoder(self, batch_size, overlap=overlap)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,14 +192,22 @@ class StreamingDecoder:
     video (the same per-frame decoder calls, the causal-conv cache carried between chunks). `reset()` starts
     a new video (batch); B must stay fixed in between.
 
-    Timing: `times` holds the wall-clock seconds of every `decode_chunk` call since creation (`reset` keeps
-    them; the returned CPU tensor makes each figure include the device's work), `last_seconds` the latest.
+    `submit(latents)` starts the same decode and returns `PendingFrames` at once, whose `result()` gives the
+    frames: with `overlap` on a CUDA VAE the decode runs on a CUDA stream of its own (after the work queued so far
+    on the current stream, which made the latents), then copies into pinned host memory, so the caller can queue
+    the next chunk's denoising beside it and collect these frames afterwards (decode ∥ denoise: the end-to-end
+    rate approaches the slower of the two instead of their sum). Elsewhere `submit` decodes at once.
+
+    Timing: `times` holds the seconds of every chunk's decode since creation (`reset` keeps them), `last_seconds`
+    the latest: wall-clock of `decode_chunk` (the returned CPU tensor makes it include the device's work), or with
+    `overlap` the decode's own time on its stream (CUDA events), recorded when its `result()` is collected.
     """
 
-    def __init__(self, vae: WanVAE, batch_size: int | None = None):
+    def __init__(self, vae: WanVAE, batch_size: int | None = None, overlap: bool = False):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.wan, self.batch_size = vae, batch_size
+        self.side = torch.cuda.Stream(vae.device) if overlap and vae.device.type == "cuda" else None
         self.slots = _check_decoder(vae.vae)
         self.walk = [None]  # cache slots one decoder call uses (checked constant, see `_decode_frame`)
         self.times: list[float] = []
@@ -212,7 +224,42 @@ class StreamingDecoder:
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixel frames `[B, 3, T, H, W]` float32 (CPU) in [-1, 1] of the next normalised latent frames
         `[B, z, f, h, w]` of the current video (see the class docstring for T)."""
+        if self.side is not None:
+            return self.submit(latents).result()
         start = time.perf_counter()
+        out = self._decode(latents).float().cpu().clamp(-1, 1)  # (`_decode`'s clamp, then WanVAE.decode's)
+        self.last_seconds = time.perf_counter() - start
+        self.times.append(self.last_seconds)
+        return out
+
+    @torch.no_grad()
+    def submit(self, latents: torch.Tensor) -> "PendingFrames":
+        """The next chunk's decode started (see the class docstring): `.result()` gives what `decode_chunk` would
+        return. Chunks must be collected or not, but submitted, in order; the latents are copied at once, so the
+        caller may reuse them."""
+        if self.side is None:
+            return PendingFrames(self.decode_chunk(latents))
+        side = self.side
+        latents = latents.clone()  # the caller's tensor as it is now, whatever happens to it later
+        side.wait_stream(torch.cuda.current_stream(side.device))  # the latents' producers
+        with torch.cuda.stream(side):
+            if latents.device.type == "cuda":  # the allocator must not hand its memory on before the decode reads it
+                latents.record_stream(side)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(side)
+            out = self._decode(latents).float().clamp(-1, 1)
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            end.record(side)
+
+        def timed():
+            self.last_seconds = begin.elapsed_time(end) / 1e3
+            self.times.append(self.last_seconds)
+
+        return PendingFrames(host, end, timed)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next chunk's pixel frames on the VAE's device, in its dtype (clamped as diffusers' `_decode`)."""
         vae = self.wan.vae
         if getattr(vae, "use_tiling", False):  # tiled decode blends tiles over the whole video: not streamable
             raise ValueError("streaming decode does not support the VAE's tiling (vae.disable_tiling())")
@@ -232,8 +279,23 @@ class StreamingDecoder:
                                     self.wan.scale_temporal, self.walk) for i in range(x.shape[2])]
             outs.append(torch.cat(frames, 2))
         self.latent_frames += x.shape[2]
-        out = _unpatchify(vae, torch.cat(outs)).clamp(-1, 1)  # `_decode`'s clamp, then WanVAE.decode's
-        out = out.float().cpu().clamp(-1, 1)
-        self.last_seconds = time.perf_counter() - start
-        self.times.append(self.last_seconds)
-        return out
+        return _unpatchify(vae, torch.cat(outs)).clamp(-1, 1)
+
+
+class PendingFrames:
+    """One chunk's pixel frames on their way (`StreamingDecoder.submit`): `result()` waits for them and returns
+    `[B, 3, T, H, W]` float32 in [-1, 1] on the CPU (pinned memory when they came from a CUDA stream);
+    `ready()` says without waiting whether they are there."""
+
+    def __init__(self, frames: torch.Tensor, done=None, on_done=None):
+        self._frames, self._done, self._on_done = frames, done, on_done
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+            self._on_done()
+        return self._frames

@@ -122,7 +122,8 @@ class CausalWanPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str] | None = None, *, class_labels=None, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_videos_per_prompt: int = 1,
                  num_inference_steps: int | None = None, generator: torch.Generator | None = None,
-                 output_type: str = "np", recache: bool = False, return_dict: bool = True):
+                 output_type: str = "np", recache: bool = False, overlap_decode: bool = False,
+                 return_dict: bool = True):
         """Whole videos: `stream` run to the end, its chunks joined along the frame axis (arguments as there).
 
         Returns:
@@ -133,7 +134,7 @@ class CausalWanPipeline(DiffusionPipeline):
         parts = list(self.stream(prompt, class_labels=class_labels, num_frames=num_frames, height=height,
                                  width=width, num_videos_per_prompt=num_videos_per_prompt,
                                  num_inference_steps=num_inference_steps, generator=generator,
-                                 output_type=output_type, recache=recache))
+                                 output_type=output_type, recache=recache, overlap_decode=overlap_decode))
         frames = join_chunks(parts, output_type)
         self.maybe_free_model_hooks()
         return WanPipelineOutput(frames=frames) if return_dict else (frames,)
@@ -141,7 +142,7 @@ class CausalWanPipeline(DiffusionPipeline):
     def stream(self, prompt: str | list[str] | None = None, *, class_labels=None, num_frames: int | None = None,
                height: int | None = None, width: int | None = None, num_videos_per_prompt: int = 1,
                num_inference_steps: int | None = None, generator: torch.Generator | None = None,
-               output_type: str = "np", recache: bool = False) -> Iterator:
+               output_type: str = "np", recache: bool = False, overlap_decode: bool = False) -> Iterator:
         """Generate chunk by chunk: returns a generator that yields each chunk's frames as soon as the chunk is
         finished and decoded, before any network call of the next chunk. The arguments are checked, the prompts
         encoded and the noise drawn when `stream` is called (a bad argument raises here, not at the first chunk).
@@ -159,6 +160,9 @@ class CausalWanPipeline(DiffusionPipeline):
             generator: a CPU `torch.Generator`; `torch.Generator().manual_seed(S)` gives `sample --seed S`'s videos.
             output_type: "np", "pt", "pil" (each chunk's frames as `__call__` returns them) or "latent".
             recache: at a prompt switch, rebuild the KV window under the new prompt (LongLive); else keep it.
+            overlap_decode: text models on CUDA: decode each chunk on a CUDA stream of its own while the next chunk
+                denoises (`StreamingDecoder.submit`): a chunk's frames are then yielded once the next chunk's
+                network calls are queued, the same frames, at a higher rate end to end. Elsewhere no effect.
         Yields:
             per chunk, its frames in `output_type` (text: 1 + 4·(f - 1) pixel frames for the first chunk of f
             latent frames, 4·f after; sprites: f frames).
@@ -188,7 +192,8 @@ class CausalWanPipeline(DiffusionPipeline):
         if self.is_text and output_type != "latent":
             from pipeline.models.vae import WanVAE
 
-            decoder = WanVAE.wrap(self.vae).stream(batch_size=1)  # one video per decoder call, as `sample`
+            # one video per decoder call, as `sample`
+            decoder = WanVAE.wrap(self.vae).stream(batch_size=1, overlap=overlap_decode)
         chunks = stream_few_step(den, noise.to(device), cond.to(device), sch.sigmas.to(device),
                                  context_sigma=c.context_sigma, generator=step_gen,
                                  max_context_frames=c.max_context_frames, sink_frames=c.sink_frames,
@@ -196,14 +201,23 @@ class CausalWanPipeline(DiffusionPipeline):
         return self._frames(chunks, decoder, output_type)
 
     def _frames(self, chunks, decoder, output_type: str) -> Iterator:
-        """Each finished latent chunk of `chunks` as `output_type` frames, decoded (text) as it arrives."""
+        """Each finished latent chunk of `chunks` as `output_type` frames, decoded (text) as it arrives; with an
+        overlapping decoder (`decoder.side`) a chunk's frames are collected after the next chunk is queued."""
+        pending = None  # an overlapping decoder's previous chunk
         for x0 in chunks:
             if output_type == "latent":
                 yield x0.cpu()
-                continue
-            # [B, 3, T, H, W] in [-1, 1]: decoded pixels (text), or the frames themselves (sprites, as `sample`)
-            frames = decoder.decode_chunk(x0) if decoder is not None else x0.cpu().clamp(-1, 1)
-            yield self.video_processor.postprocess_video(frames, output_type=output_type)
+            elif decoder is not None and decoder.side is not None:
+                started = decoder.submit(x0)
+                if pending is not None:
+                    yield self.video_processor.postprocess_video(pending.result(), output_type=output_type)
+                pending = started
+            else:
+                # [B, 3, T, H, W] in [-1, 1]: decoded pixels (text), or the frames themselves (sprites, as `sample`)
+                frames = decoder.decode_chunk(x0) if decoder is not None else x0.cpu().clamp(-1, 1)
+                yield self.video_processor.postprocess_video(frames, output_type=output_type)
+        if pending is not None:
+            yield self.video_processor.postprocess_video(pending.result(), output_type=output_type)
 
     def _class_conditions(self, prompt, class_labels, num_frames):
         if prompt is not None or class_labels is None:
