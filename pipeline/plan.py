@@ -163,9 +163,19 @@ def memory_remedies(cfg: Config, stage: str, *, num_processes: int = 1, backend:
     return sorted(out, key=lambda r: r[1].total)
 
 
-def remedies_text(remedies: list[tuple[str, memory.MemoryEstimate]]) -> str:
-    """`memory_remedies` in words: `distill.ema_device=cpu (~53.6 GiB), ...`."""
-    return ", ".join(f"{text} (~{memory.size_text(est.total)})" for text, est in remedies)
+# Remedies a resumed run accepts (`training/settings.py` HARMLESS_KEYS, and distill's `harmless_settings`): the others
+# change what the stage trains, so a run with a checkpoint takes them only from scratch (--force).
+RESUMABLE_REMEDIES = ("gradient_checkpointing", "ema_device", "teacher_offload")
+
+
+def remedies_text(remedies: list[tuple[str, memory.MemoryEstimate]], started: bool = False) -> str:
+    """`memory_remedies` in words: `distill.ema_device=cpu (~53.6 GiB), ...`; `started` (the stage has a
+    checkpoint): a change a resume would refuse says that it restarts the stage."""
+    def note(text: str) -> str:
+        restarts = started and any(kv.split("=")[0].split(".")[-1] not in RESUMABLE_REMEDIES for kv in text.split())
+        return "; with --force: restarts the stage" if restarts else ""
+
+    return ", ".join(f"{text} (~{memory.size_text(est.total)}{note(text)})" for text, est in remedies)
 
 
 def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: str | None, stage_zero: int,

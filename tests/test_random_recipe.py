@@ -169,6 +169,14 @@ def test_out_of_memory_says_what_would_fit_and_the_rerun_resumes(tmp_path, stand
     for text, est in remedies:
         assert f"{text} (~{size_text(est.total)})" in line
     assert read_json(tmp_path / "run" / "distill" / "manifest.json")["status"] == "running"
+    # a remedy a resume would refuse (another batch split) says so once the stage has a checkpoint
+    from pipeline.plan import remedies_text
+
+    tiny = memory_remedies(load_config(REPO / "configs" / "tiny.yaml"), "pretrain_teacher")
+    started = remedies_text(tiny, started=True)
+    assert "pretrain_teacher.gradient_checkpointing=true (~" in started and "pretrain_teacher.batch_size=8 " \
+        "pretrain_teacher.grad_accum=2 (~85.7 MiB; with --force: restarts the stage)" in started
+    assert "restarts" not in remedies_text(tiny) and "restarts" not in line
     monkeypatch.delenv("CVD_FAULT")
     capsys.readouterr()
     assert launch([str(a) for a in [RECIPE, "--stages", "distill", *keys]]) == 0, capsys.readouterr().err

@@ -232,6 +232,22 @@ def test_buffer_pool_hands_a_freed_cache_buffers_to_the_next_stream(rope):
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
+def test_a_pooled_set_is_one_freed_cache_whole():
+    """`BufferPool.take_set` hands over buffers of one shape for every block (one freed cache's), not block 0's of a
+    larger cache with block 1's of a smaller one, whose slots a compiled call would overrun; nothing is taken where
+    no whole set fits."""
+    pool = BufferPool()
+    big = [torch.zeros(B, 16, 2, 4)]  # a one-block cache of 16 slots, freed first
+    small = [torch.zeros(B, 8, 2, 4) for _ in range(2)]  # a two-block cache of 8 slots
+    pool.give(big, [t.clone() for t in big], [])
+    pool.give(small, [t.clone() for t in small], [])
+    assert pool.take_set(2, ("keys", "values"), lambda role, t: t.shape[1] >= 12) is None  # only `big` has room
+    assert len(pool.free["keys", 0]) == 2  # nothing taken
+    got = pool.take_set(2, ("keys", "values"), lambda role, t: t.shape[1] >= 4)
+    assert got["keys"][0] is small[0] and got["keys"][1] is small[1]
+    assert {t.shape for ts in got.values() for t in ts} == {small[0].shape}
+
+
 @pytest.mark.parametrize("scope, window", [("blocks", None), ("full", None)])
 def test_compiled_calls_that_need_more_cache_slots_run_eagerly(scope, window):
     """A compiled call cannot allocate or grow the cache buffers: the rolling sampler (a first call of one chunk,
@@ -254,7 +270,7 @@ def test_a_pooled_stream_runs_its_first_call_compiled():
     """With a `BufferPool`, a stream after the first takes the freed stream's whole set of buffers before its first
     call (`StaticKVCache.adopt_pooled`), so that call, the first of the first chunk, runs compiled too (the first
     stream's ran eagerly: it allocated them); the videos equal the eager sampler's. Buffers of another precision
-    are refused with a clear error."""
+    are not adopted, and keys of another precision than a cache's buffers are refused with a clear error."""
     model = model_of(layers=1)  # (compile time on a 2-core CPU)
     x, ctx = torch.randn(B, 4, 12, 4, 4), torch.randn(B, 3, 16)
     sigmas = few_step_sigmas([1000, 750, 500, 250], 5.0)
@@ -278,7 +294,10 @@ def test_a_pooled_stream_runs_its_first_call_compiled():
     with torch.no_grad():
         cache = den.new_cache(max_frames=6, sink_frames=3)
         passes = model._static_passes(cache, FPC, 0, False, "block_causal", FPC, 2, 2, "cpu")
-        cache.adopt_pooled(passes, blocks=1, batch=B, heads=2, head_dim=12, device="cpu")
+        kw = dict(blocks=1, batch=B, heads=2, head_dim=12, device="cpu")
+        cache.adopt_pooled(passes, dtype=torch.float64, **kw)  # a stream of another precision: nothing adopted
+        assert not cache.keys
+        cache.adopt_pooled(passes, dtype=torch.float32, **kw)
         assert cache.keys and cache.keys[0].dtype == torch.float32
         with pytest.raises(ValueError, match="float32 keys, this call computes torch.float64"):
             cache.layer(0).attend_inputs(passes[0], *torch.zeros(2, B, FPC * 4, 2, 12, dtype=torch.float64))

@@ -123,8 +123,10 @@ def test_overlapped_decode_on_cuda_equals_sequential(tmp_path):
         chunk.zero_()  # the caller's tensor, reused at once: the decode must have taken its own copy
         for _ in range(20):  # the next chunk's "denoising", queued on the current stream meanwhile
             work = torch.tanh(work @ work) * 0.5
-    got = torch.cat([p.result() for p in pending], 2)
-    assert got.is_pinned() and (got - ref).abs().max() <= 1e-5
+    frames = [p.result() for p in pending]
+    assert all(f.is_pinned() for f in frames)
+    got = torch.cat(frames, 2)
+    assert (got - ref).abs().max() <= 1e-5
     assert len(dec.times) == 3 and all(t > 0 for t in dec.times)
 
 

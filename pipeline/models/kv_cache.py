@@ -84,20 +84,27 @@ class BufferPool:
 
     def take_set(self, blocks: int, roles: tuple[str, ...], fits) -> dict[str, list[torch.Tensor]] | None:
         """A freed cache's whole set, for a new stream before its first call: for each role and each of `blocks`
-        blocks a pooled buffer that `fits(role, buffer)`, the keys all of one dtype, taken together; or None
-        (nothing taken) where one is missing."""
-        chosen = {}
-        for role in roles:
-            for i in range(blocks):
-                t = next((t for t in self.free.get((role, i), []) if fits(role, t)), None)
-                if t is None:
-                    return None
-                chosen[role, i] = t
-        if len({chosen["keys", i].dtype for i in range(blocks)}) > 1:
-            return None
-        for (role, i), t in chosen.items():
-            self.free[role, i] = [u for u in self.free[role, i] if u is not t]
-        return {role: [chosen[role, i] for i in range(blocks)] for role in roles}
+        blocks a pooled buffer that `fits(role, buffer)`, the keys and values all of block 0's keys' shape and
+        dtype (one set, not pieces of two caches of other sizes), taken together; or None (nothing taken)."""
+
+        def pick(like: torch.Tensor) -> dict | None:
+            chosen = {}
+            for role in roles:
+                for i in range(blocks):
+                    t = next((t for t in self.free.get((role, i), []) if fits(role, t) and t.dtype == like.dtype
+                              and (role == "sink_keys" or t.shape == like.shape)), None)
+                    if t is None:
+                        return None
+                    chosen[role, i] = t
+            return chosen
+
+        for first in self.free.get(("keys", 0), []):
+            chosen = pick(first) if fits("keys", first) else None
+            if chosen is not None:
+                for (role, i), t in chosen.items():
+                    self.free[role, i] = [u for u in self.free[role, i] if u is not t]
+                return {role: [chosen[role, i] for i in range(blocks)] for role in roles}
+        return None
 
     def give(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor]) -> None:
         """A freed cache's buffers, by role and block."""
@@ -323,7 +330,7 @@ class StaticKVCache:
     and `num_frames` / `seen_frames` / `max_frames` / `sink_frames` meaning as `causal_wan.KVCache`.
 
     Buffers `keys[i], values[i]` `[B, slots, heads, head_dim]` are allocated at the first call (batch,
-    dtype and device of the model; or, with a compiled step, taken from the pool before it: `adopt_pooled`) and grow (rarely; never in a full rolling window) when a call needs
+    dtype and device of the model; or, with a pool, a freed stream's taken before it: `adopt_pooled`) and grow (rarely; never in a full rolling window) when a call needs
     more slots.
     """
 
@@ -366,16 +373,17 @@ class StaticKVCache:
         grow them: a stream's first call, unless `adopt_pooled` found it a freed stream's buffers, or one longer than
         those before, runs eagerly)."""
         need = max((p.held + p.frames) * self.tokens_per_frame for p in passes)
-        return bool(self.keys) and self.keys[0].shape[1] >= need and (
+        return bool(self.keys) and min(k.shape[1] for k in self.keys) >= need and (
             self.steady(passes) or all(p.held == 0 for p in passes))
 
-    def adopt_pooled(self, passes, *, blocks: int, batch: int, heads: int, head_dim: int, device) -> None:
+    def adopt_pooled(self, passes, *, blocks: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                     device) -> None:
         """Before a stream's first call: a freed cache's whole set of buffers from the pool, where the pool holds
         one that fits (batch, heads, head_dim, device, room for this call's `passes`), so that the first call too
         runs compiled (it counts in the first-chunk latency; without buffers it would allocate them eagerly), and
         an unbounded cache starts with the room its predecessor grew to (no regrowth copies).
-        Their dtype is the freed stream's keys' (`StaticLayer.attend_inputs` refuses keys of another). Nothing
-        happens without a pool, once buffers are held, or where no set fits."""
+        `dtype`: the keys' the call will compute (the buffers hold them as they are; `StaticLayer.attend_inputs`
+        refuses keys of another). Nothing happens without a pool, once buffers are held, or where no set fits."""
         if self.pool is None or self.keys:
             return
         t = self.tokens_per_frame
@@ -385,7 +393,7 @@ class StaticKVCache:
         def fits(role: str, buf: torch.Tensor) -> bool:
             slots_ok = buf.shape[1] == self.sink_frames * t if role == "sink_keys" else buf.shape[1] >= need
             return slots_ok and (buf.shape[0], *buf.shape[2:]) == (batch, heads, head_dim) and \
-                buf.device == torch.device(device)
+                buf.device == torch.device(device) and buf.dtype == dtype
 
         taken = self.pool.take_set(blocks, roles, fits)
         if taken is not None:  # in place: `weakref.finalize` gives these very lists back

@@ -184,6 +184,11 @@ class CausalWanPipeline(DiffusionPipeline):
         noise, step_gen = seeded_noise(len(cond), shape, generator, device)
         c = sch.config
         den = Denoiser.of_sampler(self.transformer, "block_causal", c.frames_per_chunk, c.prediction, c)
+        # one pool for all of this pipeline's calls: a call's static KV cache takes the last one's buffers, the
+        # addresses a compiled step's CUDA graphs were recorded on (`compile_steady_state`)
+        if getattr(self, "_kv_pool", None) is None:
+            self._kv_pool = den.pool
+        den.pool = self._kv_pool
         try:
             switches = [(k, e.to(device)) for k, e in check_switches(switches, shape[1])]
         except ValueError as e:

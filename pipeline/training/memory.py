@@ -735,23 +735,27 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
 
 
+TRAINING_PHASES = ("training", "generator update", "critic update")  # a step's own updates (`Method.optimize`)
+
+
 def out_of_memory_message(*, stage: str, step: int, device, phase: str | None, estimate: "MemoryEstimate",
-                          phase_estimate: "MemoryEstimate | None", remedies: str, resume_step: int) -> str:
-    """One line for a stage that ran out of memory at `step` (1-based) in `phase`: what the device held (CUDA), the
-    `--dry-run` estimate of this setting, the settings that would lower it (`plan.remedies_text`), where a rerun
-    resumes."""
+                          phase_estimate: "MemoryEstimate | None", peak: int | None, remedies: str,
+                          resume_step: int) -> str:
+    """One line for a stage that ran out of memory in step `step` (1-based: the step being taken) during `phase`
+    (None: between the updates: preparing, logging, checkpointing): what the device held (CUDA; `peak`: the
+    phase's, or the process's), the `--dry-run` estimate of this setting, the settings that would lower it
+    (`plan.remedies_text`), where a rerun resumes."""
     device = torch.device(device)
-    where = f" ({phase})" if phase else ""
+    where = f"at step {step} ({phase})" if phase in TRAINING_PHASES else \
+        f"before step {step}{f' ({phase})' if phase else ''}"
     held = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        held = (f": {torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated, at most "
-                f"{torch.cuda.max_memory_allocated(device) / GIB:.1f}{' in this phase' if phase else ''}, of "
-                f"{total / GIB:.1f} GiB")
+        most = f", at most {peak / GIB:.1f}{' in this phase' if phase else ''}" if peak else ""
+        held = f": {torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated{most}, of {total / GIB:.1f} GiB"
     est = f"--dry-run estimates ~{size_text(estimate.total)} per device for this setting (peak: {estimate.phase}"
     if phase_estimate is not None and phase_estimate.phase != estimate.phase:
         est += f"; {phase}: ~{size_text(phase_estimate.total)}"
     lower = f"; lower with {remedies}" if remedies else ""
     resume = f"from its checkpoint of step {resume_step}" if resume_step else "from the start (no checkpoint yet)"
-    return f"out of {device.type} memory in the {stage} stage at step {step}{where}{held}; {est}){lower}; a rerun " \
-           f"resumes {resume}"
+    return f"out of {device.type} memory in the {stage} stage {where}{held}; {est}){lower}; a rerun resumes {resume}"

@@ -44,18 +44,22 @@ def force_move_aside(accelerator, stage) -> None:
         accelerator.wait_for_everyone()
 
 
-def memory_remedies_text(cfg, stage: str, device, processes: int, backend: str | None, zero: int) -> str:
-    """The settings that would lower the stage's memory (`plan.memory_remedies`), and on GPUs the sharding to try."""
+def memory_remedies_text(cfg, stage: str, device, processes: int, backend: str | None, zero: int,
+                         started: bool) -> str:
+    """The settings that would lower the stage's memory (`plan.memory_remedies`), and on GPUs the sharding to try;
+    `started` (a checkpoint exists): those a resume would refuse say that they restart the stage."""
     from pipeline.plan import memory_remedies, remedies_text
 
     text = remedies_text(memory_remedies(cfg, stage, num_processes=processes, backend=backend, stage_zero=zero,
-                                         deepspeed=launched_deepspeed()))
+                                         deepspeed=launched_deepspeed()), started=started)
     shard = None
     if torch.device(device).type == "cuda":
         if backend != "DEEPSPEED":
             shard = "sharding over GPUs (--num-processes N --accelerate-config configs/accelerate/deepspeed_zero2.yaml)"
         elif zero < 3:
             shard = "ZeRO-3 (--accelerate-config configs/accelerate/deepspeed_zero3.yaml)"
+        if shard and started:  # another global batch (or engine) than the checkpoint's
+            shard += " (with --force: restarts the stage)"
     return ", or ".join(t for t in (text, shard) if t)
 
 
@@ -71,7 +75,7 @@ def phase_estimate(estimate, phase: str):
 def said_out_of_memory(stage: StageDir, step, peaks: PhasePeaks, estimate, remedies):
     """An out-of-memory error inside becomes `OutOfMemory` (a user error: one line, exit status 2) that names the
     stage, the step (`step()`: the steps done), the phase, what the device held, the `--dry-run` estimate
-    (`estimate(phase)`) and the settings that would lower it (`remedies()`), and where a rerun resumes."""
+    (`estimate(phase)`) and the settings that would lower it (`remedies(started)`), and where a rerun resumes."""
     try:
         yield
     except Exception as error:
@@ -80,9 +84,12 @@ def said_out_of_memory(stage: StageDir, step, peaks: PhasePeaks, estimate, remed
         phase = peaks.failed_in
         at_phase = phase_estimate(estimate, phase) if phase else None
         last = latest_checkpoint(stage.path / "checkpoints")
+        resume = int(last.name.split("_")[-1]) if last else 0
+        # the phase's peak (its counter was reset as the error left it), else the process's
+        peak = peaks.peaks.get(phase) if phase else peaks.overall()
         message = out_of_memory_message(stage=stage.stage, step=step() + 1, device=peaks.device, phase=phase,
-                                        estimate=estimate(), phase_estimate=at_phase, remedies=remedies(),
-                                        resume_step=int(last.name.split("_")[-1]) if last else 0)
+                                        estimate=estimate(), phase_estimate=at_phase, peak=peak,
+                                        remedies=remedies(resume > 0), resume_step=resume)
         raise OutOfMemory(message) from None
 
 
@@ -150,8 +157,8 @@ class Trainer:
 
         # Device peaks by phase (CUDA); a setting too large for the device stops with one line saying what would fit.
         method.peaks = peaks = PhasePeaks(accelerator.device)
-        with said_out_of_memory(stage, lambda: step, peaks, estimate, remedies=lambda: memory_remedies_text(
-                cfg, stage.stage, accelerator.device, accelerator.num_processes, backend, zero)):
+        with said_out_of_memory(stage, lambda: step, peaks, estimate, remedies=lambda started: memory_remedies_text(
+                cfg, stage.stage, accelerator.device, accelerator.num_processes, backend, zero, started)):
             method.prepare_data(stage_path=stage.path)
 
             # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
