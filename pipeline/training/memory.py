@@ -667,7 +667,8 @@ class PhasePeaks:
     update": the `--dry-run` estimate's phases), so a run can say which phase its peak was in and check each phase's
     estimate. On CUDA, `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` at the phase's start (host-side
     allocator counters: no synchronisation); the peak outside and before the phases is kept here, so `overall` is the
-    process's peak as if nothing had been reset. Off CUDA nothing is measured (`overall` None), only `current` kept:
+    stage's peak since this object was made (the models and states loaded: everything then allocated counts; an
+    earlier stage's transients in the same process do not). Off CUDA nothing is measured (`overall` None), only `current` kept:
     the phase an out-of-memory error is reported in. `allocator`: what has those two counters (default `torch.cuda`
     on CUDA, else none).
     """
@@ -679,6 +680,8 @@ class PhasePeaks:
         self.current: str | None = None  # the phase running now
         self.failed_in: str | None = None  # the phase an error left
         self._outside = 0
+        if self.allocator is not None:  # this stage's peak, not an earlier stage's of the same process
+            self.allocator.reset_peak_memory_stats(self.device)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -704,7 +707,7 @@ class PhasePeaks:
             self.current = None
 
     def overall(self) -> int | None:
-        """The process's peak on the device since it began (None without an allocator's counters: off CUDA)."""
+        """The stage's peak on the device (see the class docstring; None without an allocator's counters: off CUDA)."""
         if self.allocator is None:
             return None
         return max(self._outside, self.allocator.max_memory_allocated(self.device), *self.peaks.values())
@@ -718,7 +721,7 @@ def peak_report(stage: str, peak: int, estimate: "MemoryEstimate", phases: dict[
     at = f"peak: {estimate.phase}; " if estimate.phase else ""
     each = "".join(f"; {name} {p / gib:.2f} GiB, estimate {e.total / gib:.2f} ({e.total / p:.2f})"
                    for name, (p, e) in (phases or {}).items() if p)
-    return (f"[{stage}] peak device memory {peak / gib:.2f} GiB (max_memory_allocated, this process); "
+    return (f"[{stage}] peak device memory {peak / gib:.2f} GiB (max_memory_allocated, this stage); "
             f"--dry-run estimate {estimate.total / gib:.2f} GiB ({at}estimate / measured {estimate.total / peak:.2f})"
             f"{each}")
 
