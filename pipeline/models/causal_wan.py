@@ -286,8 +286,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         denoise = self._denoise
         if static:  # a new stream's first call: a freed stream's buffers (then it too can run compiled)
             # the keys' dtype: autocast's, else the key projection's (RMSNorm and RoPE keep their input's dtype)
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
-                self.blocks[0].attn1.to_k.weight.dtype
+            autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.blocks[0].attn1.to_k.weight.dtype
             kv_cache.adopt_pooled(static_passes, blocks=len(self.blocks), batch=b, device=device, dtype=dtype,
                                   heads=self.config.num_attention_heads, head_dim=self.config.attention_head_dim)
         if static and self._steady_step is not None and kv_cache.compiled_call(static_passes):
