@@ -15,7 +15,8 @@
 #            bidirectional, the sf_dmd generator step and peak memory; all figures in OUT/gpu.json
 #   distill  the real `distill` stage of configs/wan2.1-t2v-1.3b/student.yaml (batch 1, grad_accum 1, bf16,
 #            checkpointing) on random stand-ins (benchmarks/random_recipe.py): its --dry-run estimate, then
-#            DISTILL_STEPS steps with the peak in the progress bar and, at the end, beside the estimate
+#            DISTILL_STEPS steps with the peak in the progress bar and, at the end, beside the estimate, each
+#            phase's (generator update, critic update) beside its own
 #   tests    the CUDA-only tests: FlexAttention forward and backward vs the dense mask, the overlapped VAE decode,
 #            the compiled steady step under CUDA graphs vs eager
 # OUT/summary.txt: each part's exit status and seconds. TINY=1 runs every part at a tiny shape (a CPU check of
