@@ -144,6 +144,11 @@ def test_text_call_equals_sample_and_stream_equals_call(text_pipe, text_student,
     assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb2"),
                         "--per-prompt", "2", "--seed", "5"]) == 0
     assert torch.equal(written[0], ref)
+    # --overlap-decode (on a CPU VAE: no second stream, the decode runs as before): the same videos
+    written.clear()
+    assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb4"),
+                        "--per-prompt", "2", "--seed", "5", "--overlap-decode"]) == 0
+    assert torch.equal(written[0], ref)
     # the static cache with its repeated calls compiled (`--kv-cache static --compile`): the same videos
     written.clear()
     assert sample.main([str(text_pipe), "--prompts", str(tmp_path / "p.txt"), "--vbench-dir", str(tmp_path / "vb3"),

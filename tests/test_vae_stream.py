@@ -188,3 +188,47 @@ def test_text_samples_decoded_per_chunk_equal_whole_video(vae, tmp_path, monkeyp
                                     batch_size=bs, stream_decode=False)
     for p, q in zip(paths, ref):
         assert p.name == q.name and (iio.imread(p) == iio.imread(q)).all()
+
+
+def test_overlapping_sink_hands_each_chunk_over_when_the_next_arrives(vae, tmp_path, monkeypatch):
+    """`ChunkDecodeSink(overlap=True)` (`sample --overlap-decode`): each chunk's decode is started as it arrives and its
+    frames are delivered when the next chunk arrives (the sampler has queued that one by then), a batch's last chunk
+    when the next batch starts or by `videos()`; the videos are the sequential sink's. The order is checked with a
+    decoder that starts each decode at once (a CPU has no second CUDA stream)."""
+    from pipeline.evaluation import vbench
+    from pipeline.models.vae import PendingFrames
+
+    class Overlapping(StreamingDecoder):
+        def __init__(self, *a, overlap=False, **kw):
+            super().__init__(*a, **kw)
+            self.side = "side" if overlap else None
+
+        def submit(self, latents):  # the sequential decode (timed as it times it), started at once
+            side, self.side = self.side, None
+            try:
+                return PendingFrames(self.decode_chunk(latents))
+            finally:
+                self.side = side
+
+    fpc, n, bs = 2, 3, 2
+    lat = latents(b=n, f=6, seed=3)
+
+    def fake_sampler(model, cfg, context, null, shape, seed, batch_size=8, on_chunk=None, **kw):
+        for i in range(0, n, batch_size):
+            for c in range(6 // fpc):
+                on_chunk(c, lat[i:i + batch_size, :, c * fpc:(c + 1) * fpc])
+        return lat
+
+    monkeypatch.setattr(vbench, "sample_text_latents", fake_sampler)
+    monkeypatch.setattr("pipeline.models.vae.StreamingDecoder", Overlapping)
+    prompts, context = ["a cat", "a dog", "a red square"], torch.zeros(3, 2, 8)
+    events, sinks = [], {}
+    for overlap in (False, True):
+        events.clear()
+        sinks[overlap] = vbench.ChunkDecodeSink(vae, on_frames=lambda i, fr: events.append(f"frames{i}"),
+                                                overlap=overlap)
+        vbench.write_text_samples(None, None, prompts, context, None, vae, tmp_path / str(overlap), 1, (Z, 6, 4, 4),
+                                  batch_size=bs, sink=sinks[overlap], on_chunk=lambda i, c: events.append(f"chunk{i}"))
+    assert events == ["chunk0", "chunk1", "frames0", "chunk2", "frames1",  # batch 1
+                      "chunk0", "frames2", "chunk1", "frames0", "chunk2", "frames1", "frames2"]  # batch 2, then videos()
+    assert torch.equal(sinks[True].videos(), sinks[False].videos()) and len(sinks[True].times) == 6

@@ -98,18 +98,22 @@ class ChunkDecodeSink:
     batch of videos (the synchronous sampler: once per batch, index 0, the whole video); index 0 therefore
     starts a new batch (the decoder is reset). `on_frames(index, frames [B, T, 3, H, W])`, if given, receives
     each chunk's pixel frames in [-1, 1] (float32, CPU) as they are decoded. `batch_size` caps the videos per
-    decoder call (1, as `decode_videos`, bounds the VAE's memory).
+    decoder call (1, as `decode_videos`, bounds the VAE's memory). `overlap` (a CUDA VAE): each chunk decodes on
+    the VAE's own CUDA stream while the sampler goes on (`StreamingDecoder.submit`); its frames are collected (and
+    handed to `on_frames`) when the next chunk arrives, or by `videos()`.
 
     `videos()` returns everything decoded so far, `[N, T, 3, H, W]` in sampling order; `times` the seconds
-    each chunk's decode took (the "VAE decode time per block"), `latent_frames` the latent frames each had.
+    each chunk's decode took (the "VAE decode time per block"; overlapped: on its stream), `latent_frames` the latent
+    frames each had.
     """
 
-    def __init__(self, vae, on_frames=None, batch_size: int | None = 1):
-        self.decoder = vae.stream(batch_size)
+    def __init__(self, vae, on_frames=None, batch_size: int | None = 1, overlap: bool = False):
+        self.decoder = vae.stream(batch_size, overlap=overlap)
         self.on_frames = on_frames
         self.batches: list[list[torch.Tensor]] = []  # per batch: its chunks' frames [B, 3, T, H, W]
         self.latent_frames: list[int] = []
         self.next_index = 0
+        self.pending = None  # an overlapping decoder's last chunk: (index, PendingFrames)
 
     @property
     def times(self) -> list[float]:
@@ -117,14 +121,29 @@ class ChunkDecodeSink:
 
     def __call__(self, index: int, chunk: torch.Tensor) -> None:
         if index == 0:
+            self._collect()  # the previous batch's last chunk, before its decoder state goes
             self.decoder.reset()
             self.batches.append([])
         elif index != self.next_index:  # a skipped or repeated chunk would shift every later frame
             raise RuntimeError(f"chunk {index} arrived after chunk {self.next_index - 1}: chunks must come in order")
-        frames = self.decoder.decode_chunk(chunk)
-        self.batches[-1].append(frames)
         self.latent_frames.append(chunk.shape[2])
         self.next_index = index + 1
+        if self.decoder.side is None:
+            self._deliver(index, self.decoder.decode_chunk(chunk))
+            return
+        started = self.decoder.submit(chunk)
+        self._collect()
+        self.pending = (index, started)
+
+    def _collect(self) -> None:
+        """An overlapping decoder's pending chunk, waited for and delivered."""
+        if self.pending is not None:
+            index, frames = self.pending
+            self.pending = None
+            self._deliver(index, frames.result())
+
+    def _deliver(self, index: int, frames: torch.Tensor) -> None:
+        self.batches[-1].append(frames)
         if self.on_frames is not None:
             self.on_frames(index, frames.permute(0, 2, 1, 3, 4))
 
@@ -138,6 +157,7 @@ class ChunkDecodeSink:
 
     def videos(self) -> torch.Tensor:
         """The decoded videos `[N, T, 3, H, W]` in [-1, 1] (the samples-file / VBench layout)."""
+        self._collect()
         if not self.batches:
             raise RuntimeError("no chunk was decoded (the sampler never called on_chunk)")
         return torch.cat([torch.cat(b, 2) for b in self.batches]).permute(0, 2, 1, 3, 4).contiguous()
