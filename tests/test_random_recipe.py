@@ -186,6 +186,9 @@ def test_out_of_memory_says_what_would_fit_and_the_rerun_resumes(tmp_path, stand
     with pytest.raises(RuntimeError) as error:
         torch.empty(2 ** 50, dtype=torch.uint8)
     assert is_out_of_memory(error.value) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    wrapped = RuntimeError("backend compiler failed")  # as torch.compile re-raises what failed inside it
+    wrapped.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
+    assert is_out_of_memory(wrapped)
     one_error(*call(capsys, lambda argv: run_command(lambda: torch.empty(2 ** 50, dtype=torch.uint8))),
               "error: out of memory: ", "can't allocate memory")
 

@@ -731,11 +731,18 @@ class OutOfMemory(Exception):
     would)."""
 
 
-def is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException | None) -> bool:
     """A device allocator's out-of-memory error: torch's `OutOfMemoryError` (CUDA and other accelerators) or the
-    CPU allocator's RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+    CPU allocator's RuntimeError, or an error raised from one (`raise ... from`: torch.compile's wrappers of what
+    failed while compiling or autotuning, a compiled FlexAttention kernel's)."""
+    for _ in range(16):  # (a cause chain is short; this bounds a cyclic one)
+        if error is None:
+            return False
+        if isinstance(error, torch.OutOfMemoryError) or (
+                isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)):
+            return True
+        error = error.__cause__
+    return False
 
 
 TRAINING_PHASES = ("training", "generator update", "critic update")  # a step's own updates (`Method.optimize`)
