@@ -261,25 +261,21 @@ def video_end_to_end(s: Setup, frames: int, seed: int, vae) -> dict:
 
 def video_overlapped(s: Setup, frames: int, seed: int, vae) -> dict:
     """The `frames`-frame video with each chunk's decode on the VAE's own CUDA stream beside the next chunk's
-    denoising (`StreamingDecoder.submit`), a chunk's frames collected once the next chunk is queued, as
+    denoising (`StreamingDecoder.push`), a chunk's frames collected once the next chunk is queued, as
     `CausalWanPipeline.stream(overlap_decode=True)` does; nothing synchronises but the frames' collection. (Off CUDA
     `submit` decodes at once: the sequential figure again.)"""
     dec = vae.stream(overlap=True)
-    pending, ready, px = [], [], []
+    ready, px = [], []
 
-    def collect(p):
-        px.append(p.result().shape[2])
-        ready.append(time.perf_counter())
-
-    def on_chunk(i, chunk):
-        pending.append(dec.submit(chunk))
-        if len(pending) > 1:
-            collect(pending[-2])
+    def collect(out):
+        if out is not None:
+            px.append(out.shape[2])
+            ready.append(time.perf_counter())
 
     sync(s.device)
     t0 = time.perf_counter()
-    s.stream(frames, seed, on_chunk)
-    collect(pending[-1])
+    s.stream(frames, seed, lambda i, chunk: collect(dec.push(chunk)))
+    collect(dec.flush())
     return {"wall": time.perf_counter() - t0, "pixel_frames": sum(px), "first_pixels": ready[0] - t0,
             "vae": list(dec.times)}
 

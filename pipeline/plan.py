@@ -18,6 +18,7 @@ from pipeline.io.run_dir import StageDir
 from pipeline.models.causal_wan import CausalWanTransformer, wan_config
 from pipeline.training import memory
 from pipeline.training.distributed import mixed_precision, run_device
+from pipeline.training.settings import is_harmless
 
 
 def source_config(source: str | Path | None, config_file: str | None = None) -> tuple[dict | None, str]:
@@ -131,8 +132,8 @@ def memory_estimate(cfg: Config, stage: str, *, ms: dict | None = None, num_proc
                                   fake=fake, deepspeed=deepspeed, phase=phase, **kw)
 
 
-def memory_remedies(cfg: Config, stage: str, *, num_processes: int = 1, backend: str | None = None,
-                    stage_zero: int = 0, deepspeed: memory.DeepSpeed = memory.DeepSpeed()
+def memory_remedies(cfg: Config, stage: str, *, ms: dict | None = None, num_processes: int = 1,
+                    backend: str | None = None, stage_zero: int = 0, deepspeed: memory.DeepSpeed = memory.DeepSpeed()
                     ) -> list[tuple[str, memory.MemoryEstimate]]:
     """The settings of this config that would lower a training stage's per-device memory, one change at a time, each
     as `key=value` overrides with the estimate it would have (lowest first): gradient checkpointing, the EMA copy on
@@ -152,7 +153,9 @@ def memory_remedies(cfg: Config, stage: str, *, num_processes: int = 1, backend:
         options.append({"ode_batch_size": 1})
     if section.batch_size % 2 == 0:
         options.append({"batch_size": section.batch_size // 2, "grad_accum": section.grad_accum * 2})
-    kw = dict(num_processes=num_processes, backend=backend, stage_zero=stage_zero, deepspeed=deepspeed)
+    # (`ms`: the model's summary, which none of these changes; read once)
+    kw = dict(ms=ms or model_summary(cfg), num_processes=num_processes, backend=backend, stage_zero=stage_zero,
+              deepspeed=deepspeed)
     now = memory_estimate(cfg, stage, **kw).total
     out = []
     for change in options:
@@ -163,16 +166,13 @@ def memory_remedies(cfg: Config, stage: str, *, num_processes: int = 1, backend:
     return sorted(out, key=lambda r: r[1].total)
 
 
-# Remedies a resumed run accepts (`training/settings.py` HARMLESS_KEYS, and distill's `harmless_settings`): the others
-# change what the stage trains, so a run with a checkpoint takes them only from scratch (--force).
-RESUMABLE_REMEDIES = ("gradient_checkpointing", "ema_device", "teacher_offload")
-
-
-def remedies_text(remedies: list[tuple[str, memory.MemoryEstimate]], started: bool = False) -> str:
+def remedies_text(remedies: list[tuple[str, memory.MemoryEstimate]], started: bool = False,
+                  harmless: tuple[str, ...] = ()) -> str:
     """`memory_remedies` in words: `distill.ema_device=cpu (~53.6 GiB), ...`; `started` (the stage has a
-    checkpoint): a change a resume would refuse says that it restarts the stage."""
+    checkpoint): a change a resume would refuse (`settings.is_harmless`, with the method's `harmless` keys) says
+    that it restarts the stage."""
     def note(text: str) -> str:
-        restarts = started and any(kv.split("=")[0].split(".")[-1] not in RESUMABLE_REMEDIES for kv in text.split())
+        restarts = started and not all(is_harmless(kv.split("=")[0], harmless) for kv in text.split())
         return "; with --force: restarts the stage" if restarts else ""
 
     return ", ".join(f"{text} (~{memory.size_text(est.total)}{note(text)})" for text, est in remedies)
@@ -183,8 +183,8 @@ def memory_line(cfg: Config, stage: str, ms: dict, num_processes: int, backend: 
     est = memory_estimate(cfg, stage, ms=ms, num_processes=num_processes, backend=backend, stage_zero=stage_zero,
                           deepspeed=deepspeed)
     lines = [f"  memory: {est.line()}", *(f"    {line}" for line in est.model_lines())]
-    remedies = memory_remedies(cfg, stage, num_processes=num_processes, backend=backend, stage_zero=stage_zero,
-                               deepspeed=deepspeed)
+    remedies = memory_remedies(cfg, stage, ms=ms, num_processes=num_processes, backend=backend,
+                               stage_zero=stage_zero, deepspeed=deepspeed)
     if remedies:
         lines.append(f"    lower with: {remedies_text(remedies)}")
     return "\n".join(lines)

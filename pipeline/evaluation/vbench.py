@@ -113,7 +113,6 @@ class ChunkDecodeSink:
         self.batches: list[list[torch.Tensor]] = []  # per batch: its chunks' frames [B, 3, T, H, W]
         self.latent_frames: list[int] = []
         self.next_index = 0
-        self.pending = None  # an overlapping decoder's last chunk: (index, PendingFrames)
 
     @property
     def times(self) -> list[float]:
@@ -121,28 +120,20 @@ class ChunkDecodeSink:
 
     def __call__(self, index: int, chunk: torch.Tensor) -> None:
         if index == 0:
-            self._collect()  # the previous batch's last chunk, before its decoder state goes
+            self._deliver(self.decoder.flush())  # the previous batch's last chunk, before its decoder state goes
             self.decoder.reset()
             self.batches.append([])
         elif index != self.next_index:  # a skipped or repeated chunk would shift every later frame
             raise RuntimeError(f"chunk {index} arrived after chunk {self.next_index - 1}: chunks must come in order")
         self.latent_frames.append(chunk.shape[2])
         self.next_index = index + 1
-        if self.decoder.side is None:
-            self._deliver(index, self.decoder.decode_chunk(chunk))
+        self._deliver(self.decoder.push(chunk))
+
+    def _deliver(self, frames: torch.Tensor | None) -> None:
+        """The frames of the current batch's next chunk, if due (`StreamingDecoder.push`)."""
+        if frames is None:
             return
-        started = self.decoder.submit(chunk)
-        self._collect()
-        self.pending = (index, started)
-
-    def _collect(self) -> None:
-        """An overlapping decoder's pending chunk, waited for and delivered."""
-        if self.pending is not None:
-            index, frames = self.pending
-            self.pending = None
-            self._deliver(index, frames.result())
-
-    def _deliver(self, index: int, frames: torch.Tensor) -> None:
+        index = len(self.batches[-1])  # chunks arrive in order: the chunks delivered so far
         self.batches[-1].append(frames)
         if self.on_frames is not None:
             self.on_frames(index, frames.permute(0, 2, 1, 3, 4))
@@ -157,7 +148,8 @@ class ChunkDecodeSink:
 
     def videos(self) -> torch.Tensor:
         """The decoded videos `[N, T, 3, H, W]` in [-1, 1] (the samples-file / VBench layout)."""
-        self._collect()
+        if self.batches:
+            self._deliver(self.decoder.flush())
         if not self.batches:
             raise RuntimeError("no chunk was decoded (the sampler never called on_chunk)")
         return torch.cat([torch.cat(b, 2) for b in self.batches]).permute(0, 2, 1, 3, 4).contiguous()

@@ -284,7 +284,8 @@ class CausalWanTransformer(WanTransformer3DModel):
             # modified in place).
             cache = kv_cache.snapshot()
         denoise = self._denoise
-        if static:  # a new stream's first call: a freed stream's buffers (then it too can run compiled)
+        if static and kv_cache.pool is not None and not kv_cache.keys:  # a new stream's first call: a freed stream's
+            # buffers (then it too can run compiled)
             # the keys' dtype: autocast's, else the key projection's (RMSNorm and RoPE keep their input's dtype)
             autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.blocks[0].attn1.to_k.weight.dtype

@@ -198,6 +198,10 @@ class StreamingDecoder:
     the next chunk's denoising beside it and collect these frames afterwards (decode ∥ denoise: the end-to-end
     rate approaches the slower of the two instead of their sum). Elsewhere `submit` decodes at once.
 
+    `push(latents)` is how a consumer streams either way: it returns the frames now due (this chunk's, or with
+    `overlap` the previous chunk's, None for a video's first, this one decoding beside the caller's next work) and
+    `flush()` the last chunk's.
+
     Timing: `times` holds the seconds of every chunk's decode since creation (`reset` keeps them), `last_seconds`
     the latest: wall-clock of `decode_chunk` (the returned CPU tensor makes it include the device's work), or with
     `overlap` the decode's own time on its stream (CUDA events), recorded when its `result()` is collected.
@@ -216,6 +220,9 @@ class StreamingDecoder:
 
     def reset(self) -> None:
         """Forget the current video: drop the feature caches (frees their memory); the next chunk is a first one."""
+        if getattr(self, "pending", None) is not None:
+            raise RuntimeError("reset() with a pushed chunk not flushed: its frames would be lost")
+        self.pending = None  # an overlapping `push`'s chunk not yet handed over
         self.caches: list[list] | None = None  # one diffusers feat_cache list per batch slice
         self.batch: int | None = None
         self.latent_frames = 0  # latent frames decoded of the current video
@@ -257,6 +264,21 @@ class StreamingDecoder:
             self.times.append(self.last_seconds)
 
         return PendingFrames(host, end, timed)
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """The next chunk decoded (`decode_chunk`), or with `overlap` started (`submit`): returns the frames now due,
+        this chunk's, or the previous chunk's (None for a video's first); `flush()` gives the last."""
+        if self.side is None:
+            return self.decode_chunk(latents)
+        started = self.submit(latents)
+        due = self.flush()
+        self.pending = started
+        return due
+
+    def flush(self) -> torch.Tensor | None:
+        """An overlapping `push`'s last chunk, waited for (None if there is none)."""
+        pending, self.pending = self.pending, None
+        return None if pending is None else pending.result()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The next chunk's pixel frames on the VAE's device, in its dtype (clamped as diffusers' `_decode`)."""

@@ -206,23 +206,18 @@ class CausalWanPipeline(DiffusionPipeline):
         return self._frames(chunks, decoder, output_type)
 
     def _frames(self, chunks, decoder, output_type: str) -> Iterator:
-        """Each finished latent chunk of `chunks` as `output_type` frames, decoded (text) as it arrives; with an
-        overlapping decoder (`decoder.side`) a chunk's frames are collected after the next chunk is queued."""
-        pending = None  # an overlapping decoder's previous chunk
+        """Each finished latent chunk of `chunks` as `output_type` frames, decoded (text) as it arrives; an overlapping
+        decoder (`StreamingDecoder.push`) hands a chunk's frames over after the next chunk is queued."""
         for x0 in chunks:
             if output_type == "latent":
                 yield x0.cpu()
-            elif decoder is not None and decoder.side is not None:
-                started = decoder.submit(x0)
-                if pending is not None:
-                    yield self.video_processor.postprocess_video(pending.result(), output_type=output_type)
-                pending = started
-            else:
-                # [B, 3, T, H, W] in [-1, 1]: decoded pixels (text), or the frames themselves (sprites, as `sample`)
-                frames = decoder.decode_chunk(x0) if decoder is not None else x0.cpu().clamp(-1, 1)
+                continue
+            # [B, 3, T, H, W] in [-1, 1]: decoded pixels (text), or the frames themselves (sprites, as `sample`)
+            frames = decoder.push(x0) if decoder is not None else x0.cpu().clamp(-1, 1)
+            if frames is not None:
                 yield self.video_processor.postprocess_video(frames, output_type=output_type)
-        if pending is not None:
-            yield self.video_processor.postprocess_video(pending.result(), output_type=output_type)
+        if decoder is not None and (last := decoder.flush()) is not None:
+            yield self.video_processor.postprocess_video(last, output_type=output_type)
 
     def _class_conditions(self, prompt, class_labels, num_frames):
         if prompt is not None or class_labels is None:

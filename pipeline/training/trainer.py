@@ -44,14 +44,15 @@ def force_move_aside(accelerator, stage) -> None:
         accelerator.wait_for_everyone()
 
 
-def memory_remedies_text(cfg, stage: str, device, processes: int, backend: str | None, zero: int,
+def memory_remedies_text(method: Method, device, processes: int, backend: str | None, zero: int,
                          started: bool) -> str:
     """The settings that would lower the stage's memory (`plan.memory_remedies`), and on GPUs the sharding to try;
     `started` (a checkpoint exists): those a resume would refuse say that they restart the stage."""
     from pipeline.plan import memory_remedies, remedies_text
 
-    text = remedies_text(memory_remedies(cfg, stage, num_processes=processes, backend=backend, stage_zero=zero,
-                                         deepspeed=launched_deepspeed()), started=started)
+    text = remedies_text(memory_remedies(method.cfg, method.stage, num_processes=processes, backend=backend,
+                                         stage_zero=zero, deepspeed=launched_deepspeed()),
+                         started=started, harmless=method.harmless_settings())
     shard = None
     if torch.device(device).type == "cuda":
         if backend != "DEEPSPEED":
@@ -158,7 +159,7 @@ class Trainer:
         # Device peaks by phase (CUDA); a setting too large for the device stops with one line saying what would fit.
         method.peaks = peaks = PhasePeaks(accelerator.device)
         with said_out_of_memory(stage, lambda: step, peaks, estimate, remedies=lambda started: memory_remedies_text(
-                cfg, stage.stage, accelerator.device, accelerator.num_processes, backend, zero, started)):
+                method, accelerator.device, accelerator.num_processes, backend, zero, started)):
             method.prepare_data(stage_path=stage.path)
 
             # Wrap every model for the backend; DeepSpeed re-creates optimizer states, so put them back.
